@@ -1,0 +1,194 @@
+"""pytest integration of the bench: tests marked `vm` run inside a bench guest.
+
+On the host, the first `vm` test of a bench boots one guest for that bench, runs every selected
+`vm` test of that bench inside it (`pytest` in the guest, same checkout, same node ids), and the
+guest's reports are replayed on the host as if the tests had run here. Host-only tests run as usual.
+
+A test names its bench with `@pytest.mark.vm(bench="aw39")` (default: "default") or by indirect
+parametrization of the `bench` fixture: `@pytest.mark.parametrize("bench", [...], indirect=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+from collections import defaultdict, deque
+from pathlib import Path
+
+import pytest
+
+from iommu_dma.testing import vm
+from iommu_dma.testing.bench import Bench, current_bench, get_bench
+
+REPORT_OPT = "--iommu-dma-guest-report"
+IN_GUEST_ENV = vm.IMAGES_ENV
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("iommu-dma", "iommu-dma bench guests")
+    group.addoption(REPORT_OPT, default=None, help="(internal) file the guest writes reports to")
+    group.addoption("--vm-timeout", type=float, default=vm.DEFAULT_TIMEOUT,
+                    help="seconds one bench guest may run before it is killed")
+    group.addoption("--vm-verbose", action="store_true",
+                    help="copy the guests' console output to the terminal")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "vm(bench='default'): run inside a bench guest")
+    if in_guest():
+        config.pluginmanager.register(GuestReporter(config), "iommu-dma-guest")
+    else:
+        config.pluginmanager.register(HostRunner(config), "iommu-dma-host")
+
+
+def in_guest() -> bool:
+    return current_bench() is not None
+
+
+def bench_name(item: pytest.Item) -> str:
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None and "bench" in callspec.params:
+        return str(callspec.params["bench"])
+    marker = item.get_closest_marker("vm")
+    if marker is None:
+        raise ValueError(f"{item.nodeid} is not a vm test")
+    return str(marker.kwargs.get("bench", marker.args[0] if marker.args else "default"))
+
+
+@pytest.fixture
+def bench(request: pytest.FixtureRequest) -> Bench:
+    """The bench configuration this guest was booted with (vm tests only)."""
+    booted = current_bench()
+    if booted is None:
+        pytest.fail("the bench fixture is only available inside a bench guest (mark the test vm)")
+    wanted = getattr(request, "param", booted.name)
+    if wanted != booted.name:
+        pytest.fail(f"test wants bench {wanted!r} but this guest runs {booted.name!r}")
+    return booted
+
+
+@pytest.fixture
+def bench_images() -> Path:
+    """Host directory of the bench's backing images (readable from the guest)."""
+    return Path(os.environ[vm.IMAGES_ENV])
+
+
+class GuestReporter:
+    """Inside the guest: writes every test report to a JSON-lines file for the host."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        path = config.getoption(REPORT_OPT)
+        self.out = open(path, "a", buffering=1) if path else None  # noqa: SIM115
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if self.out is None:
+            return
+        data = self.config.hook.pytest_report_to_serializable(config=self.config, report=report)
+        self.out.write(json.dumps(data) + "\n")
+
+    def pytest_unconfigure(self) -> None:
+        if self.out is not None:
+            self.out.close()
+
+
+class HostRunner:
+    """On the host: runs each bench's vm tests in one guest and replays their reports."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.by_bench: dict[str, list[pytest.Item]] = defaultdict(list)
+        self.reports: dict[str, list[pytest.TestReport]] = {}
+        self.errors: dict[str, str] = {}
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        for item in items:
+            if item.get_closest_marker("vm") is not None:
+                self.by_bench[bench_name(item)].append(item)
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_protocol(self, item: pytest.Item,
+                                nextitem: pytest.Item | None) -> bool | None:
+        if item.get_closest_marker("vm") is None:
+            return None
+        name = bench_name(item)
+        if name not in self.reports and name not in self.errors:
+            self._run_bench(name)
+        ihook = item.ihook
+        ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+        reports = [r for r in self.reports.get(name, []) if r.nodeid == item.nodeid]
+        if not reports:
+            reports = [self._missing_report(item, name)]
+        for report in reports:
+            ihook.pytest_runtest_logreport(report=report)
+        ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+        return True
+
+    def _run_bench(self, name: str) -> None:
+        items = self.by_bench[name]
+        try:
+            bench = get_bench(name)
+        except KeyError as e:
+            self.errors[name] = str(e)
+            return
+        tw = self.config.get_terminal_writer()
+        tw.line()
+        tw.line(f"[iommu-dma] booting bench {name!r} for {len(items)} test(s)", bold=True)
+        verbose = self.config.getoption("--vm-verbose")
+        tail: deque[str] = deque(maxlen=60)
+
+        def on_line(line: str) -> None:
+            tail.append(line)
+            if verbose:
+                tw.line(f"  guest| {line}")
+
+        with vm.work_directory() as work:
+            report_file = work / "reports.jsonl"
+            command = _guest_pytest_command(items, report_file)
+            try:
+                result = vm.run(bench, command, timeout=self.config.getoption("--vm-timeout"),
+                                on_line=on_line, work_dir=work, cwd=Path(self.config.rootpath))
+            except vm.VmError as e:
+                self.errors[name] = str(e)
+                self.reports[name] = self._load(report_file)
+                return
+            self.reports[name] = self._load(report_file)
+            tw.line(f"[iommu-dma] bench {name!r} finished in {result.seconds:.0f} s "
+                    f"(guest pytest exit {result.returncode})")
+            self.errors[name] = ("the guest ended without reporting this test; last guest output:\n"
+                                 + "\n".join(tail))
+
+    def _load(self, path: Path) -> list[pytest.TestReport]:
+        if not path.exists():
+            return []
+        reports = []
+        for line in path.read_text().splitlines():
+            data = json.loads(line)
+            reports.append(self.config.hook.pytest_report_from_serializable(
+                config=self.config, data=data))
+        return reports
+
+    def _missing_report(self, item: pytest.Item, name: str) -> pytest.TestReport:
+        why = self.errors.get(name, "no report from the guest")
+        return pytest.TestReport(item.nodeid, item.location, {}, "failed",
+                                 f"bench {name!r}: {why}", "call")
+
+
+def _guest_pytest_command(items: list[pytest.Item], report_file: Path) -> str:
+    args = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rA",
+            f"{REPORT_OPT}={report_file}", *[item.nodeid for item in items]]
+    return shlex.join(args)
+
+
+@pytest.fixture
+def nvme_bdfs(bench: Bench) -> list[str]:
+    """BDFs of the bench's controllers, in the bench's order."""
+    from iommu_dma.testing.guest import nvme_bdfs as find
+
+    found = find()
+    want = len(bench.controllers)
+    assert len(found) == want, f"expected {want} NVMe controllers, saw {found}"
+    return found
