@@ -1,0 +1,403 @@
+/* Closed-loop I/O worker over one queue pair: generate, submit, reap, verify, measure. */
+#include <stdlib.h>
+#include <string.h>
+#include "worker.h"
+
+_Static_assert(IDMA_HIST_BUCKETS == (64 - IDMA_HIST_SUB_BITS + 1) << IDMA_HIST_SUB_BITS,
+               "histogram covers every 64-bit latency");
+
+#define OPC_WRITE 0x01          /* NVM Command Set 1.0 §3.3.6 */
+#define OPC_READ 0x02           /* NVM Command Set 1.0 §3.3.4 */
+#define SUB (1u << IDMA_HIST_SUB_BITS)
+#define DEFAULT_IO_TIMEOUT_NS 30000000000ull
+
+/* ---- data pattern ---- */
+
+void idma_pattern_fill(void *buf, uint64_t lba, uint32_t nlbas, uint32_t lba_size,
+                       uint64_t seed)
+{
+    uint64_t *w = buf;
+    uint32_t words = lba_size / 8;
+
+    for (uint32_t i = 0; i < nlbas; i++, lba++)
+        for (uint32_t k = 0; k < words; k++)
+            *w++ = seed ^ (lba << 16 | k);
+}
+
+uint32_t idma_pattern_check(const void *buf, uint64_t lba, uint32_t nlbas, uint32_t lba_size,
+                            uint64_t seed, uint64_t *first_bad)
+{
+    const uint64_t *w = buf;
+    uint32_t words = lba_size / 8, bad = 0;
+
+    for (uint32_t i = 0; i < nlbas; i++, lba++, w += words) {
+        for (uint32_t k = 0; k < words; k++) {
+            if (w[k] != (seed ^ (lba << 16 | k))) {
+                if (!bad && first_bad)
+                    *first_bad = lba;
+                bad++;
+                break;
+            }
+        }
+    }
+    return bad;
+}
+
+/* ---- latency histogram (log-linear) ---- */
+
+uint32_t idma_hist_bucket(uint64_t ns)
+{
+    uint32_t msb, group;
+
+    if (ns < SUB)
+        return (uint32_t)ns;
+    msb = 63u - (uint32_t)__builtin_clzll(ns);
+    group = msb - IDMA_HIST_SUB_BITS + 1;
+    return group * SUB + (uint32_t)((ns >> (msb - IDMA_HIST_SUB_BITS)) & (SUB - 1));
+}
+
+uint64_t idma_hist_low(uint32_t bucket)
+{
+    uint32_t group = bucket / SUB, sub = bucket % SUB;
+
+    return group ? (uint64_t)(SUB + sub) << (group - 1) : sub;
+}
+
+uint64_t idma_hist_high(uint32_t bucket)
+{
+    uint32_t group = bucket / SUB;
+
+    return idma_hist_low(bucket) + (group ? (1ull << (group - 1)) - 1 : 0);
+}
+
+uint64_t idma_hist_percentile(const uint64_t *hist, double pct, uint64_t max_ns)
+{
+    uint64_t total = 0, rank, seen = 0;
+    double want;
+
+    for (uint32_t i = 0; i < IDMA_HIST_BUCKETS; i++)
+        total += hist[i];
+    if (!total)
+        return 0;
+    want = pct * (double)total / 100.0;
+    rank = (uint64_t)want;
+    if ((double)rank < want)
+        rank++;                                 /* ceil: nearest-rank percentile */
+    if (rank < 1)
+        rank = 1;
+    if (rank > total)
+        rank = total;
+    for (uint32_t i = 0; i < IDMA_HIST_BUCKETS; i++) {
+        seen += hist[i];
+        if (seen >= rank) {
+            uint64_t v = idma_hist_high(i);
+            return max_ns && v > max_ns ? max_ns : v;
+        }
+    }
+    return max_ns;
+}
+
+void idma_hist_summarize(struct idma_worker_result *res, uint64_t lat_sum_ns)
+{
+    uint64_t total = 0;
+
+    for (uint32_t i = 0; i < IDMA_HIST_BUCKETS; i++)
+        total += res->hist[i];
+    if (!total) {
+        res->lat_min_ns = res->lat_avg_ns = res->lat_max_ns = 0;
+        res->lat_p50_ns = res->lat_p99_ns = res->lat_p999_ns = 0;
+        return;
+    }
+    res->lat_avg_ns = lat_sum_ns / total;
+    res->lat_p50_ns = idma_hist_percentile(res->hist, 50.0, res->lat_max_ns);
+    res->lat_p99_ns = idma_hist_percentile(res->hist, 99.0, res->lat_max_ns);
+    res->lat_p999_ns = idma_hist_percentile(res->hist, 99.9, res->lat_max_ns);
+}
+
+/* ---- the loop ---- */
+
+struct slot {
+    uint64_t lba;
+    uint64_t t_submit;
+    uint8_t is_read;
+    uint8_t check;              /* verify this read's data on completion */
+};
+
+struct wstate {
+    const struct idma_worker_cfg *cfg;
+    struct idma_qpair *q;
+    struct idma_worker_result *res;
+    struct idma_worker_progress *prog;
+    struct slot *slots;
+    uint64_t *written;          /* verify: bitmap of blocks written in this run */
+    struct idma_sqe *cmds;      /* pending (not yet accepted) commands */
+    struct idma_io *io;
+    struct idma_cpl *cpl;
+    uint32_t npending;
+    int failed;                 /* a submit was refused: issue nothing more, drain, report */
+    uint64_t block_bytes, nblocks, next_block, rng, issued, lat_sum, start;
+};
+
+static uint64_t next_rand(struct wstate *w)
+{
+    uint64_t x = w->rng;                        /* xorshift64* */
+
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    w->rng = x;
+    return x * 0x2545F4914F6CDD1Dull;
+}
+
+static int valid_cfg(const struct idma_worker_cfg *c, const struct idma_qpair *q,
+                     const struct idma_worker_progress *p)
+{
+    struct idma_qpair_info info;
+
+    if (!c || !q)
+        return 0;
+    idma_qpair_get_info(q, &info);
+    if (c->qd == 0 || c->qd > info.free || c->block_lbas == 0 || c->block_lbas > 65536)
+        return 0;
+    if (c->lba_size < 8 || c->lba_size % 8 || c->read_pct > 100 || !c->buf)
+        return 0;
+    if (c->lba_count < c->block_lbas || c->lba_start + c->lba_count < c->lba_start)
+        return 0;
+    return c->io_count || c->duration_ns || p;   /* something must end the run */
+}
+
+static int may_issue(const struct wstate *w, uint64_t now)
+{
+    const struct idma_worker_cfg *c = w->cfg;
+
+    if (w->failed)
+        return 0;
+    if (w->prog && __atomic_load_n(&w->prog->stop, __ATOMIC_RELAXED))
+        return 0;
+    if (c->io_count && w->issued >= c->io_count)
+        return 0;
+    return !(c->duration_ns && now - w->start >= c->duration_ns);
+}
+
+static int block_written(const struct wstate *w, uint64_t block)
+{
+    return (w->written[block / 64] >> (block % 64)) & 1;
+}
+
+/* Choose the next block and direction for slot i and append its command to the pending batch
+ * (NVM Command Set 1.0 §3.3.4/§3.3.6: SLBA in CDW10-11, 0's based NLB in CDW12 15:0). */
+static void queue_io(struct wstate *w, uint32_t i)
+{
+    const struct idma_worker_cfg *c = w->cfg;
+    struct slot *s = &w->slots[i];
+    struct idma_sqe *cmd = &w->cmds[w->npending];
+    struct idma_io *io = &w->io[w->npending];
+    uint64_t block;
+
+    if (c->random) {
+        block = next_rand(w) % w->nblocks;
+    } else {
+        block = w->next_block;
+        w->next_block = block + 1 == w->nblocks ? 0 : block + 1;
+    }
+    s->lba = c->lba_start + block * c->block_lbas;
+    s->is_read = (next_rand(w) % 100) < c->read_pct;
+    s->check = s->is_read && c->verify && (c->verify_all || block_written(w, block));
+    io->buf = c->buf + (uint64_t)i * w->block_bytes;
+    io->len = w->block_bytes;
+    io->tag = i;
+    if (!s->is_read && c->verify)
+        idma_pattern_fill((void *)(uintptr_t)io->buf, s->lba, c->block_lbas, c->lba_size,
+                          c->seed);
+    memset(cmd, 0, sizeof(*cmd));
+    cmd->cdw0 = s->is_read ? OPC_READ : OPC_WRITE;
+    cmd->nsid = c->nsid;
+    cmd->cdw10 = (uint32_t)s->lba;
+    cmd->cdw11 = (uint32_t)(s->lba >> 32);
+    cmd->cdw12 = c->block_lbas - 1;
+    w->npending++;
+    w->issued++;
+}
+
+/* Submit the pending batch; keep what did not fit. Returns an idma_rc or 0. */
+static int flush_pending(struct wstate *w, uint64_t now)
+{
+    int k;
+
+    if (!w->npending)
+        return 0;
+    k = idma_qpair_submit(w->q, w->cmds, w->io, w->npending);
+    if (k < 0)
+        return k;
+    for (int j = 0; j < k; j++)
+        w->slots[w->io[j].tag].t_submit = now;
+    w->npending -= (uint32_t)k;
+    memmove(w->cmds, w->cmds + k, w->npending * sizeof(*w->cmds));
+    memmove(w->io, w->io + k, w->npending * sizeof(*w->io));
+    return 0;
+}
+
+static void record_error(struct wstate *w, const struct slot *s, uint16_t status)
+{
+    if (!w->res->errors++) {
+        w->res->first_error_status = status;
+        w->res->first_error_opcode = s->is_read ? OPC_READ : OPC_WRITE;
+        w->res->first_error_lba = s->lba;
+    }
+}
+
+static void complete_io(struct wstate *w, const struct idma_cpl *cpl, uint64_t now)
+{
+    const struct idma_worker_cfg *c = w->cfg;
+    struct idma_worker_result *r = w->res;
+    struct slot *s = &w->slots[cpl->tag];
+    uint64_t lat = now - s->t_submit;
+
+    r->ios++;
+    r->hist[idma_hist_bucket(lat)]++;
+    w->lat_sum += lat;
+    r->lat_min_ns = lat < r->lat_min_ns ? lat : r->lat_min_ns;
+    r->lat_max_ns = lat > r->lat_max_ns ? lat : r->lat_max_ns;
+    if (s->is_read)
+        r->reads++;
+    else
+        r->writes++;
+    if (cpl->status) {
+        record_error(w, s, cpl->status);
+        return;
+    }
+    r->bytes += w->block_bytes;
+    if (s->check) {
+        uint64_t bad_lba = 0;
+        const void *buf = (const void *)(uintptr_t)(c->buf + cpl->tag * w->block_bytes);
+        uint32_t bad = idma_pattern_check(buf, s->lba, c->block_lbas, c->lba_size, c->seed,
+                                          &bad_lba);
+        if (bad && !r->verify_failures)
+            r->first_verify_lba = bad_lba;
+        r->verify_failures += bad;
+    } else if (!s->is_read && w->written) {
+        uint64_t block = (s->lba - c->lba_start) / c->block_lbas;
+        w->written[block / 64] |= 1ull << (block % 64);
+    }
+}
+
+static void publish(struct wstate *w, uint64_t now)
+{
+    struct idma_worker_progress *p = w->prog;
+
+    if (!p)
+        return;
+    __atomic_store_n(&p->ios, w->res->ios, __ATOMIC_RELAXED);
+    __atomic_store_n(&p->bytes, w->res->bytes, __ATOMIC_RELAXED);
+    __atomic_store_n(&p->errors, w->res->errors, __ATOMIC_RELAXED);
+    __atomic_store_n(&p->verify_failures, w->res->verify_failures, __ATOMIC_RELAXED);
+    __atomic_store_n(&p->elapsed_ns, now - w->start, __ATOMIC_RELAXED);
+}
+
+/* Reap completions and refill the freed slots. Returns how many completed. */
+static uint32_t reap(struct wstate *w, uint64_t *now)
+{
+    int n = idma_qpair_poll(w->q, w->cpl, w->cfg->qd);
+
+    if (n <= 0)
+        return 0;
+    *now = idma_now_ns();
+    for (int j = 0; j < n; j++) {
+        complete_io(w, &w->cpl[j], *now);
+        if (may_issue(w, *now))
+            queue_io(w, (uint32_t)w->cpl[j].tag);
+    }
+    publish(w, *now);
+    return (uint32_t)n;
+}
+
+static int loop(struct wstate *w)
+{
+    const struct idma_worker_cfg *c = w->cfg;
+    uint64_t timeout = c->io_timeout_ns ? c->io_timeout_ns : DEFAULT_IO_TIMEOUT_NS;
+    uint64_t now = w->start, last = w->start;
+
+    for (uint32_t i = 0; i < c->qd && may_issue(w, now); i++)
+        queue_io(w, i);
+    for (;;) {
+        int rc = flush_pending(w, now);
+        if (rc < 0 && !w->failed) {
+            w->failed = rc;             /* drain what is in flight, then report */
+            w->npending = 0;
+        }
+        if (!w->npending && !idma_qpair_inflight(w->q))
+            return w->failed;
+        if (reap(w, &now)) {
+            last = now;
+            continue;
+        }
+        now = idma_now_ns();
+        if (now - last > timeout) {
+            w->res->timed_out = 1;
+            return IDMA_ETIMEDOUT;
+        }
+    }
+}
+
+static int alloc_state(struct wstate *w)
+{
+    uint32_t qd = w->cfg->qd;
+
+    w->slots = calloc(qd, sizeof(*w->slots));
+    w->cmds = calloc(qd, sizeof(*w->cmds));
+    w->io = calloc(qd, sizeof(*w->io));
+    w->cpl = calloc(qd, sizeof(*w->cpl));
+    if (w->cfg->verify)
+        w->written = calloc((w->nblocks + 63) / 64, sizeof(uint64_t));
+    return w->slots && w->cmds && w->io && w->cpl && (w->written || !w->cfg->verify);
+}
+
+static void free_state(struct wstate *w)
+{
+    free(w->slots);
+    free(w->cmds);
+    free(w->io);
+    free(w->cpl);
+    free(w->written);
+}
+
+int idma_worker_run(struct idma_qpair *q, const struct idma_worker_cfg *cfg,
+                    struct idma_worker_result *res, struct idma_worker_progress *progress)
+{
+    struct wstate w;
+    int rc;
+
+    if (!res)
+        return IDMA_EINVAL;
+    memset(res, 0, sizeof(*res));
+    res->lat_min_ns = UINT64_MAX;
+    if (!valid_cfg(cfg, q, progress)) {
+        res->rc = IDMA_EINVAL;
+        res->lat_min_ns = 0;
+        return IDMA_EINVAL;
+    }
+    memset(&w, 0, sizeof(w));
+    w.cfg = cfg;
+    w.q = q;
+    w.res = res;
+    w.prog = progress;
+    w.block_bytes = (uint64_t)cfg->block_lbas * cfg->lba_size;
+    w.nblocks = cfg->lba_count / cfg->block_lbas;
+    w.rng = cfg->seed ^ 0x9E3779B97F4A7C15ull;
+    if (!w.rng)
+        w.rng = 1;
+    if (progress)
+        __atomic_store_n(&progress->running, 1, __ATOMIC_RELAXED);
+    w.start = idma_now_ns();
+    rc = alloc_state(&w) ? loop(&w) : IDMA_ENOMEM;
+    res->elapsed_ns = idma_now_ns() - w.start;
+    if (!res->ios)
+        res->lat_min_ns = 0;
+    idma_hist_summarize(res, w.lat_sum);
+    publish(&w, w.start + res->elapsed_ns);
+    if (progress)
+        __atomic_store_n(&progress->running, 0, __ATOMIC_RELEASE);
+    free_state(&w);
+    res->rc = rc;
+    return rc;
+}

@@ -1,0 +1,91 @@
+/*
+ * I/O worker: a closed-loop read/write generator over one queue pair, entirely in C
+ * (NVM Command Set 1.0: Read 02h, Write 01h; SLBA in CDW10-11, 0's based NLB in CDW12 15:0).
+ */
+#ifndef IDMA_WORKER_H
+#define IDMA_WORKER_H
+#include <stdint.h>
+#include "queue.h"
+
+/* CDEF BEGIN */
+/* Log-linear latency histogram: 32 linear sub-buckets per power of two of nanoseconds. */
+enum { IDMA_HIST_SUB_BITS = 5, IDMA_HIST_BUCKETS = 1920 };
+
+struct idma_worker_cfg {
+    uint32_t nsid;
+    uint32_t lba_size;          /* bytes per LBA */
+    uint32_t block_lbas;        /* LBAs per I/O (1..65536) */
+    uint32_t qd;                /* commands kept in flight (<= free trackers) */
+    uint32_t read_pct;          /* 0..100: share of reads, the rest are writes */
+    uint32_t random;            /* 0: sequential blocks (wrapping), 1: uniform random blocks */
+    uint32_t verify;            /* writes carry the LBA pattern, reads of written blocks check it */
+    uint32_t verify_all;        /* with verify: check every read (data written by an earlier run) */
+    uint64_t lba_start;         /* LBA range [lba_start, lba_start + lba_count) */
+    uint64_t lba_count;
+    uint64_t duration_ns;       /* stop submitting after this long (0 = no time limit) */
+    uint64_t io_count;          /* stop after this many I/Os (0 = no count limit) */
+    uint64_t seed;              /* PRNG seed and data pattern seed */
+    uint64_t buf;               /* DMA area of qd * block_lbas * lba_size bytes (IOVA = VA) */
+    uint64_t io_timeout_ns;     /* give up when nothing completes for this long (0 = 30 s) */
+};
+
+/* Live counters, written by the worker with relaxed atomic stores, readable from any thread. */
+struct idma_worker_progress {
+    volatile uint64_t ios;
+    volatile uint64_t bytes;
+    volatile uint64_t errors;
+    volatile uint64_t verify_failures;
+    volatile uint64_t elapsed_ns;
+    volatile uint32_t running;  /* 1 while the worker runs */
+    volatile uint32_t stop;     /* set to 1 by the caller to stop early (then drained) */
+};
+
+struct idma_worker_result {
+    int32_t rc;                 /* 0 or an idma_rc */
+    uint16_t first_error_status;    /* 15-bit status of the first failed command */
+    uint8_t first_error_opcode;
+    uint8_t timed_out;
+    uint64_t first_error_lba;
+    uint64_t ios;               /* completed I/Os (successful or not) */
+    uint64_t reads;
+    uint64_t writes;
+    uint64_t bytes;             /* bytes of successful I/Os */
+    uint64_t errors;            /* I/Os completed with a non-zero status */
+    uint64_t verify_failures;   /* LBAs whose data did not match the pattern */
+    uint64_t first_verify_lba;
+    uint64_t elapsed_ns;
+    uint64_t lat_min_ns;
+    uint64_t lat_avg_ns;
+    uint64_t lat_p50_ns;
+    uint64_t lat_p99_ns;
+    uint64_t lat_p999_ns;
+    uint64_t lat_max_ns;
+    uint64_t hist[1920];        /* IDMA_HIST_BUCKETS */
+};
+
+/*
+ * Run the loop until io_count I/Os or duration_ns or progress->stop, then drain.
+ * progress may be NULL. Returns 0 or an idma_rc (also stored in res->rc).
+ */
+int idma_worker_run(struct idma_qpair *q, const struct idma_worker_cfg *cfg,
+                    struct idma_worker_result *res, struct idma_worker_progress *progress);
+
+/* Data pattern: each 8-byte word k of LBA lba holds seed ^ (lba << 16 | k). */
+void idma_pattern_fill(void *buf, uint64_t lba, uint32_t nlbas, uint32_t lba_size,
+                       uint64_t seed);
+/* Number of LBAs in buf that do not hold the pattern; *first_bad (may be NULL) gets the first. */
+uint32_t idma_pattern_check(const void *buf, uint64_t lba, uint32_t nlbas, uint32_t lba_size,
+                            uint64_t seed, uint64_t *first_bad);
+
+/* Histogram bucket of a latency, and the [low, high] ns range a bucket stands for. */
+uint32_t idma_hist_bucket(uint64_t ns);
+uint64_t idma_hist_low(uint32_t bucket);
+uint64_t idma_hist_high(uint32_t bucket);
+/* Latency at percentile pct (0 < pct <= 100): the upper bound of the bucket holding it,
+ * capped at max_ns. 0 when the histogram is empty. */
+uint64_t idma_hist_percentile(const uint64_t *hist, double pct, uint64_t max_ns);
+/* Fill lat_avg/p50/p99/p999 of res from its hist, lat_min/lat_max and a latency sum. */
+void idma_hist_summarize(struct idma_worker_result *res, uint64_t lat_sum_ns);
+/* CDEF END */
+
+#endif
