@@ -1,0 +1,260 @@
+"""Thin Python wrapper around the native NVMe queue pair engine and I/O worker.
+
+All memory (rings, PRP list pages, data buffers) is allocated and DMA-mapped by the caller;
+this module only takes raw integer addresses (IOVA = VA). Calls into the engine release the
+GIL (cffi API mode does that for every out-of-line call), so poll/wait/run_worker can run in
+one thread while other Python threads keep running.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from iommu_dma._native import ffi, lib
+from iommu_dma.nvme.sqe import SQE_SIZE, Sqe, Status, decode_status
+
+# Return codes (native/queue.h enum idma_rc).
+EINVAL: int = lib.IDMA_EINVAL
+EUNMAPPED: int = lib.IDMA_EUNMAPPED
+EALIGN: int = lib.IDMA_EALIGN
+ETOOBIG: int = lib.IDMA_ETOOBIG
+ETIMEDOUT: int = lib.IDMA_ETIMEDOUT
+ENOMEM: int = lib.IDMA_ENOMEM
+
+_RC_NAMES = {EINVAL: "invalid argument", EUNMAPPED: "data buffer not DMA-mapped",
+             EALIGN: "data buffer not dword aligned", ETOOBIG: "transfer too large for PRP list",
+             ETIMEDOUT: "I/O timed out", ENOMEM: "out of memory"}
+
+SqeLike = Union[Sqe, bytes, bytearray, memoryview, Any]   # Any: a cffi "struct idma_sqe"
+Command = tuple[SqeLike, int, int, int]                 # (sqe, buffer address, length, tag)
+
+
+class QueueError(OSError):
+    """The engine refused a call; .rc is the idma_rc, .index the refused command (or -1)."""
+
+    def __init__(self, rc: int, index: int = -1) -> None:
+        where = f" (command {index})" if index >= 0 else ""
+        super().__init__(f"{_RC_NAMES.get(rc, 'error')}{where} [rc {rc}]")
+        self.rc = rc
+        self.index = index
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One reaped CQE: caller's tag, DW0 result, CID and the 15-bit status field."""
+
+    tag: int
+    result: int
+    cid: int
+    status: int
+
+    @property
+    def ok(self) -> bool:
+        return self.status & 0x7FF == 0     # SCT and SC zero
+
+    def decoded(self) -> Status:
+        return decode_status(self.status)
+
+
+def _sqe_bytes(sqe: SqeLike) -> bytes:
+    if isinstance(sqe, Sqe):
+        return sqe.pack()
+    if isinstance(sqe, (bytes, bytearray, memoryview)):
+        data = bytes(sqe)
+    else:                                   # cffi struct idma_sqe (or pointer to one)
+        data = bytes(ffi.buffer(sqe, SQE_SIZE))
+    if len(data) != SQE_SIZE:
+        raise ValueError(f"an SQE is {SQE_SIZE} bytes, got {len(data)}")
+    return data
+
+
+class QueuePair:
+    """One NVMe submission/completion queue pair over caller-provided DMA memory."""
+
+    def __init__(self, qid: int, depth: int, sq_addr: int, cq_addr: int, bar0_addr: int, *,
+                 dstrd: int = 0, page_size: int = 4096, list_addr: int = 0,
+                 list_pages: int = 0, maptable: Any = None) -> None:
+        """sq_addr/cq_addr: page-aligned zeroed rings of depth entries; bar0_addr: mapped BAR0;
+        list_addr: list_pages page-aligned PRP list pages (split between depth-1 trackers);
+        maptable: a `struct idma_maptable *` or None (no mapped-range check)."""
+        self._maptable = maptable           # keep the table alive as long as the queue
+        table = maptable if maptable is not None else ffi.NULL
+        q = lib.idma_qpair_new(qid, depth, ffi.cast("void *", sq_addr),
+                               ffi.cast("void *", cq_addr), ffi.cast("uint8_t *", bar0_addr),
+                               dstrd, page_size, ffi.cast("void *", list_addr), list_pages,
+                               table)
+        if q == ffi.NULL:
+            raise ValueError(f"queue {qid}: bad queue arguments (depth {depth}, page size "
+                             f"{page_size}, alignment, or list pages {list_pages})")
+        self._q = ffi.gc(q, lib.idma_qpair_free)
+        self.qid = qid
+        self.depth = depth
+        self._cpl = ffi.new("struct idma_cpl[]", depth)
+
+    @property
+    def cdata(self) -> Any:
+        """The `struct idma_qpair *` (for native callers such as the worker)."""
+        return self._q
+
+    @property
+    def trackers(self) -> int:
+        return self.depth - 1
+
+    @property
+    def inflight(self) -> int:
+        return int(lib.idma_qpair_inflight(self._q))
+
+    def info(self) -> dict[str, int]:
+        out = ffi.new("struct idma_qpair_info *")
+        lib.idma_qpair_get_info(self._q, out)
+        return {name: int(getattr(out, name)) for name, _ in ffi.typeof(out[0]).fields}
+
+    def submit(self, cmds: Sequence[Command]) -> int:
+        """Queue (sqe, buf_addr, length, tag) commands; returns how many were accepted (fewer
+        than given when trackers run out: poll, then resubmit the rest). Raises QueueError
+        when a command is refused (nothing of the call is queued then)."""
+        n = len(cmds)
+        if n == 0:
+            return 0
+        sqes = ffi.new("struct idma_sqe[]", n)
+        ios = ffi.new("struct idma_io[]", n)
+        raw = ffi.buffer(sqes)
+        for i, (sqe, buf, length, tag) in enumerate(cmds):
+            raw[i * SQE_SIZE:(i + 1) * SQE_SIZE] = _sqe_bytes(sqe)
+            ios[i].buf, ios[i].len, ios[i].tag = buf, length, tag
+        rc = lib.idma_qpair_submit(self._q, sqes, ios, n)
+        if rc < 0:
+            raise QueueError(rc, lib.idma_qpair_bad_index(self._q))
+        return int(rc)
+
+    def _completions(self, n: int) -> list[Completion]:
+        c = self._cpl
+        return [Completion(int(c[i].tag), int(c[i].result), int(c[i].cid), int(c[i].status))
+                for i in range(n)]
+
+    def poll(self, max_cpl: int | None = None) -> list[Completion]:
+        """Reap what has completed, without waiting (GIL released inside)."""
+        m = min(max_cpl or self.depth, self.depth)
+        return self._completions(lib.idma_qpair_poll(self._q, self._cpl, m))
+
+    def wait(self, min_cpl: int = 1, timeout: float = 1.0,
+             max_cpl: int | None = None) -> list[Completion]:
+        """Busy-poll in C (GIL released) until min_cpl completions (capped at the commands in
+        flight) or timeout seconds; may return fewer on timeout."""
+        m = min(max_cpl or self.depth, self.depth)
+        ns = int(timeout * 1e9) if timeout >= 0 else 2**64 - 1
+        return self._completions(lib.idma_qpair_wait(self._q, self._cpl, m, min_cpl, ns))
+
+    def run(self, cmds: Iterable[Command], timeout: float = 5.0) -> list[Completion]:
+        """Submit every command (waiting for trackers as needed) and wait for all of them."""
+        todo = list(cmds)
+        done: list[Completion] = []
+        deadline = time.monotonic() + timeout
+        while todo or self.inflight:
+            if todo:
+                todo = todo[self.submit(todo):]
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise QueueError(ETIMEDOUT)
+            done += self.wait(1, left)
+        return done
+
+
+# ---- worker ----
+
+@dataclass
+class WorkerConfig:
+    """Parameters of the native I/O worker (native/worker.h struct idma_worker_cfg)."""
+
+    nsid: int
+    lba_size: int
+    lba_count: int
+    buf_addr: int                   # DMA area of qd * block_lbas * lba_size bytes
+    lba_start: int = 0
+    block_lbas: int = 1
+    qd: int = 1
+    read_pct: int = 100
+    random: bool = False
+    verify: bool = False
+    verify_all: bool = False
+    duration: float = 0.0           # seconds (0 = no time limit)
+    io_count: int = 0               # 0 = no count limit
+    seed: int = 1
+    io_timeout: float = 30.0
+
+    @property
+    def buffer_bytes(self) -> int:
+        return self.qd * self.block_lbas * self.lba_size
+
+
+@dataclass
+class WorkerResult:
+    """Outcome of one worker run; latencies in ns, hist maps bucket low bound -> count."""
+
+    rc: int
+    ios: int
+    reads: int
+    writes: int
+    bytes: int
+    errors: int
+    first_error_status: int
+    first_error_opcode: int
+    first_error_lba: int
+    verify_failures: int
+    first_verify_lba: int
+    elapsed_ns: int
+    timed_out: bool
+    lat_min_ns: int
+    lat_avg_ns: int
+    lat_p50_ns: int
+    lat_p99_ns: int
+    lat_p999_ns: int
+    lat_max_ns: int
+    hist: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def iops(self) -> float:
+        return self.ios * 1e9 / self.elapsed_ns if self.elapsed_ns else 0.0
+
+    @property
+    def mbps(self) -> float:
+        return self.bytes * 1e3 / self.elapsed_ns if self.elapsed_ns else 0.0
+
+
+def _cfg_struct(c: WorkerConfig) -> Any:
+    cfg = ffi.new("struct idma_worker_cfg *")
+    cfg.nsid, cfg.lba_size, cfg.block_lbas, cfg.qd = c.nsid, c.lba_size, c.block_lbas, c.qd
+    cfg.read_pct, cfg.random, cfg.verify = c.read_pct, int(c.random), int(c.verify)
+    cfg.verify_all = int(c.verify_all)
+    cfg.lba_start, cfg.lba_count = c.lba_start, c.lba_count
+    cfg.duration_ns, cfg.io_count = int(c.duration * 1e9), c.io_count
+    cfg.seed, cfg.buf, cfg.io_timeout_ns = c.seed, c.buf_addr, int(c.io_timeout * 1e9)
+    return cfg
+
+
+def _result(r: Any) -> WorkerResult:
+    scalars = {name: int(getattr(r, name)) for name in WorkerResult.__dataclass_fields__
+               if name not in ("hist", "timed_out")}
+    hist = {int(lib.idma_hist_low(i)): int(r.hist[i])
+            for i in range(lib.IDMA_HIST_BUCKETS) if r.hist[i]}
+    return WorkerResult(**scalars, timed_out=bool(r.timed_out), hist=hist)
+
+
+def new_progress() -> Any:
+    """A `struct idma_worker_progress *` that another thread may read (ios, bytes, errors,
+    verify_failures, elapsed_ns, running) and set .stop = 1 on to end the run early."""
+    return ffi.new("struct idma_worker_progress *")
+
+
+def run_worker(qpair: QueuePair, config: WorkerConfig, progress: Any = None) -> WorkerResult:
+    """Run the native worker loop on qpair until done (GIL released for the whole run).
+    Raises QueueError for a refused configuration; I/O errors are reported in the result."""
+    cfg = _cfg_struct(config)
+    res = ffi.new("struct idma_worker_result *")
+    rc = lib.idma_worker_run(qpair.cdata, cfg, res, progress if progress is not None else ffi.NULL)
+    if rc == EINVAL:
+        raise QueueError(rc)
+    return _result(res)

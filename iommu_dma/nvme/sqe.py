@@ -1,0 +1,318 @@
+"""64-byte NVMe Submission Queue Entries and 15-bit status decoding (pure Python).
+
+Layouts: NVMe Base 2.0 §4.2 (common SQE), §5 (admin commands) and NVM Command Set 1.0 §3
+(I/O commands). Builders leave the CID and the data pointer (PRP1/PRP2) at zero: the queue
+engine assigns the CID and builds PRPs from the data buffer handed with the command.
+Counts given to builders are natural numbers; the 0's based fields are derived here.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+SQE_SIZE = 64
+_SQE = struct.Struct("<4I3Q6I")     # CDW0, NSID, CDW2, CDW3, MPTR, PRP1, PRP2, CDW10..CDW15
+
+# NVM Command Set I/O opcodes (NVM Command Set 1.0 §3).
+OPC_FLUSH = 0x00
+OPC_WRITE = 0x01
+OPC_READ = 0x02
+OPC_COMPARE = 0x05
+OPC_WRITE_ZEROES = 0x08
+OPC_DSM = 0x09
+OPC_VERIFY = 0x0C
+
+# Admin opcodes (NVMe Base 2.0 §5, Figure 138).
+ADM_DELETE_IO_SQ = 0x00
+ADM_CREATE_IO_SQ = 0x01
+ADM_GET_LOG_PAGE = 0x02
+ADM_DELETE_IO_CQ = 0x04
+ADM_CREATE_IO_CQ = 0x05
+ADM_IDENTIFY = 0x06
+ADM_SET_FEATURES = 0x09
+ADM_GET_FEATURES = 0x0A
+ADM_FORMAT_NVM = 0x80
+
+NSID_ALL = 0xFFFFFFFF
+
+
+@dataclass
+class Sqe:
+    """One Submission Queue Entry (NVMe Base 2.0 §4.2, Figure 88)."""
+
+    opcode: int
+    nsid: int = 0
+    cdw2: int = 0
+    cdw3: int = 0
+    mptr: int = 0
+    prp1: int = 0
+    prp2: int = 0
+    cdw10: int = 0
+    cdw11: int = 0
+    cdw12: int = 0
+    cdw13: int = 0
+    cdw14: int = 0
+    cdw15: int = 0
+    fuse: int = 0          # CDW0 9:8
+    psdt: int = 0          # CDW0 15:14 (0 = PRPs)
+    cid: int = 0           # CDW0 31:16, normally assigned by the queue engine
+
+    @property
+    def cdw0(self) -> int:
+        return ((self.opcode & 0xFF) | (self.fuse & 0x3) << 8 | (self.psdt & 0x3) << 14
+                | (self.cid & 0xFFFF) << 16)
+
+    def pack(self) -> bytes:
+        """The 64 little-endian bytes the controller fetches."""
+        return _SQE.pack(self.cdw0, self.nsid, self.cdw2, self.cdw3, self.mptr, self.prp1,
+                         self.prp2, self.cdw10, self.cdw11, self.cdw12, self.cdw13,
+                         self.cdw14, self.cdw15)
+
+    def __bytes__(self) -> bytes:
+        return self.pack()
+
+    @classmethod
+    def unpack(cls, data: bytes) -> Sqe:
+        if len(data) != SQE_SIZE:
+            raise ValueError(f"an SQE is {SQE_SIZE} bytes, got {len(data)}")
+        cdw0, nsid, cdw2, cdw3, mptr, prp1, prp2, *cdws = _SQE.unpack(data)
+        return cls(cdw0 & 0xFF, nsid, cdw2, cdw3, mptr, prp1, prp2, *cdws,
+                   fuse=(cdw0 >> 8) & 0x3, psdt=(cdw0 >> 14) & 0x3, cid=cdw0 >> 16)
+
+
+def _check(name: str, value: int, bits: int, low: int = 0) -> int:
+    if not low <= value < (1 << bits) + low:
+        raise ValueError(f"{name}={value} out of range [{low}, {(1 << bits) + low - 1}]")
+    return value
+
+
+def _nlb(nlb: int) -> int:
+    """CDW12 15:0: number of logical blocks, 0's based (NVM Command Set 1.0 §3.3)."""
+    return _check("nlb", nlb, 16, low=1) - 1
+
+
+def _slba(sqe: Sqe, slba: int) -> Sqe:
+    """CDW10-11: starting LBA."""
+    _check("slba", slba, 64)
+    sqe.cdw10, sqe.cdw11 = slba & 0xFFFFFFFF, slba >> 32
+    return sqe
+
+
+def _cdw12(nlb: int, *, fua: bool = False, lr: bool = False, prinfo: int = 0,
+           stc: bool = False, dtype: int = 0, deac: bool = False) -> int:
+    """CDW12 of Read/Write/Compare/Verify/Write Zeroes: NLB 15:0, DTYPE 23:20, STC 24,
+    DEAC 25 (Write Zeroes), PRINFO 29:26, FUA 30, LR 31."""
+    return (_nlb(nlb) | _check("dtype", dtype, 4) << 20 | int(stc) << 24 | int(deac) << 25
+            | _check("prinfo", prinfo, 4) << 26 | int(fua) << 30 | int(lr) << 31)
+
+
+# ---- NVM I/O commands (NVM Command Set 1.0 §3) ----
+
+def read(nsid: int, slba: int, nlb: int, *, fua: bool = False, lr: bool = False,
+         prinfo: int = 0, dsm: int = 0) -> Sqe:
+    """Read 02h: CDW12 LR/FUA/PRINFO/NLB, CDW13 7:0 dataset management hints."""
+    sqe = Sqe(OPC_READ, nsid, cdw12=_cdw12(nlb, fua=fua, lr=lr, prinfo=prinfo),
+              cdw13=_check("dsm", dsm, 8))
+    return _slba(sqe, slba)
+
+
+def write(nsid: int, slba: int, nlb: int, *, fua: bool = False, lr: bool = False,
+          prinfo: int = 0, dtype: int = 0, dspec: int = 0, dsm: int = 0) -> Sqe:
+    """Write 01h: CDW12 adds DTYPE 23:20; CDW13 DSPEC 31:16, DSM 7:0."""
+    sqe = Sqe(OPC_WRITE, nsid, cdw12=_cdw12(nlb, fua=fua, lr=lr, prinfo=prinfo, dtype=dtype),
+              cdw13=_check("dspec", dspec, 16) << 16 | _check("dsm", dsm, 8))
+    return _slba(sqe, slba)
+
+
+def flush(nsid: int = NSID_ALL) -> Sqe:
+    """Flush 00h: no command-specific dwords."""
+    return Sqe(OPC_FLUSH, nsid)
+
+
+def write_zeroes(nsid: int, slba: int, nlb: int, *, deallocate: bool = False,
+                 fua: bool = False, lr: bool = False, prinfo: int = 0) -> Sqe:
+    """Write Zeroes 08h: no data; CDW12 DEAC bit 25 may deallocate the blocks."""
+    sqe = Sqe(OPC_WRITE_ZEROES, nsid,
+              cdw12=_cdw12(nlb, fua=fua, lr=lr, prinfo=prinfo, deac=deallocate))
+    return _slba(sqe, slba)
+
+
+def compare(nsid: int, slba: int, nlb: int, *, fua: bool = False, lr: bool = False,
+            prinfo: int = 0) -> Sqe:
+    """Compare 05h: the data buffer holds the expected blocks."""
+    sqe = Sqe(OPC_COMPARE, nsid, cdw12=_cdw12(nlb, fua=fua, lr=lr, prinfo=prinfo))
+    return _slba(sqe, slba)
+
+
+def verify(nsid: int, slba: int, nlb: int, *, fua: bool = False, lr: bool = False,
+           prinfo: int = 0) -> Sqe:
+    """Verify 0Ch: integrity check of the blocks, no data transfer."""
+    sqe = Sqe(OPC_VERIFY, nsid, cdw12=_cdw12(nlb, fua=fua, lr=lr, prinfo=prinfo))
+    return _slba(sqe, slba)
+
+
+# Dataset Management CDW11 attributes (NVM Command Set 1.0 §3.3.3).
+DSM_IDR = 1 << 0        # integral dataset for read
+DSM_IDW = 1 << 1        # integral dataset for write
+DSM_AD = 1 << 2         # deallocate
+
+
+def dataset_management(nsid: int, nr: int, *, deallocate: bool = False, idr: bool = False,
+                       idw: bool = False) -> Sqe:
+    """Dataset Management 09h: CDW10 NR 7:0 (ranges, 0's based); CDW11 IDR/IDW/AD.
+    The data buffer holds `nr` 16-byte ranges (see dsm_ranges)."""
+    attrs = (DSM_AD if deallocate else 0) | (DSM_IDR if idr else 0) | (DSM_IDW if idw else 0)
+    return Sqe(OPC_DSM, nsid, cdw10=_check("nr", nr, 8, low=1) - 1, cdw11=attrs)
+
+
+def dsm_ranges(ranges: list[tuple[int, int]] | list[tuple[int, int, int]]) -> bytes:
+    """Pack DSM ranges (slba, nlb[, context attributes]): CATTR u32, NLB u32, SLBA u64."""
+    out = bytearray()
+    for r in ranges:
+        slba, nlb = r[0], r[1]
+        cattr = r[2] if len(r) > 2 else 0
+        out += struct.pack("<IIQ", cattr, _check("nlb", nlb, 32), _check("slba", slba, 64))
+    return bytes(out)
+
+
+# ---- admin commands (NVMe Base 2.0 §5) ----
+
+def identify(cns: int, *, nsid: int = 0, cntid: int = 0, cns_id: int = 0, csi: int = 0,
+             uuid_index: int = 0) -> Sqe:
+    """Identify 06h: CDW10 CNS 7:0, CNTID 31:16; CDW11 CNS specific id 15:0, CSI 31:24;
+    CDW14 UUID index 6:0. Data: one 4096-byte structure."""
+    return Sqe(ADM_IDENTIFY, nsid,
+               cdw10=_check("cns", cns, 8) | _check("cntid", cntid, 16) << 16,
+               cdw11=_check("cns_id", cns_id, 16) | _check("csi", csi, 8) << 24,
+               cdw14=_check("uuid_index", uuid_index, 7))
+
+
+def get_log_page(lid: int, nbytes: int, *, nsid: int = NSID_ALL, lsp: int = 0,
+                 rae: bool = False, lsi: int = 0, offset: int = 0, csi: int = 0,
+                 ot: bool = False, uuid_index: int = 0) -> Sqe:
+    """Get Log Page 02h: CDW10 LID 7:0, LSP 14:8, RAE 15, NUMDL 31:16; CDW11 NUMDU 15:0,
+    LSI 31:16; CDW12/13 log page offset; CDW14 UUID index 6:0, OT 23, CSI 31:24.
+    NUMD is the 0's based dword count of nbytes (a multiple of 4)."""
+    if nbytes <= 0 or nbytes % 4:
+        raise ValueError(f"log page length {nbytes} must be a positive multiple of 4")
+    numd = _check("numd", nbytes // 4 - 1, 32)
+    return Sqe(ADM_GET_LOG_PAGE, nsid,
+               cdw10=(_check("lid", lid, 8) | _check("lsp", lsp, 7) << 8 | int(rae) << 15
+                      | (numd & 0xFFFF) << 16),
+               cdw11=numd >> 16 | _check("lsi", lsi, 16) << 16,
+               cdw12=_check("offset", offset, 64) & 0xFFFFFFFF, cdw13=offset >> 32,
+               cdw14=(_check("uuid_index", uuid_index, 7) | int(ot) << 23
+                      | _check("csi", csi, 8) << 24))
+
+
+def set_features(fid: int, cdw11: int = 0, *, nsid: int = 0, save: bool = False,
+                 cdw12: int = 0, cdw13: int = 0, cdw15: int = 0, uuid_index: int = 0) -> Sqe:
+    """Set Features 09h: CDW10 FID 7:0, SV 31; CDW11-13/15 feature specific; CDW14 UUID."""
+    return Sqe(ADM_SET_FEATURES, nsid, cdw10=_check("fid", fid, 8) | int(save) << 31,
+               cdw11=_check("cdw11", cdw11, 32), cdw12=cdw12, cdw13=cdw13,
+               cdw14=_check("uuid_index", uuid_index, 7), cdw15=cdw15)
+
+
+# Get Features SEL values (NVMe Base 2.0 §5.15, CDW10 10:8).
+SEL_CURRENT, SEL_DEFAULT, SEL_SAVED, SEL_CAPABILITIES = 0, 1, 2, 3
+
+
+def get_features(fid: int, *, sel: int = SEL_CURRENT, nsid: int = 0, cdw11: int = 0,
+                 uuid_index: int = 0) -> Sqe:
+    """Get Features 0Ah: CDW10 FID 7:0, SEL 10:8; CDW11 feature specific; CDW14 UUID."""
+    return Sqe(ADM_GET_FEATURES, nsid, cdw10=_check("fid", fid, 8) | _check("sel", sel, 3) << 8,
+               cdw11=_check("cdw11", cdw11, 32), cdw14=_check("uuid_index", uuid_index, 7))
+
+
+def create_io_cq(qid: int, qsize: int, *, prp1: int = 0, pc: bool = True,
+                 ien: bool = False, iv: int = 0) -> Sqe:
+    """Create I/O Completion Queue 05h: PRP1 queue base; CDW10 QID 15:0, QSIZE 31:16
+    (0's based); CDW11 PC 0, IEN 1, IV 31:16."""
+    return Sqe(ADM_CREATE_IO_CQ, prp1=prp1,
+               cdw10=_check("qid", qid, 16, low=0) | (_check("qsize", qsize, 16, low=1) - 1) << 16,
+               cdw11=int(pc) | int(ien) << 1 | _check("iv", iv, 16) << 16)
+
+
+def create_io_sq(qid: int, qsize: int, cqid: int, *, prp1: int = 0, pc: bool = True,
+                 qprio: int = 0, nvmsetid: int = 0) -> Sqe:
+    """Create I/O Submission Queue 01h: PRP1 queue base; CDW10 QID 15:0, QSIZE 31:16
+    (0's based); CDW11 PC 0, QPRIO 2:1, CQID 31:16; CDW12 NVMSETID 15:0."""
+    return Sqe(ADM_CREATE_IO_SQ, prp1=prp1,
+               cdw10=_check("qid", qid, 16) | (_check("qsize", qsize, 16, low=1) - 1) << 16,
+               cdw11=int(pc) | _check("qprio", qprio, 2) << 1 | _check("cqid", cqid, 16) << 16,
+               cdw12=_check("nvmsetid", nvmsetid, 16))
+
+
+def delete_io_sq(qid: int) -> Sqe:
+    """Delete I/O Submission Queue 00h: CDW10 QID 15:0."""
+    return Sqe(ADM_DELETE_IO_SQ, cdw10=_check("qid", qid, 16))
+
+
+def delete_io_cq(qid: int) -> Sqe:
+    """Delete I/O Completion Queue 04h: CDW10 QID 15:0."""
+    return Sqe(ADM_DELETE_IO_CQ, cdw10=_check("qid", qid, 16))
+
+
+def format_nvm(nsid: int, lbaf: int, *, ses: int = 0, pi: int = 0, pil: bool = False,
+               mset: bool = False) -> Sqe:
+    """Format NVM 80h: CDW10 LBAFL 3:0, MSET 4, PI 7:5, PIL 8, SES 11:9, LBAFU 13:12
+    (the format index is LBAFU:LBAFL, 0..63)."""
+    _check("lbaf", lbaf, 6)
+    return Sqe(ADM_FORMAT_NVM, nsid,
+               cdw10=((lbaf & 0xF) | int(mset) << 4 | _check("pi", pi, 3) << 5 | int(pil) << 8
+                      | _check("ses", ses, 3) << 9 | (lbaf >> 4) << 12))
+
+
+# ---- status (NVMe Base 2.0 §4.6.1: 15-bit Status field, CQE DW3 31:17) ----
+
+SCT_GENERIC = 0
+SCT_COMMAND_SPECIFIC = 1
+SCT_MEDIA = 2
+SCT_PATH = 3
+SCT_VENDOR = 7
+
+
+@dataclass(frozen=True)
+class Status:
+    """Decoded Status field: SC 7:0, SCT 10:8, CRD 12:11, More 13, DNR 14."""
+
+    raw: int
+    sc: int = field(init=False)
+    sct: int = field(init=False)
+    crd: int = field(init=False)
+    more: bool = field(init=False)
+    dnr: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sc", self.raw & 0xFF)
+        object.__setattr__(self, "sct", (self.raw >> 8) & 0x7)
+        object.__setattr__(self, "crd", (self.raw >> 11) & 0x3)
+        object.__setattr__(self, "more", bool(self.raw >> 13 & 1))
+        object.__setattr__(self, "dnr", bool(self.raw >> 14 & 1))
+
+    @property
+    def ok(self) -> bool:
+        """Successful Completion: SCT 0, SC 0 (CRD/More/DNR do not make a failure)."""
+        return self.sc == 0 and self.sct == 0
+
+    def __str__(self) -> str:
+        flags = "".join(f" {n}" for n, on in (("MORE", self.more), ("DNR", self.dnr)) if on)
+        return f"SCT {self.sct:#x} SC {self.sc:#04x} CRD {self.crd}{flags}"
+
+
+def decode_status(status: int) -> Status:
+    """Decode the 15-bit status field (as in idma_cpl.status)."""
+    return Status(_check("status", status, 15))
+
+
+def status_from_dw3(dw3: int) -> Status:
+    """Decode the status of a raw CQE DW3 (CID 15:0, phase 16, status 31:17)."""
+    return Status((dw3 >> 17) & 0x7FFF)
+
+
+def make_status(sc: int, sct: int = 0, *, crd: int = 0, more: bool = False,
+                dnr: bool = False) -> int:
+    """Compose a 15-bit status field (handy for tests and simulated completions)."""
+    return (_check("sc", sc, 8) | _check("sct", sct, 3) << 8 | _check("crd", crd, 2) << 11
+            | int(more) << 13 | int(dnr) << 14)

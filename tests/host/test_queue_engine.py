@@ -1,0 +1,516 @@
+"""The native queue pair engine against a device simulated in ordinary memory.
+
+Rings, PRP list pages and an 8 KiB "BAR0" live in anonymous mmaps (page aligned, IOVA = VA);
+the tests play the controller: read SQEs and doorbells, write CQEs with the phase tag.
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from iommu_dma._native import ffi, lib
+from iommu_dma.nvme import sqe as S
+from iommu_dma.nvme.queue import (
+    EALIGN,
+    ETOOBIG,
+    EUNMAPPED,
+    Completion,
+    QueueError,
+    QueuePair,
+    WorkerConfig,
+    new_progress,
+    run_worker,
+)
+
+PAGE = 4096
+DSTRD = 0
+
+
+class Mem:
+    """Page-aligned anonymous memory with its address (IOVA = VA)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.map = mmap.mmap(-1, size)
+        self.cbuf = ffi.from_buffer(self.map)
+        self.addr = int(ffi.cast("uintptr_t", self.cbuf))
+
+    def u32(self, off: int) -> int:
+        return struct.unpack_from("<I", self.map, off)[0]
+
+    def read(self, addr: int, n: int) -> bytes:
+        return bytes(ffi.buffer(ffi.cast("char *", addr), n))
+
+    def write(self, addr: int, data: bytes) -> None:
+        ffi.memmove(ffi.cast("char *", addr), data, len(data))
+
+
+class FakeDevice:
+    """Just enough of a controller: consumes SQEs up to the tail doorbell, posts CQEs."""
+
+    def __init__(self, qid: int, depth: int, sq: Mem, cq: Mem, bar: Mem) -> None:
+        self.qid, self.depth, self.sq, self.cq, self.bar = qid, depth, sq, cq, bar
+        self.sq_head = 0
+        self.cq_tail = 0
+        self.phase = 1
+        self.sqdb = lib.idma_sq_doorbell_offset(qid, DSTRD)
+        self.cqdb = lib.idma_cq_doorbell_offset(qid, DSTRD)
+
+    @property
+    def sq_tail(self) -> int:
+        return self.bar.u32(self.sqdb)
+
+    @property
+    def cq_head(self) -> int:
+        return self.bar.u32(self.cqdb)
+
+    def fetch(self) -> list[S.Sqe]:
+        """Every SQE between our head and the host's tail doorbell."""
+        out = []
+        tail = self.sq_tail
+        while self.sq_head != tail:
+            off = self.sq_head * 64
+            out.append(S.Sqe.unpack(bytes(self.sq.map[off:off + 64])))
+            self.sq_head = (self.sq_head + 1) % self.depth
+        return out
+
+    def post(self, cid: int, status: int = 0, result: int = 0) -> None:
+        """Write a CQE (NVMe 2.0 §4.6) with the current phase, then advance the tail."""
+        dw3 = cid | self.phase << 16 | status << 17
+        entry = struct.pack("<IIHHI", result, 0, self.sq_head, self.qid, dw3)
+        off = self.cq_tail * 16
+        self.cq.map[off:off + 12] = entry[:12]
+        self.cq.map[off + 12:off + 16] = entry[12:]     # DW3 (phase) last, as a device does
+        self.cq_tail += 1
+        if self.cq_tail == self.depth:
+            self.cq_tail, self.phase = 0, self.phase ^ 1
+
+
+class Rig:
+    def __init__(self, depth: int, qid: int = 1, list_pages: int | None = None,
+                 maptable: Any = None) -> None:
+        self.sq, self.cq = Mem(depth * 64), Mem(max(depth * 16, PAGE))
+        self.bar = Mem(8192)
+        pages = depth - 1 if list_pages is None else list_pages
+        self.lists = Mem(max(pages, 1) * PAGE)
+        self.qp = QueuePair(qid, depth, self.sq.addr, self.cq.addr, self.bar.addr, dstrd=DSTRD,
+                            list_addr=self.lists.addr if pages else 0, list_pages=pages,
+                            maptable=maptable)
+        self.dev = FakeDevice(qid, depth, self.sq, self.cq, self.bar)
+        self.data = Mem(1 << 20)
+
+
+@pytest.fixture
+def rig() -> Rig:
+    return Rig(depth=16)
+
+
+def test_doorbell_offsets() -> None:
+    assert lib.idma_sq_doorbell_offset(0, 0) == 0x1000
+    assert lib.idma_cq_doorbell_offset(0, 0) == 0x1004
+    assert lib.idma_sq_doorbell_offset(3, 0) == 0x1000 + 6 * 4
+    assert lib.idma_cq_doorbell_offset(3, 2) == 0x1000 + 7 * 16
+
+
+def test_bad_arguments_refused() -> None:
+    sq, cq, bar = Mem(PAGE), Mem(PAGE), Mem(8192)
+    with pytest.raises(ValueError):
+        QueuePair(1, 1, sq.addr, cq.addr, bar.addr)                  # depth < 2
+    with pytest.raises(ValueError):
+        QueuePair(1, 8, sq.addr + 64, cq.addr, bar.addr)             # SQ not page aligned
+    with pytest.raises(ValueError):
+        QueuePair(1, 8, sq.addr, cq.addr, bar.addr, page_size=6000)  # not a power of two
+    with pytest.raises(ValueError):   # fewer list pages than trackers
+        QueuePair(1, 8, sq.addr, cq.addr, bar.addr, list_addr=sq.addr, list_pages=3)
+
+
+def test_submit_fills_ring_cids_prps_and_rings_once(rig: Rig) -> None:
+    d = rig.data.addr
+    cmds = [(S.read(1, 0, 1), d, 512, 100),                 # one page: PRP1 only
+            (S.write(1, 8, 16), d + PAGE, 2 * PAGE, 101),    # two pages: PRP2 is data
+            (S.read(1, 64, 24), d + 4 * PAGE + 0x200, 3 * PAGE, 102),   # a PRP list
+            (S.flush(1), 0, 0, 103)]                         # no data
+    assert rig.qp.submit(cmds) == 4
+    info = rig.qp.info()
+    assert info["sq_doorbells"] == 1 and rig.dev.sq_tail == 4 == info["sq_tail"]
+    got = rig.dev.fetch()
+    assert [e.opcode for e in got] == [S.OPC_READ, S.OPC_WRITE, S.OPC_READ, S.OPC_FLUSH]
+    assert len({e.cid for e in got}) == 4 and all(e.cid < 15 for e in got)
+    assert (got[0].prp1, got[0].prp2) == (d, 0)
+    assert (got[1].prp1, got[1].prp2) == (d + PAGE, d + 2 * PAGE)
+    assert got[2].prp1 == d + 4 * PAGE + 0x200
+    lst = got[2].prp2
+    assert lst % PAGE == 0 and rig.lists.addr <= lst < rig.lists.addr + rig.lists.size
+    entries = struct.unpack("<3Q", rig.dev.sq.read(lst, 24))
+    assert entries == (d + 5 * PAGE, d + 6 * PAGE, d + 7 * PAGE)
+    assert (got[3].prp1, got[3].prp2) == (0, 0)
+    # the rest of each SQE is the caller's
+    assert (got[1].nsid, got[1].cdw10, got[1].cdw12) == (1, 8, 15)
+
+
+def test_poll_returns_tags_results_and_status(rig: Rig) -> None:
+    d = rig.data.addr
+    rig.qp.submit([(S.read(1, i, 1), d, 512, 1000 + i) for i in range(3)])
+    got = rig.dev.fetch()
+    assert rig.qp.poll() == []                       # nothing posted yet
+    err = S.make_status(0x81, S.SCT_MEDIA, dnr=True, more=True)    # unrecovered read error
+    rig.dev.post(got[1].cid, status=err)
+    rig.dev.post(got[0].cid, result=0xABCD)
+    cpl = rig.qp.poll()
+    assert cpl == [Completion(1001, 0, got[1].cid, err),
+                   Completion(1000, 0xABCD, got[0].cid, 0)]
+    st = cpl[0].decoded()
+    assert (st.sc, st.sct, st.more, st.dnr, st.crd) == (0x81, 2, True, True, 0)
+    assert not cpl[0].ok and cpl[1].ok
+    assert rig.dev.cq_head == 2 and rig.qp.info()["cq_doorbells"] == 1
+    assert rig.qp.inflight == 1
+    rig.dev.post(got[2].cid)
+    assert [c.tag for c in rig.qp.poll()] == [1002]
+    info = rig.qp.info()
+    assert info["cq_doorbells"] == 2 and info["sq_head"] == 3 and info["free"] == 15
+
+
+def test_poll_max_leaves_the_rest(rig: Rig) -> None:
+    rig.qp.submit([(S.flush(1), 0, 0, i) for i in range(5)])
+    for e in rig.dev.fetch():
+        rig.dev.post(e.cid)
+    assert [c.tag for c in rig.qp.poll(2)] == [0, 1]
+    assert rig.dev.cq_head == 2
+    assert [c.tag for c in rig.qp.poll()] == [2, 3, 4]
+    assert rig.dev.cq_head == 5
+
+
+def test_phase_wraps_over_several_laps() -> None:
+    r = Rig(depth=4)
+    tags: list[int] = []
+    next_tag = 0
+    for lap in range(7):                         # 7 * 5 = 35 commands over a 4-entry ring
+        batch = [(S.flush(1), 0, 0, next_tag + i) for i in range(5)]
+        next_tag += 5
+        while batch:
+            n = r.qp.submit(batch)
+            assert n <= 3
+            batch = batch[n:]
+            for e in r.dev.fetch():
+                r.dev.post(e.cid, result=lap)
+            tags += [c.tag for c in r.qp.poll()]
+            assert r.dev.cq_head == r.dev.cq_tail
+    assert tags == list(range(35))
+    info = r.qp.info()
+    assert info["completed"] == 35 and info["phase"] == (1 if (35 // 4) % 2 == 0 else 0)
+    assert info["sq_tail"] == 35 % 4 == info["cq_head"]
+
+
+def test_back_pressure_partial_submit_loses_nothing() -> None:
+    r = Rig(depth=8)                             # 7 trackers
+    cmds = [(S.read(1, i, 1), r.data.addr + i * 512, 512, i) for i in range(20)]
+    assert r.qp.submit(cmds) == 7
+    assert r.qp.submit(cmds[7:]) == 0            # full: nothing taken, nothing lost
+    assert r.qp.info()["sq_doorbells"] == 1      # a call that queued nothing does not ring
+    seen: list[int] = []
+    pending = cmds[7:]
+    while len(seen) < 20:
+        got = r.dev.fetch()
+        for e in got:
+            r.dev.post(e.cid)
+        seen += [c.tag for c in r.qp.poll()]
+        pending = pending[r.qp.submit(pending):]
+    assert sorted(seen) == list(range(20)) and not pending and r.qp.inflight == 0
+
+
+def test_unmapped_buffer_refused_before_the_device() -> None:
+    table = ffi.gc(lib.idma_maptable_new(), lib.idma_maptable_free)
+    r = Rig(depth=8, maptable=table)
+    d = r.data.addr
+    assert lib.idma_maptable_add(table, d, 64 * 1024) == 0
+    good = (S.read(1, 0, 8), d, PAGE, 1)
+    crossing = (S.read(1, 0, 8), d + 60 * 1024, 8 * 1024, 2)   # runs past the mapping
+    with pytest.raises(QueueError) as exc:
+        r.qp.submit([good, crossing])
+    assert exc.value.rc == EUNMAPPED == lib.IDMA_EUNMAPPED and exc.value.index == 1
+    info = r.qp.info()
+    assert info["sq_tail"] == 0 and info["sq_doorbells"] == 0 and info["free"] == 7
+    assert r.dev.sq_tail == 0
+    assert r.qp.submit([good]) == 1
+
+
+def test_misaligned_and_too_big_refused() -> None:
+    r = Rig(depth=4, list_pages=0)               # no PRP lists: at most two pages
+    with pytest.raises(QueueError) as exc:
+        r.qp.submit([(S.read(1, 0, 1), r.data.addr + 2, 512, 0)])
+    assert exc.value.rc == EALIGN
+    with pytest.raises(QueueError) as exc:
+        r.qp.submit([(S.read(1, 0, 24), r.data.addr, 3 * PAGE, 0)])
+    assert exc.value.rc == ETOOBIG
+    assert r.qp.submit([(S.read(1, 0, 16), r.data.addr, 2 * PAGE, 0)]) == 1
+
+
+def test_two_mib_transfer_uses_one_list_page(rig: Rig) -> None:
+    big = Mem(2 << 20)
+    assert rig.qp.submit([(S.read(1, 0, 512), big.addr, 2 << 20, 7)]) == 1
+    e = rig.dev.fetch()[0]
+    assert e.prp1 == big.addr
+    entries = struct.unpack("<511Q", rig.dev.sq.read(e.prp2, 511 * 8))
+    assert entries == tuple(big.addr + i * PAGE for i in range(1, 512))
+
+
+def test_spurious_cid_is_skipped(rig: Rig) -> None:
+    rig.qp.submit([(S.flush(1), 0, 0, 5)])
+    e = rig.dev.fetch()[0]
+    rig.dev.post(14)                             # a CID not in flight
+    rig.dev.post(e.cid)
+    assert [c.tag for c in rig.qp.poll()] == [5]
+    assert rig.qp.info()["spurious"] == 1 and rig.dev.cq_head == 2
+
+
+def test_wait_times_out_and_caps_min(rig: Rig) -> None:
+    assert rig.qp.wait(5, timeout=0.0) == []     # nothing in flight: returns at once
+    rig.qp.submit([(S.flush(1), 0, 0, 1)])
+    t0 = time.monotonic()
+    assert rig.qp.wait(1, timeout=0.05) == []
+    assert 0.04 < time.monotonic() - t0 < 1.0
+
+
+def test_wait_releases_the_gil(rig: Rig) -> None:
+    """A Python thread plays the device while the C busy-wait runs: only possible when
+    cffi released the GIL around the call."""
+    rig.qp.submit([(S.flush(1), 0, 0, i) for i in range(4)])
+
+    def device() -> None:
+        time.sleep(0.05)
+        for e in rig.dev.fetch():
+            rig.dev.post(e.cid)
+
+    t = threading.Thread(target=device)
+    t.start()
+    got = rig.qp.wait(4, timeout=5.0)
+    t.join()
+    assert sorted(c.tag for c in got) == [0, 1, 2, 3]
+
+
+def test_run_helper_submits_everything() -> None:
+    r = Rig(depth=4)
+    stop = threading.Event()
+
+    def device() -> None:
+        while not stop.is_set():
+            for e in r.dev.fetch():
+                r.dev.post(e.cid)
+            time.sleep(0.0005)
+
+    t = threading.Thread(target=device)
+    t.start()
+    try:
+        got = r.qp.run([(S.flush(1), 0, 0, i) for i in range(10)], timeout=10)
+    finally:
+        stop.set()
+        t.join()
+    assert sorted(c.tag for c in got) == list(range(10))
+
+
+# ---- worker helpers ----
+
+def test_pattern_fill_and_check() -> None:
+    lba_size, n = 512, 4
+    buf = ffi.new("uint64_t[]", lba_size * n // 8)
+    lib.idma_pattern_fill(buf, 1000, n, lba_size, 0xFEED)
+    assert buf[0] == 0xFEED ^ (1000 << 16)
+    assert buf[lba_size // 8 + 3] == 0xFEED ^ (1001 << 16 | 3)
+    first = ffi.new("uint64_t *")
+    assert lib.idma_pattern_check(buf, 1000, n, lba_size, 0xFEED, first) == 0
+    assert lib.idma_pattern_check(buf, 1001, n, lba_size, 0xFEED, first) == n  # shifted
+    buf[2 * lba_size // 8 + 10] ^= 1                                          # LBA 1002
+    assert lib.idma_pattern_check(buf, 1000, n, lba_size, 0xFEED, first) == 1
+    assert first[0] == 1002
+    assert lib.idma_pattern_check(buf, 1000, n, lba_size, 0xBEEF, first) == n  # other seed
+
+
+def test_hist_buckets_are_log_linear() -> None:
+    assert [lib.idma_hist_bucket(v) for v in (0, 1, 31)] == [0, 1, 31]
+    assert lib.idma_hist_bucket(32) == 32 and lib.idma_hist_bucket(63) == 63
+    assert lib.idma_hist_bucket(64) == 64 and lib.idma_hist_bucket(65) == 64
+    assert lib.idma_hist_bucket(2**64 - 1) == lib.IDMA_HIST_BUCKETS - 1
+    prev_high = -1
+    for i in range(lib.IDMA_HIST_BUCKETS):       # buckets tile the whole 64-bit range
+        low, high = lib.idma_hist_low(i), lib.idma_hist_high(i)
+        assert low == prev_high + 1 and high >= low
+        assert lib.idma_hist_bucket(low) == i == lib.idma_hist_bucket(high)
+        if low >= 64:
+            assert (high - low + 1) / low <= 1 / 32     # ~3 % resolution
+        prev_high = high
+    assert prev_high == 2**64 - 1
+
+
+def hist_of(values: list[int]) -> Any:
+    h = ffi.new("uint64_t[]", lib.IDMA_HIST_BUCKETS)
+    for v in values:
+        h[lib.idma_hist_bucket(v)] += 1
+    return h
+
+
+def test_hist_percentiles_nearest_rank() -> None:
+    values = list(range(1, 1001))                # 1..1000 ns
+    h = hist_of(values)
+    for pct, exact in ((50.0, 500), (99.0, 990), (99.9, 999), (100.0, 1000)):
+        got = lib.idma_hist_percentile(h, pct, 1000)
+        b = lib.idma_hist_bucket(exact)
+        assert got == min(lib.idma_hist_high(b), 1000)
+        assert exact <= got <= exact * 1.04
+    assert lib.idma_hist_percentile(hist_of([]), 50.0, 0) == 0
+    one = hist_of([123456])
+    assert lib.idma_hist_percentile(one, 99.9, 123456) == 123456   # capped at max
+
+
+def test_hist_summarize() -> None:
+    res = ffi.new("struct idma_worker_result *")
+    values = [1000] * 990 + [50000] * 9 + [2000000]
+    for v in values:
+        res.hist[lib.idma_hist_bucket(v)] += 1
+    res.lat_min_ns, res.lat_max_ns = 1000, 2000000
+    lib.idma_hist_summarize(res, sum(values))
+    assert res.lat_avg_ns == sum(values) // len(values)
+    assert res.lat_p50_ns == lib.idma_hist_high(lib.idma_hist_bucket(1000))
+    assert res.lat_p99_ns == lib.idma_hist_high(lib.idma_hist_bucket(1000))
+    assert res.lat_p999_ns == lib.idma_hist_high(lib.idma_hist_bucket(50000))
+
+
+# ---- the worker loop against a simulated NVM device thread ----
+
+class DiskDevice:
+    """A device thread executing Read/Write against an in-memory namespace via the PRPs."""
+
+    def __init__(self, rig: Rig, lba_size: int, nlbas: int, fail_lba: int = -1) -> None:
+        self.rig, self.lba_size, self.fail_lba = rig, lba_size, fail_lba
+        self.disk = bytearray(lba_size * nlbas)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.ops = 0
+
+    def __enter__(self) -> DiskDevice:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    def _segments(self, e: S.Sqe, length: int) -> Iterator[tuple[int, int]]:
+        """(address, bytes) of the data, following PRP1, PRP2 and the PRP list."""
+        first = min(PAGE - e.prp1 % PAGE, length)
+        yield e.prp1, first
+        left = length - first
+        if left == 0:
+            return
+        if left <= PAGE:
+            yield e.prp2, left
+            return
+        n = (left + PAGE - 1) // PAGE
+        for i, page in enumerate(struct.unpack(f"<{n}Q", self.rig.sq.read(e.prp2, 8 * n))):
+            yield page, min(PAGE, left - i * PAGE)
+
+    def _execute(self, e: S.Sqe) -> int:
+        slba, nlb = e.cdw10 | e.cdw11 << 32, (e.cdw12 & 0xFFFF) + 1
+        if slba <= self.fail_lba < slba + nlb:
+            return S.make_status(0x81, S.SCT_MEDIA)
+        pos = slba * self.lba_size
+        for addr, n in self._segments(e, nlb * self.lba_size):
+            if e.opcode == S.OPC_WRITE:
+                self.disk[pos:pos + n] = self.rig.sq.read(addr, n)
+            else:
+                self.rig.sq.write(addr, bytes(self.disk[pos:pos + n]))
+            pos += n
+        return 0
+
+    def _run(self) -> None:
+        dev = self.rig.dev
+        while not self.stop.is_set():
+            got = dev.fetch()
+            for e in got:
+                dev.post(e.cid, status=self._execute(e))
+                self.ops += 1
+            if not got:
+                time.sleep(0.0001)
+
+
+def test_worker_write_then_verify_reads() -> None:
+    lba, blk, qd, nlbas = 512, 16, 4, 256       # 8 KiB I/Os: PRP1 + PRP2
+    r = Rig(depth=8)
+    buf = Mem(qd * blk * lba)
+    cfg = WorkerConfig(nsid=1, lba_size=lba, lba_count=nlbas, buf_addr=buf.addr,
+                       block_lbas=blk, qd=qd, read_pct=0, verify=True, io_count=nlbas // blk,
+                       seed=42)
+    with DiskDevice(r, lba, nlbas) as dev:
+        res = run_worker(r.qp, cfg)
+        assert res.rc == 0 and res.writes == 16 and res.errors == 0
+        assert res.bytes == nlbas * lba
+        first = ffi.new("uint64_t *")
+        assert lib.idma_pattern_check(ffi.from_buffer(dev.disk), 0, nlbas, lba, 42, first) == 0
+        cfg.read_pct, cfg.random, cfg.verify_all, cfg.io_count = 100, True, True, 200
+        res = run_worker(r.qp, cfg)
+        assert res.rc == 0 and res.reads == 200 and res.verify_failures == 0
+        dev.disk[5 * lba + 7] ^= 0xFF                              # corrupt LBA 5
+        cfg.random, cfg.io_count = False, 16
+        res = run_worker(r.qp, cfg)
+        assert res.verify_failures == 1 and res.first_verify_lba == 5
+    assert res.lat_min_ns <= res.lat_p50_ns <= res.lat_p99_ns <= res.lat_max_ns
+    assert sum(res.hist.values()) == res.ios
+
+
+def test_worker_mixed_random_with_list_prps_and_errors() -> None:
+    lba, blk, qd, nlbas = 512, 24, 6, 24 * 32    # 12 KiB I/Os at an offset: a PRP list
+    r = Rig(depth=8)
+    buf = Mem(qd * blk * lba + PAGE)
+    cfg = WorkerConfig(nsid=1, lba_size=lba, lba_count=nlbas, buf_addr=buf.addr + 512,
+                       block_lbas=blk, qd=qd, read_pct=50, random=True, verify=True,
+                       io_count=300, seed=7)
+    with DiskDevice(r, lba, nlbas, fail_lba=24 * 3 + 1):
+        res = run_worker(r.qp, cfg)
+    assert res.rc == 0 and res.ios == 300 == res.reads + res.writes
+    assert res.verify_failures == 0 and res.reads > 0 and res.writes > 0
+    assert res.errors > 0 and res.first_error_lba == 24 * 3
+    assert S.decode_status(res.first_error_status).sct == S.SCT_MEDIA
+    assert res.bytes == (300 - res.errors) * blk * lba
+    assert r.qp.inflight == 0
+
+
+def test_worker_progress_and_stop_from_another_thread() -> None:
+    lba, nlbas = 512, 64
+    r = Rig(depth=4)
+    buf = Mem(3 * lba)
+    prog = new_progress()
+    cfg = WorkerConfig(nsid=1, lba_size=lba, lba_count=nlbas, buf_addr=buf.addr, qd=3,
+                       read_pct=70, duration=30.0)
+    out: list[Any] = []
+    with DiskDevice(r, lba, nlbas):
+        t = threading.Thread(target=lambda: out.append(run_worker(r.qp, cfg, prog)))
+        t.start()
+        deadline = time.monotonic() + 10
+        while prog.ios < 50 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen = prog.ios
+        prog.stop = 1
+        t.join(10)
+    assert not t.is_alive() and seen >= 50
+    res = out[0]
+    assert res.rc == 0 and res.ios >= seen and prog.running == 0 and prog.ios == res.ios
+    assert res.elapsed_ns < 30e9 and r.qp.inflight == 0
+
+
+def test_worker_refuses_bad_config_and_reports_unmapped() -> None:
+    r = Rig(depth=4)
+    buf = Mem(PAGE)
+    with pytest.raises(QueueError):              # qd larger than the trackers
+        run_worker(r.qp, WorkerConfig(nsid=1, lba_size=512, lba_count=8, buf_addr=buf.addr,
+                                      qd=4, io_count=1))
+    table = ffi.gc(lib.idma_maptable_new(), lib.idma_maptable_free)
+    r2 = Rig(depth=4, maptable=table)
+    res = run_worker(r2.qp, WorkerConfig(nsid=1, lba_size=512, lba_count=8,
+                                         buf_addr=buf.addr, io_count=4))
+    assert res.rc == EUNMAPPED and res.ios == 0 and r2.dev.sq_tail == 0
