@@ -157,6 +157,8 @@ static int valid_cfg(const struct idma_worker_cfg *c, const struct idma_qpair *q
     if (!c || !q)
         return 0;
     idma_qpair_get_info(q, &info);
+    if (info.free != info.trackers)             /* the worker owns every tag in flight */
+        return 0;
     if (c->qd == 0 || c->qd > info.free || c->block_lbas == 0 || c->block_lbas > 65536)
         return 0;
     if (c->lba_size < 8 || c->lba_size % 8 || c->read_pct > 100 || !c->buf)
@@ -303,6 +305,8 @@ static uint32_t reap(struct wstate *w, uint64_t *now)
         return 0;
     *now = idma_now_ns();
     for (int j = 0; j < n; j++) {
+        if (w->cpl[j].tag >= w->cfg->qd)
+            continue;                           /* not ours (cannot happen: idle at start) */
         complete_io(w, &w->cpl[j], *now);
         if (may_issue(w, *now))
             queue_io(w, (uint32_t)w->cpl[j].tag);

@@ -15,7 +15,7 @@ struct idma_worker_cfg {
     uint32_t nsid;
     uint32_t lba_size;          /* bytes per LBA */
     uint32_t block_lbas;        /* LBAs per I/O (1..65536) */
-    uint32_t qd;                /* commands kept in flight (<= free trackers) */
+    uint32_t qd;                /* commands kept in flight (<= trackers; queue must be idle) */
     uint32_t read_pct;          /* 0..100: share of reads, the rest are writes */
     uint32_t random;            /* 0: sequential blocks (wrapping), 1: uniform random blocks */
     uint32_t verify;            /* writes carry the LBA pattern, reads of written blocks check it */

@@ -137,14 +137,14 @@ class QueuePair:
 
     def poll(self, max_cpl: int | None = None) -> list[Completion]:
         """Reap what has completed, without waiting (GIL released inside)."""
-        m = min(max_cpl or self.depth, self.depth)
+        m = self.depth if max_cpl is None else min(max_cpl, self.depth)
         return self._completions(lib.idma_qpair_poll(self._q, self._cpl, m))
 
     def wait(self, min_cpl: int = 1, timeout: float = 1.0,
              max_cpl: int | None = None) -> list[Completion]:
         """Busy-poll in C (GIL released) until min_cpl completions (capped at the commands in
         flight) or timeout seconds; may return fewer on timeout."""
-        m = min(max_cpl or self.depth, self.depth)
+        m = self.depth if max_cpl is None else min(max_cpl, self.depth)
         ns = int(timeout * 1e9) if timeout >= 0 else 2**64 - 1
         return self._completions(lib.idma_qpair_wait(self._q, self._cpl, m, min_cpl, ns))
 

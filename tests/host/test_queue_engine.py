@@ -19,6 +19,7 @@ from iommu_dma._native import ffi, lib
 from iommu_dma.nvme import sqe as S
 from iommu_dma.nvme.queue import (
     EALIGN,
+    ETIMEDOUT,
     ETOOBIG,
     EUNMAPPED,
     Completion,
@@ -514,3 +515,17 @@ def test_worker_refuses_bad_config_and_reports_unmapped() -> None:
     res = run_worker(r2.qp, WorkerConfig(nsid=1, lba_size=512, lba_count=8,
                                          buf_addr=buf.addr, io_count=4))
     assert res.rc == EUNMAPPED and res.ios == 0 and r2.dev.sq_tail == 0
+
+
+def test_worker_needs_an_idle_queue_and_times_out_on_a_silent_device() -> None:
+    r = Rig(depth=4)
+    buf = Mem(PAGE)
+    cfg = WorkerConfig(nsid=1, lba_size=512, lba_count=8, buf_addr=buf.addr, qd=2,
+                       io_count=4, io_timeout=0.05)
+    r.qp.submit([(S.flush(1), 0, 0, 99)])
+    with pytest.raises(QueueError):              # someone else's command is in flight
+        run_worker(r.qp, cfg)
+    r.dev.post(r.dev.fetch()[0].cid)
+    assert [c.tag for c in r.qp.poll()] == [99]
+    res = run_worker(r.qp, cfg)                  # nobody answers
+    assert res.rc == ETIMEDOUT and res.timed_out and res.ios == 0 and r.qp.inflight == 2
