@@ -23,12 +23,14 @@ from iommu_dma.testing import vm
 from iommu_dma.testing.bench import Bench, current_bench, get_bench
 
 REPORT_OPT = "--iommu-dma-guest-report"
+SELECT_OPT = "--iommu-dma-guest-select"
 IN_GUEST_ENV = vm.IMAGES_ENV
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("iommu-dma", "iommu-dma bench guests")
     group.addoption(REPORT_OPT, default=None, help="(internal) file the guest writes reports to")
+    group.addoption(SELECT_OPT, default=None, help="(internal) file of node ids the guest runs")
     group.addoption("--vm-timeout", type=float, default=vm.DEFAULT_TIMEOUT,
                     help="seconds one bench guest may run before it is killed")
     group.addoption("--vm-verbose", action="store_true",
@@ -82,6 +84,16 @@ class GuestReporter:
         self.config = config
         path = config.getoption(REPORT_OPT)
         self.out = open(path, "a", buffering=1) if path else None  # noqa: SIM115
+
+    def pytest_collection_modifyitems(self, items: list[pytest.Item],
+                                      config: pytest.Config) -> None:
+        path = config.getoption(SELECT_OPT)
+        if not path:
+            return
+        wanted = set(Path(path).read_text().splitlines())
+        keep = [item for item in items if item.nodeid in wanted]
+        config.hook.pytest_deselected(items=[i for i in items if i.nodeid not in wanted])
+        items[:] = keep
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if self.out is None:
@@ -147,7 +159,7 @@ class HostRunner:
 
         with vm.work_directory() as work:
             report_file = work / "reports.jsonl"
-            command = _guest_pytest_command(items, report_file)
+            command = _guest_pytest_command(items, report_file, work / "selected.txt")
             try:
                 result = vm.run(bench, command, timeout=self.config.getoption("--vm-timeout"),
                                 on_line=on_line, work_dir=work, cwd=Path(self.config.rootpath))
@@ -177,9 +189,12 @@ class HostRunner:
                                  f"bench {name!r}: {why}", "call")
 
 
-def _guest_pytest_command(items: list[pytest.Item], report_file: Path) -> str:
-    args = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rA",
-            f"{REPORT_OPT}={report_file}", *[item.nodeid for item in items]]
+def _guest_pytest_command(items: list[pytest.Item], report_file: Path, select: Path) -> str:
+    """pytest in the guest on the items' files, narrowed to exactly these node ids."""
+    select.write_text("\n".join(item.nodeid for item in items) + "\n")
+    files = sorted({item.nodeid.split("::")[0] for item in items})
+    args = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rfE",
+            f"{REPORT_OPT}={report_file}", f"{SELECT_OPT}={select}", *files]
     return shlex.join(args)
 
 

@@ -82,7 +82,7 @@ def _tool(name: str) -> str:
 def guest_script(bench_file: Path, image_dir: Path, command: str, cwd: Path) -> str:
     """The shell text the guest runs: bench environment, then the command."""
     venv_bin = Path(sys.executable).parent
-    return "; ".join([
+    return "\n".join([
         f"export {BENCH_ENV}={shlex.quote(str(bench_file))}",
         f"export {IMAGES_ENV}={shlex.quote(str(image_dir))}",
         f"export PATH={shlex.quote(str(venv_bin))}:$PATH",
@@ -94,6 +94,8 @@ def guest_script(bench_file: Path, image_dir: Path, command: str, cwd: Path) -> 
 def vng_command(bench: Bench, work_dir: Path, command: str, cwd: Path) -> list[str]:
     bench_file = work_dir / "bench.json"
     bench_file.write_text(bench.to_json())
+    script = work_dir / "guest.sh"
+    script.write_text(guest_script(bench_file, work_dir, command, cwd) + "\n")
     qemu = " ".join(shlex.quote(a) for a in bench.qemu_args(work_dir))
     cmd = [
         _tool("vng"), "--run", str(find_kernel()),
@@ -102,7 +104,9 @@ def vng_command(bench: Bench, work_dir: Path, command: str, cwd: Path) -> list[s
         "--append=intel_iommu=on iommu=pt",
         "--rwdir", str(work_dir),
         f"--qemu-opts={qemu}",
-        "--exec", guest_script(bench_file, work_dir, command, cwd),
+        # The command goes through a script file: --exec text passes through more than one
+        # shell on its way into the guest, which mangles quotes.
+        "--exec", f"sh {shlex.quote(str(script))}",
     ]
     if not kvm_usable():
         cmd.insert(3, "--disable-kvm")

@@ -1,0 +1,54 @@
+# `make demo` and `make test` set up what they need (idempotent) on a Debian machine as root.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEB_PACKAGES := qemu-system-x86 linux-image-amd64 fio python3-venv python3-dev gcc libc6-dev \
+                linux-libc-dev e2fsprogs util-linux kmod pciutils
+NATIVE_SOURCES := $(wildcard native/*.c native/*.h native/*.py) setup.py pyproject.toml
+
+.PHONY: all setup deps venv demo test test-host test-vm lint bench clean
+
+all: test
+
+setup: deps venv
+
+# Debian packages: installed only when one is missing.
+deps:
+	@missing=""; for p in $(DEB_PACKAGES); do \
+	    dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	    echo "installing Debian packages:$$missing"; \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	fi
+
+venv: $(VENV)/.installed
+
+# The virtualenv and the native build; redone when the native sources change.
+$(VENV)/.installed: $(NATIVE_SOURCES)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -c "import iommu_dma; print('native engine:', iommu_dma.native_version())"
+	touch $@
+
+demo: setup
+	$(PY) -m iommu_dma.demo
+
+test: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest -ra
+
+test-host: setup
+	$(VENV)/bin/pytest -ra -m "not vm"
+
+test-vm: setup
+	$(VENV)/bin/pytest -ra -m vm
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+bench: setup
+	$(PY) -m benchmarks.randread
+
+clean:
+	rm -rf $(VENV) build *.egg-info iommu_dma/_native*.so iommu_dma/_native.c

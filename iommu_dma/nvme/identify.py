@@ -1,0 +1,269 @@
+"""Parsed Identify data and log pages, each keeping its raw bytes.
+
+Offsets are from NVMe Base 2.0 §5.17.2 (Identify Controller, Identify Namespace) and §5.16.1
+(Error Information, SMART / Health Information, Firmware Slot Information log pages).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+IDENTIFY_SIZE = 4096
+SMART_SIZE = 512
+FW_SLOT_SIZE = 512
+ERROR_ENTRY_SIZE = 64
+
+
+def _u(raw: bytes, offset: int, size: int) -> int:
+    return int.from_bytes(raw[offset:offset + size], "little")
+
+
+def _ascii(raw: bytes, offset: int, size: int) -> str:
+    return raw[offset:offset + size].decode("ascii", "replace").rstrip(" \x00")
+
+
+def _version(vs: int) -> str:
+    return f"{vs >> 16}.{(vs >> 8) & 0xFF}.{vs & 0xFF}"
+
+
+class _Parsed:
+    raw: bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        """Fields as plain data (for JSON output); raw bytes left out."""
+        return {k: v for k, v in asdict(self).items() if k != "raw"}  # type: ignore[call-overload]
+
+
+@dataclass(frozen=True)
+class IdentifyController(_Parsed):
+    raw: bytes = field(repr=False)
+    vid: int
+    ssvid: int
+    sn: str
+    mn: str
+    fr: str
+    rab: int
+    ieee: int
+    cmic: int
+    mdts: int
+    cntlid: int
+    ver: int
+    oacs: int
+    acl: int
+    aerl: int
+    frmw: int
+    lpa: int
+    elpe: int
+    npss: int
+    wctemp: int
+    cctemp: int
+    tnvmcap: int
+    unvmcap: int
+    sqes: int
+    cqes: int
+    maxcmd: int
+    nn: int
+    oncs: int
+    fuses: int
+    fna: int
+    vwc: int
+    awun: int
+    awupf: int
+    sgls: int
+    subnqn: str
+
+    @classmethod
+    def parse(cls, raw: bytes) -> IdentifyController:
+        raw = bytes(raw[:IDENTIFY_SIZE])
+        return cls(
+            raw=raw, vid=_u(raw, 0, 2), ssvid=_u(raw, 2, 2), sn=_ascii(raw, 4, 20),
+            mn=_ascii(raw, 24, 40), fr=_ascii(raw, 64, 8), rab=raw[72],
+            ieee=_u(raw, 73, 3), cmic=raw[76], mdts=raw[77], cntlid=_u(raw, 78, 2),
+            ver=_u(raw, 80, 4), oacs=_u(raw, 256, 2), acl=raw[258], aerl=raw[259],
+            frmw=raw[260], lpa=raw[261], elpe=raw[262], npss=raw[263],
+            wctemp=_u(raw, 266, 2), cctemp=_u(raw, 268, 2), tnvmcap=_u(raw, 280, 16),
+            unvmcap=_u(raw, 296, 16), sqes=raw[512], cqes=raw[513], maxcmd=_u(raw, 514, 2),
+            nn=_u(raw, 516, 4), oncs=_u(raw, 520, 2), fuses=_u(raw, 522, 2), fna=raw[524],
+            vwc=raw[525], awun=_u(raw, 526, 2), awupf=_u(raw, 528, 2), sgls=_u(raw, 536, 4),
+            subnqn=_ascii(raw, 768, 256),
+        )
+
+    @property
+    def version(self) -> str:
+        return _version(self.ver)
+
+    def max_transfer(self, page_size: int) -> int | None:
+        """MDTS in bytes (a power of two of CAP.MPSMIN pages); None when unlimited (0)."""
+        return None if self.mdts == 0 else page_size << self.mdts
+
+
+@dataclass(frozen=True)
+class LbaFormat:
+    ms: int       # metadata bytes per block
+    lbads: int    # log2 of the data size
+    rp: int       # relative performance
+
+    @property
+    def size(self) -> int:
+        return 1 << self.lbads
+
+
+@dataclass(frozen=True)
+class IdentifyNamespace(_Parsed):
+    raw: bytes = field(repr=False)
+    nsze: int
+    ncap: int
+    nuse: int
+    nsfeat: int
+    nlbaf: int
+    flbas: int
+    mc: int
+    dpc: int
+    dps: int
+    nmic: int
+    dlfeat: int
+    nvmcap: int
+    nguid: str
+    eui64: str
+    lbaf: tuple[LbaFormat, ...]
+
+    @classmethod
+    def parse(cls, raw: bytes) -> IdentifyNamespace:
+        raw = bytes(raw[:IDENTIFY_SIZE])
+        nlbaf = raw[25]
+        formats = []
+        for i in range(nlbaf + 1):                      # NLBAF is a 0's based count
+            dw = _u(raw, 128 + 4 * i, 4)
+            formats.append(LbaFormat(ms=dw & 0xFFFF, lbads=(dw >> 16) & 0xFF, rp=(dw >> 24) & 3))
+        return cls(
+            raw=raw, nsze=_u(raw, 0, 8), ncap=_u(raw, 8, 8), nuse=_u(raw, 16, 8),
+            nsfeat=raw[24], nlbaf=nlbaf, flbas=raw[26], mc=raw[27], dpc=raw[28], dps=raw[29],
+            nmic=raw[30], dlfeat=raw[33], nvmcap=_u(raw, 48, 16),
+            nguid=raw[104:120].hex(), eui64=raw[120:128].hex(), lbaf=tuple(formats),
+        )
+
+    @property
+    def format_index(self) -> int:
+        # FLBAS bits 3:0, plus bits 6:5 as the upper bits when more than 16 formats exist
+        return (self.flbas & 0xF) | ((self.flbas >> 5) & 0x3) << 4
+
+    @property
+    def lba_size(self) -> int:
+        return self.lbaf[self.format_index].size
+
+    @property
+    def metadata_size(self) -> int:
+        return self.lbaf[self.format_index].ms
+
+    @property
+    def active(self) -> bool:
+        """An inactive NSID identifies as all zeroes (Base 2.0 §5.17.2.1)."""
+        return self.nsze != 0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        d["lbaf"] = [asdict(f) for f in self.lbaf]
+        d["lba_size"] = self.lba_size if self.active else 0
+        return d
+
+
+@dataclass(frozen=True)
+class SmartLog(_Parsed):
+    raw: bytes = field(repr=False)
+    critical_warning: int
+    temperature: int                # kelvin
+    avail_spare: int
+    spare_thresh: int
+    percent_used: int
+    endurance_grp_critical_warning_summary: int
+    data_units_read: int
+    data_units_written: int
+    host_read_commands: int
+    host_write_commands: int
+    controller_busy_time: int
+    power_cycles: int
+    power_on_hours: int
+    unsafe_shutdowns: int
+    media_errors: int
+    num_err_log_entries: int
+    warning_temp_time: int
+    critical_comp_time: int
+    temperature_sensors: tuple[int, ...]
+
+    @classmethod
+    def parse(cls, raw: bytes) -> SmartLog:
+        raw = bytes(raw[:SMART_SIZE])
+        sensors = tuple(t for t in (_u(raw, 200 + 2 * i, 2) for i in range(8)) if t)
+        return cls(
+            raw=raw, critical_warning=raw[0], temperature=_u(raw, 1, 2), avail_spare=raw[3],
+            spare_thresh=raw[4], percent_used=raw[5],
+            endurance_grp_critical_warning_summary=raw[6],
+            data_units_read=_u(raw, 32, 16), data_units_written=_u(raw, 48, 16),
+            host_read_commands=_u(raw, 64, 16), host_write_commands=_u(raw, 80, 16),
+            controller_busy_time=_u(raw, 96, 16), power_cycles=_u(raw, 112, 16),
+            power_on_hours=_u(raw, 128, 16), unsafe_shutdowns=_u(raw, 144, 16),
+            media_errors=_u(raw, 160, 16), num_err_log_entries=_u(raw, 176, 16),
+            warning_temp_time=_u(raw, 192, 4), critical_comp_time=_u(raw, 196, 4),
+            temperature_sensors=sensors,
+        )
+
+
+@dataclass(frozen=True)
+class ErrorLogEntry(_Parsed):
+    raw: bytes = field(repr=False)
+    error_count: int
+    sqid: int
+    cmdid: int
+    status_field: int               # 15-bit status (phase bit removed)
+    parm_error_location: int
+    lba: int
+    nsid: int
+    vs: int
+    trtype: int
+    cs: int
+
+    @classmethod
+    def parse(cls, raw: bytes) -> ErrorLogEntry:
+        raw = bytes(raw[:ERROR_ENTRY_SIZE])
+        return cls(
+            raw=raw, error_count=_u(raw, 0, 8), sqid=_u(raw, 8, 2), cmdid=_u(raw, 10, 2),
+            status_field=_u(raw, 12, 2) >> 1, parm_error_location=_u(raw, 14, 2),
+            lba=_u(raw, 16, 8), nsid=_u(raw, 24, 4), vs=raw[28], trtype=raw[29],
+            cs=_u(raw, 32, 8),
+        )
+
+
+def parse_error_log(raw: bytes) -> list[ErrorLogEntry]:
+    """Entries of an Error Information log, newest first; empty slots (count 0) dropped."""
+    entries = (ErrorLogEntry.parse(raw[i:i + ERROR_ENTRY_SIZE])
+               for i in range(0, len(raw) - ERROR_ENTRY_SIZE + 1, ERROR_ENTRY_SIZE))
+    return [e for e in entries if e.error_count]
+
+
+@dataclass(frozen=True)
+class FirmwareSlotLog(_Parsed):
+    raw: bytes = field(repr=False)
+    afi: int
+    frs: tuple[str, ...]            # revisions of slots 1..7 ("" when empty)
+
+    @classmethod
+    def parse(cls, raw: bytes) -> FirmwareSlotLog:
+        raw = bytes(raw[:FW_SLOT_SIZE])
+        return cls(raw=raw, afi=raw[0], frs=tuple(_ascii(raw, 8 + 8 * i, 8) for i in range(7)))
+
+    @property
+    def active_slot(self) -> int:
+        return self.afi & 0x7
+
+
+def parse_ns_list(raw: bytes) -> list[int]:
+    """Active Namespace ID list (CNS 02h): ascending NSIDs, ended by the first zero."""
+    ids = struct.unpack_from("<1024I", raw)
+    out = []
+    for nsid in ids:
+        if nsid == 0:
+            break
+        out.append(nsid)
+    return out

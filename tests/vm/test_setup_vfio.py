@@ -1,0 +1,133 @@
+"""scripts/setup_vfio.sh inside the bench guest: binding, giving back, status, refusals."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import random
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from iommu_dma.testing.bench import Bench
+from iommu_dma.testing.guest import PCI_DEVICES, driver_of
+from tests.conftest import setup_vfio
+
+pytestmark = pytest.mark.vm
+
+
+def group_of(bdf: str) -> str:
+    return (PCI_DEVICES / bdf / "iommu_group").resolve().name
+
+
+def namespace_node(bdf: str, nsid: int) -> Path:
+    ctrl = next((PCI_DEVICES / bdf / "nvme").iterdir()).name
+    return Path(f"/dev/{ctrl}n{nsid}")
+
+
+def write_and_read_back(dev: Path, offset: int, data: bytes) -> bytes:
+    """O_DIRECT write then read of data at offset (aligned buffers from mmap)."""
+    buf = mmap.mmap(-1, len(data))
+    buf[:] = data
+    fd = os.open(dev, os.O_RDWR | os.O_DIRECT)
+    try:
+        assert os.pwritev(fd, [buf], offset) == len(data)
+        os.fsync(fd)
+        back = mmap.mmap(-1, len(data))
+        assert os.preadv(fd, [back], offset) == len(data)
+        return bytes(back)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("bench", ["default", "aw39", "two_ctrl"], indirect=True)
+def test_bind_status_unbind_and_data_intact(bench: Bench, nvme_bdfs: list[str],
+                                            bench_images: Path) -> None:
+    out = setup_vfio("bind").stdout
+    for bdf in nvme_bdfs:
+        assert driver_of(bdf) == "vfio-pci"
+        group = group_of(bdf)
+        assert Path(f"/dev/vfio/{group}").exists()
+        assert f"{bdf} bound to vfio-pci: IOMMU group {group}" in out
+
+    status = setup_vfio("status").stdout.splitlines()
+    assert status[0].split()[:5] == ["BDF", "VEN:DEV", "DRIVER", "GROUP", "VFIO-NODE"]
+    rows = {line.split()[0]: line.split() for line in status[1:]}
+    assert sorted(rows) == nvme_bdfs
+    for bdf in nvme_bdfs:
+        assert rows[bdf][1:5] == ["1b36:0010", "vfio-pci", group_of(bdf),
+                                  f"/dev/vfio/{group_of(bdf)}(root)"]
+
+    setup_vfio("unbind")
+    for ci, bdf in enumerate(nvme_bdfs):
+        assert driver_of(bdf) == "nvme"
+        dev = namespace_node(bdf, 1)
+        subprocess.run(["udevadm", "settle"], check=False)
+        assert dev.exists(), f"{dev} did not come back after unbind"
+        data = random.randbytes(256 * 1024)
+        offset = 3 * 1024 * 1024
+        assert write_and_read_back(dev, offset, data) == data
+        # ... and the bytes reached the backing image on the host
+        with open(bench_images / f"c{ci}n1.img", "rb") as img:
+            img.seek(offset)
+            assert img.read(len(data)) == data
+
+
+@pytest.mark.parametrize("bench", ["default"], indirect=True)
+def test_status_before_binding_shows_kernel_driver(bench: Bench, nvme_bdfs: list[str]) -> None:
+    rows = setup_vfio("status").stdout.splitlines()[1:]
+    row = next(r.split() for r in rows if r.startswith(nvme_bdfs[0]))
+    assert row[2] == "nvme" and row[4] == "-"
+    assert row[6] == ",".join(p.name for p in sorted(namespace_node(nvme_bdfs[0], 1).parent.glob(
+        f"{namespace_node(nvme_bdfs[0], 1).name[:-1]}*")))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["bind", "0000:00:1d.7"], "no PCI device 0000:00:1d.7"),
+        (["bind", "00:1f.2"], "0000:00:1f.2 is not an NVMe controller (class 0x010601"),
+        (["bind", "banana"], "'banana' is not a PCI address"),
+        (["unbind", "0000:00:1d.7"], "no PCI device 0000:00:1d.7"),
+        (["bind", "--user", "no-such-user"], "no such user 'no-such-user'"),
+        (["frobnicate"], "unknown command 'frobnicate'"),
+    ],
+)
+def test_bad_input_is_refused_clearly(args: list[str], message: str, nvme_bdfs: list[str]) -> None:
+    proc = setup_vfio(*args, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert all(driver_of(b) == "nvme" for b in nvme_bdfs)   # nothing was touched
+
+
+def test_mounted_namespace_is_refused_unless_forced(nvme_bdfs: list[str], tmp_path: Path) -> None:
+    bdf = nvme_bdfs[0]
+    dev = namespace_node(bdf, 2)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(dev)], check=True)
+    subprocess.run(["mount", str(dev), str(tmp_path)], check=True)
+    try:
+        proc = setup_vfio("bind", bdf, check=False)
+        assert proc.returncode == 1
+        assert f"{bdf} is in use" in proc.stderr
+        assert f"{dev} is mounted on {tmp_path}" in proc.stderr
+        assert driver_of(bdf) == "nvme"
+        # without BDFs, the busy controller is skipped rather than taken
+        proc = setup_vfio("bind", check=False)
+        assert f"skipping {bdf}: in use" in proc.stdout
+        assert driver_of(bdf) == "nvme"
+    finally:
+        subprocess.run(["umount", str(tmp_path)], check=True)
+
+
+def test_user_and_hugepages(vfio_bdfs: list[str]) -> None:
+    bdf = vfio_bdfs[0]
+    proc = setup_vfio("--user", "nobody", "--hugepages", "8", "bind", bdf)
+    node = Path(f"/dev/vfio/{group_of(bdf)}")
+    assert node.owner() == "nobody"
+    assert "8 2 MiB hugepages reserved" in proc.stdout
+    assert Path("/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages").read_text() == "8\n"
+    # nobody keeps the default memlock limit, far too low for DMA: the script says so and how
+    assert "nobody's RLIMIT_MEMLOCK is" in proc.stderr
+    assert "memlock unlimited" in proc.stderr
+    setup_vfio("--hugepages", "0")
