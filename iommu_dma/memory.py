@@ -1,0 +1,445 @@
+"""DMA memory whose virtual addresses lie inside the IOMMU aperture, so IOVA = VA holds.
+
+An ordinary mmap address (~0x7fxx_xxxx_xxxx, 47 bits) is outside a 39-bit IOMMU's aperture
+(QEMU's default aw-bits=39 and many client platforms top out at 0x7fffffffff). The allocator
+therefore reserves a PROT_NONE virtual window at an address chosen inside the container's usable
+IOVA ranges (MAP_FIXED_NOREPLACE, clear of the MSI window and of existing mappings), backs it
+in 2 MiB chunks (hugepages when the pool has them) and maps each backed run into the container
+as ONE VFIO mapping, far below the 65535-mapping budget (vfio_iommu_type1.dma_entry_limit).
+Buffers are carved from the window and are themselves ctypes arrays: `memoryview(buf)` is
+zero-copy.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import functools
+import os
+import resource
+import weakref
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from iommu_dma.errors import (
+    AlignmentError,
+    ClosedError,
+    IommuDmaError,
+    MemlockError,
+    OutsideApertureError,
+    VfioError,
+)
+
+if TYPE_CHECKING:
+    from iommu_dma.container import Container
+
+PAGE = 4096
+CHUNK = 2 << 20                      # backing/mapping granule: one 2 MiB hugepage
+MSI_WINDOW = (0xFEE00000, 0xFEEFFFFF)  # x86 interrupt-message window, never DMA-mappable
+USER_VA_END = (1 << 47) - PAGE       # x86-64 4-level paging: top of user space
+PREFERRED_CEILING = 1 << 39          # inside every IOMMU of >= 39 address bits
+DEFAULT_FLOOR = 1 << 32              # keep clear of the program, its heap and low mmaps
+GUARD = 1 << 30                      # distance kept from existing mappings (heap/stack growth)
+DEFAULT_WINDOW = 16 << 30            # virtual only (PROT_NONE) until backed
+
+# <sys/mman.h> on Linux x86-64
+PROT_NONE, PROT_READ, PROT_WRITE = 0, 1, 2
+MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS = 0x02, 0x10, 0x20
+MAP_NORESERVE, MAP_POPULATE, MAP_HUGETLB = 0x4000, 0x8000, 0x40000
+MAP_FIXED_NOREPLACE = 0x100000       # Linux 4.17+: fail with EEXIST instead of replacing
+MADV_DONTFORK = 10                   # a fork must not turn pinned DMA pages copy-on-write
+MAP_FAILED = ctypes.c_void_p(-1).value
+CAP_IPC_LOCK = 14                    # capabilities(7): exempt from RLIMIT_MEMLOCK
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long]
+_libc.mmap.restype = ctypes.c_void_p
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+
+
+# ---- libc mmap with fixed addresses (Python's mmap module cannot place a mapping) ------------
+
+def mmap_at(addr: int, length: int, prot: int, flags: int, fd: int = -1, offset: int = 0) -> int:
+    """mmap(2); OSError on failure. With MAP_FIXED_NOREPLACE, a kernel that ignores the flag
+    (< 4.17, treated as a hint) and places elsewhere also counts as EEXIST."""
+    got = _libc.mmap(addr or None, length, prot, flags, fd, offset)
+    if got is None or got == MAP_FAILED:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mmap({addr:#x}, {length:#x}): {os.strerror(err)}")
+    if flags & (MAP_FIXED | MAP_FIXED_NOREPLACE) and got != addr:
+        _libc.munmap(got, length)
+        raise OSError(errno.EEXIST, f"mmap placed {length:#x} bytes at {got:#x}, not {addr:#x}")
+    return int(got)
+
+
+def munmap(addr: int, length: int) -> None:
+    _libc.munmap(addr, length)
+
+
+# ---- RLIMIT_MEMLOCK ----------------------------------------------------------------------------
+
+def _status_field(name: str) -> str:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(name + ":"):
+                return line.split(":", 1)[1].strip()
+    return ""
+
+
+def locked_bytes() -> int:
+    """mm->locked_vm (VmLck): where VFIO type1 accounts pinned pages."""
+    text = _status_field("VmLck")
+    return int(text.split()[0]) * 1024 if text else 0
+
+
+def has_ipc_lock() -> bool:
+    """CAP_IPC_LOCK in the effective set: the kernel then skips the memlock limit."""
+    eff = _status_field("CapEff")
+    return bool(eff) and bool(int(eff, 16) >> CAP_IPC_LOCK & 1)
+
+
+def check_memlock(extra: int) -> None:
+    """MemlockError when pinning `extra` more bytes would exceed RLIMIT_MEMLOCK (the same rule
+    the kernel's vfio_iommu_type1 applies; it answers only ENOMEM)."""
+    if extra <= 0 or has_ipc_lock():
+        return
+    limit = resource.getrlimit(resource.RLIMIT_MEMLOCK)[0]
+    if limit == resource.RLIM_INFINITY:
+        return
+    locked = locked_bytes()
+    if locked + extra > limit:
+        raise MemlockError(limit, locked, extra)
+
+
+# ---- window placement (pure logic) -------------------------------------------------------
+
+def process_mappings() -> list[tuple[int, int]]:
+    """[start, end) of every mapping of this process (/proc/self/maps)."""
+    out = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            lo, hi = line.split(None, 1)[0].split("-")
+            out.append((int(lo, 16), int(hi, 16)))
+    return out
+
+
+def _subtract(free: list[tuple[int, int]], cut: tuple[int, int]) -> list[tuple[int, int]]:
+    out = []
+    for lo, hi in free:
+        if cut[1] <= lo or cut[0] >= hi:
+            out.append((lo, hi))
+            continue
+        if lo < cut[0]:
+            out.append((lo, cut[0]))
+        if cut[1] < hi:
+            out.append((cut[1], hi))
+    return out
+
+
+def free_intervals(ranges: Sequence[tuple[int, int]], taken: Sequence[tuple[int, int]],
+                   floor: int, ceiling: int, guard: int = GUARD) -> list[tuple[int, int]]:
+    """[lo, hi) intervals inside the inclusive IOVA `ranges`, within [floor, ceiling), clear of
+    `taken` [start, end) (widened by guard) and of the MSI window."""
+    free = [(max(s, floor), min(e + 1, ceiling)) for s, e in ranges]
+    free = [(lo, hi) for lo, hi in free if lo < hi]
+    for start, end in [*taken, (MSI_WINDOW[0], MSI_WINDOW[1] + 1)]:
+        free = _subtract(free, (max(start - guard, 0), end + guard))
+    return free
+
+
+def place_window(ranges: Sequence[tuple[int, int]], size: int, align: int,
+                 taken: Sequence[tuple[int, int]], floor: int = DEFAULT_FLOOR,
+                 ceiling: int = PREFERRED_CEILING) -> int | None:
+    """The highest `align`-aligned start of a `size`-byte window that fits; preferring below
+    `ceiling` (2^39, valid on every IOMMU), then anywhere in user space, then lower floors."""
+    for lo_bound, hi_bound in ((floor, ceiling), (floor, USER_VA_END), (16 << 20, USER_VA_END)):
+        best = None
+        for lo, hi in free_intervals(ranges, taken, lo_bound, hi_bound):
+            start = (hi - size) & ~(align - 1)
+            if start >= lo and (best is None or start > best):
+                best = start
+        if best is not None:
+            return best
+    return None
+
+
+# ---- the allocator -------------------------------------------------------------------------
+
+class DmaBuffer:
+    """A DMA buffer: a ctypes c_ubyte array at `addr` (so memoryview(buf) is zero-copy), with
+    `iova == addr`. Give it back with free() (or DmaAllocator.free)."""
+
+    _allocator: DmaAllocator
+    _window: _Window
+    _span: int
+    _freed: bool
+
+    @property
+    def addr(self) -> int:
+        return ctypes.addressof(self)  # type: ignore[arg-type]
+
+    @property
+    def iova(self) -> int:
+        return self.addr               # IOVA = VA by construction
+
+    @property
+    def size(self) -> int:
+        return ctypes.sizeof(self)     # type: ignore[arg-type]
+
+    def free(self) -> None:
+        self._allocator.free(self)
+
+    def __repr__(self) -> str:
+        return f"<DmaBuffer addr={self.addr:#x} size={self.size:#x}>"
+
+
+@functools.lru_cache(maxsize=512)
+def _buffer_type(size: int) -> type:
+    return type("DmaBuffer", (DmaBuffer, ctypes.c_ubyte * size), {})
+
+
+class _Window:
+    """A reserved virtual window; munmapped once the allocator and every buffer let go."""
+
+    def __init__(self, base: int, size: int) -> None:
+        self.base, self.size = base, size
+        self.free: list[tuple[int, int]] = [(base, size)]    # (start, length), sorted
+        self.backed: set[int] = set()                          # indexes of backed CHUNKs
+        weakref.finalize(self, munmap, base, size)
+
+    def take(self, size: int, align: int) -> int | None:
+        """First fit of `size` bytes at `align`: the start, or None."""
+        for i, (start, length) in enumerate(self.free):
+            at = -(-start // align) * align
+            if at + size > start + length:
+                continue
+            rest = [(start, at - start), (at + size, start + length - at - size)]
+            self.free[i:i + 1] = [r for r in rest if r[1] > 0]
+            return at
+        return None
+
+    def give(self, start: int, size: int) -> None:
+        """Return [start, start+size) and coalesce with its neighbours."""
+        merged = sorted([*self.free, (start, size)])
+        out: list[tuple[int, int]] = []
+        for s, n in merged:
+            if out and out[-1][0] + out[-1][1] == s:
+                out[-1] = (out[-1][0], out[-1][1] + n)
+            else:
+                out.append((s, n))
+        self.free = out
+
+
+class Registration:
+    """External memory mapped into the container at IOVA = its address."""
+
+    def __init__(self, obj: object, export: ctypes.Array, addr: int, size: int) -> None:
+        self.obj, self._export, self.addr, self.size = obj, export, addr, size
+
+    @property
+    def iova(self) -> int:
+        return self.addr
+
+    def __repr__(self) -> str:
+        return f"<Registration addr={self.addr:#x} size={self.size:#x}>"
+
+
+class DmaAllocator:
+    """DMA buffers inside the IOMMU aperture of `container` (which must have a group attached).
+
+    Backed memory stays backed and mapped for reuse until close(); close() unmaps it from the
+    IOMMU, and the memory itself goes when the last buffer object is gone.
+    """
+
+    def __init__(self, container: Container, *, window_size: int = DEFAULT_WINDOW,
+                 hugepages: bool = True) -> None:
+        container._check_open()
+        if not container.groups:
+            raise IommuDmaError("attach a group to the container before allocating DMA memory "
+                                "(the usable IOVA ranges are known only then)")
+        self.container = container
+        self.window_size = window_size
+        self.use_hugepages = hugepages
+        self.hugepage_bytes = 0
+        self.windows: list[_Window] = []
+        self._chunk_maps: list[tuple[int, int]] = []
+        self._registrations: list[Registration] = []
+        self.closed = False
+        container.add_dependent(self)
+
+    # -- lifetime --
+
+    def __enter__(self) -> DmaAllocator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ClosedError("DmaAllocator")
+        self.container._check_open()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if not self.container.closed:
+            for reg in list(self._registrations):
+                self.container.unmap(reg.addr, reg.size)
+            for start, length in self._chunk_maps:
+                self.container.unmap(start, length)
+            self.container.remove_dependent(self)
+        self._registrations.clear()
+        self._chunk_maps.clear()
+        self.windows.clear()
+
+    # -- buffers --
+
+    @property
+    def backed_bytes(self) -> int:
+        return sum(n for _, n in self._chunk_maps)
+
+    def alloc(self, size: int, align: int = PAGE) -> DmaBuffer:
+        """A zeroed-on-first-use buffer of `size` bytes at an `align`-aligned address (any power
+        of two); its pages are pinned and mapped before it is returned."""
+        self._check_open()
+        if size <= 0:
+            raise ValueError(f"size must be positive, not {size}")
+        if align <= 0 or align & (align - 1):
+            raise ValueError(f"alignment {align:#x} is not a power of two")
+        span = -(-size // PAGE) * PAGE
+        window, start = self._carve(span, max(align, PAGE))
+        try:
+            self._back(window, start, span)
+        except BaseException:
+            window.give(start, span)
+            raise
+        buf = _buffer_type(size).from_address(start)
+        buf._allocator, buf._window, buf._span, buf._freed = self, window, span, False
+        return buf
+
+    def free(self, buf: DmaBuffer) -> None:
+        """Give buf's range back for reuse (it stays backed and mapped until close())."""
+        if buf._allocator is not self:
+            raise IommuDmaError(f"{buf!r} belongs to another allocator")
+        if buf._freed:
+            raise IommuDmaError(f"{buf!r} was already freed")
+        buf._freed = True
+        if not self.closed:
+            buf._window.give(buf.addr, buf._span)
+
+    def _carve(self, span: int, align: int) -> tuple[_Window, int]:
+        for w in self.windows:
+            at = w.take(span, align)
+            if at is not None:
+                return w, at
+        size = max(self.window_size, -(-(span + align) // (1 << 30)) * (1 << 30))
+        w = self._reserve(size)
+        at = w.take(span, align)
+        assert at is not None
+        return w, at
+
+    def _reserve(self, size: int) -> _Window:
+        """Reserve PROT_NONE address space at a chosen place inside the usable IOVA ranges."""
+        ranges = self.container.iova_ranges
+        for _ in range(8):   # another thread may take the spot between reading maps and mmap
+            base = place_window(ranges, size, 1 << 30, process_mappings())
+            if base is None:
+                raise OutsideApertureError(0, size, ranges, "reserve DMA window")
+            try:
+                mmap_at(base, size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE
+                        | MAP_FIXED_NOREPLACE)
+            except OSError as e:
+                if e.errno == errno.EEXIST:
+                    continue
+                raise VfioError("mmap DMA window", e.errno, str(e)) from None
+            w = _Window(base, size)
+            self.windows.append(w)
+            return w
+        raise VfioError("mmap DMA window", errno.EEXIST, "no free spot inside the IOVA ranges")
+
+    def _back(self, w: _Window, start: int, span: int) -> None:
+        """Back and map every not-yet-backed CHUNK of [start, start+span), run by run."""
+        first = (start - w.base) // CHUNK
+        last = (start + span - 1 - w.base) // CHUNK
+        run: list[int] = []
+        for i in range(first, last + 2):
+            if i <= last and i not in w.backed:
+                run.append(i)
+                continue
+            if run:
+                self._back_run(w, run[0], len(run))
+                run = []
+
+    def _back_run(self, w: _Window, index: int, count: int) -> None:
+        addr, length = w.base + index * CHUNK, count * CHUNK
+        self.container.check_range(addr, length)
+        check_memlock(length)
+        huge = self._populate(addr, length)
+        try:
+            self.container.map(addr, length)
+        except BaseException:
+            self._unpopulate(addr, length)
+            raise
+        w.backed.update(range(index, index + count))
+        self._chunk_maps.append((addr, length))
+        self.hugepage_bytes += length if huge else 0
+
+    def _populate(self, addr: int, length: int) -> bool:
+        """Replace the PROT_NONE reservation with memory; True when hugepages back it."""
+        rw = PROT_READ | PROT_WRITE
+        flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_POPULATE
+        if self.use_hugepages:
+            try:
+                mmap_at(addr, length, rw, flags | MAP_HUGETLB)
+                _libc.madvise(addr, length, MADV_DONTFORK)
+                return True
+            except OSError:
+                self.use_hugepages = False       # pool empty or absent: stop asking
+        try:
+            mmap_at(addr, length, rw, flags)
+        except OSError as e:
+            raise VfioError("mmap DMA memory", e.errno, f"cannot back {length:#x} bytes") from None
+        _libc.madvise(addr, length, MADV_DONTFORK)
+        return False
+
+    @staticmethod
+    def _unpopulate(addr: int, length: int) -> None:
+        mmap_at(addr, length, PROT_NONE,
+                MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED)
+
+    # -- external memory --
+
+    def register(self, obj: Any) -> Registration:
+        """Map a writable, page-aligned buffer-protocol object (mmap, numpy array, ...) at
+        IOVA = its address. While registered, the object cannot be resized or closed."""
+        self._check_open()
+        with memoryview(obj) as mv:
+            if mv.readonly:
+                raise IommuDmaError("register() needs a writable buffer: the device may write")
+            if not mv.c_contiguous:
+                raise IommuDmaError("register() needs a contiguous buffer")
+            size = mv.nbytes
+        export = (ctypes.c_ubyte * size).from_buffer(obj)   # pins obj's buffer export
+        addr = ctypes.addressof(export)
+        page = self.container.page_size
+        if addr % page:
+            raise AlignmentError("buffer address", addr, page, "register")
+        if size == 0 or size % page:
+            raise AlignmentError("buffer length", size, page, "register")
+        self.container.check_range(addr, size, "register")
+        self.container.map(addr, size)
+        reg = Registration(obj, export, addr, size)
+        self._registrations.append(reg)
+        return reg
+
+    def unregister(self, reg: Registration) -> None:
+        self._check_open()
+        if reg not in self._registrations:
+            raise IommuDmaError(f"{reg!r} is not registered with this allocator")
+        self._registrations.remove(reg)
+        self.container.unmap(reg.addr, reg.size)
+        reg._export = None  # type: ignore[assignment]   # release the buffer export
