@@ -144,7 +144,8 @@ def free_intervals(ranges: Sequence[tuple[int, int]], taken: Sequence[tuple[int,
     `taken` [start, end) (widened by guard) and of the MSI window."""
     free = [(max(s, floor), min(e + 1, ceiling)) for s, e in ranges]
     free = [(lo, hi) for lo, hi in free if lo < hi]
-    for start, end in [*taken, (MSI_WINDOW[0], MSI_WINDOW[1] + 1)]:
+    free = _subtract(free, (MSI_WINDOW[0], MSI_WINDOW[1] + 1))
+    for start, end in taken:
         free = _subtract(free, (max(start - guard, 0), end + guard))
     return free
 

@@ -1,0 +1,190 @@
+"""ctypes bindings of <linux/vfio.h> match gcc's layout; pure logic of placement and errors."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from iommu_dma import vfio
+from iommu_dma.container import parse_group, within_ranges
+from iommu_dma.discovery import BadAddressError, normalize_bdf
+from iommu_dma.errors import (
+    AlignmentError,
+    ClosedError,
+    DeviceBusyError,
+    GroupNotViableError,
+    IommuDmaError,
+    MemlockError,
+    NotBoundError,
+    NotNvmeError,
+    OutsideApertureError,
+    PermissionDeniedError,
+    UnknownDeviceError,
+    VfioError,
+)
+from iommu_dma.memory import MSI_WINDOW, free_intervals, place_window
+
+AW48 = [(0, 0xFEDFFFFF), (0xFEF00000, 0xFFFFFFFFFFFF)]   # bench-facts.md
+AW39 = [(0, 0xFEDFFFFF), (0xFEF00000, 0x7FFFFFFFFF)]
+GiB = 1 << 30
+
+# ---- struct layout against the kernel header ------------------------------------------------
+
+
+def _c_program() -> str:
+    lines = ["#include <stdio.h>", "#include <stddef.h>", "#include <linux/vfio.h>",
+             "int main(void) {"]
+    for name, cls in vfio.STRUCTS.items():
+        lines.append(f'printf("{name} sizeof %zu\\n", sizeof(struct {name}));')
+        for field, *_ in cls._fields_:
+            lines.append(f'printf("{name} {field} %zu\\n", offsetof(struct {name}, {field}));')
+    consts = [c for c in dir(vfio) if c.startswith("VFIO_") and isinstance(getattr(vfio, c), int)]
+    for c in consts:
+        if c not in ("VFIO_TYPE", "VFIO_BASE"):
+            lines.append(f'printf("const {c} %llu\\n", (unsigned long long)({c}));')
+    lines += ["return 0;", "}"]
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="module")
+def gcc_layout(tmp_path_factory: pytest.TempPathFactory) -> dict[str, int]:
+    if shutil.which("gcc") is None or not Path("/usr/include/linux/vfio.h").exists():
+        pytest.skip("needs gcc and /usr/include/linux/vfio.h")
+    d = tmp_path_factory.mktemp("vfio_layout")
+    (d / "layout.c").write_text(_c_program())
+    subprocess.run(["gcc", "-Wall", "-o", str(d / "layout"), str(d / "layout.c")], check=True,
+                   capture_output=True, text=True)
+    out = subprocess.run([str(d / "layout")], check=True, capture_output=True, text=True).stdout
+    return {" ".join(line.split()[:2]): int(line.split()[2]) for line in out.splitlines()}
+
+
+@pytest.mark.parametrize("name", sorted(vfio.STRUCTS))
+def test_struct_size_and_offsets_match_header(name: str, gcc_layout: dict[str, int]) -> None:
+    cls = vfio.STRUCTS[name]
+    assert ctypes.sizeof(cls) == gcc_layout[f"{name} sizeof"]
+    for field, *_ in cls._fields_:
+        assert getattr(cls, field).offset == gcc_layout[f"{name} {field}"], field
+
+
+def test_constants_match_header(gcc_layout: dict[str, int]) -> None:
+    consts = {k.split()[1]: v for k, v in gcc_layout.items() if k.startswith("const ")}
+    assert len(consts) > 40
+    for name, value in consts.items():
+        assert getattr(vfio, name) == value, name
+    assert vfio.VFIO_GET_API_VERSION == 0x3B64 and vfio.VFIO_IOMMU_UNMAP_DMA == 0x3B72
+
+
+# ---- capability chain parsing -----------------------------------------------------------------
+
+
+def test_capability_chain_walk_and_bounds() -> None:
+    buf = (ctypes.c_ubyte * 64)()
+    hdr = vfio.vfio_info_cap_header.from_buffer(buf, 24)
+    hdr.id, hdr.version, hdr.next = 3, 1, 40
+    hdr2 = vfio.vfio_info_cap_header.from_buffer(buf, 40)
+    hdr2.id, hdr2.version, hdr2.next = 1, 1, 0
+    assert vfio.capabilities(buf, 24) == {3: 24, 1: 40}
+    hdr2.next = 60                       # runs past the buffer
+    with pytest.raises(VfioError, match="runs past"):
+        vfio.capabilities(buf, 24)
+    hdr2.next = 24                       # a loop ends after a bounded walk
+    assert vfio.capabilities(buf, 24) == {3: 24, 1: 40}
+
+
+def test_sparse_region_areas() -> None:
+    sparse = vfio.RegionInfo(0, vfio.VFIO_REGION_INFO_FLAG_MMAP, 0x4000, 0,
+                             ((0, 0x2000), (0x3000, 0x1000)))
+    assert sparse.mmap_areas() == ((0, 0x2000), (0x3000, 0x1000))
+    whole = vfio.RegionInfo(0, vfio.VFIO_REGION_INFO_FLAG_MMAP, 0x4000, 0,
+                            ((0, 0x2000),), msix_mappable=True)
+    assert whole.mmap_areas() == ((0, 0x4000),)
+    assert vfio.RegionInfo(7, 3, 256, 0).mmap_areas() == ()
+
+
+# ---- window placement --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ranges", [AW39, AW48])
+def test_window_inside_ranges_below_2_39(ranges: list[tuple[int, int]]) -> None:
+    taken = [(0x400000, 0x2000000), (0x7F0000000000, 0x7FFFFFFFF000)]
+    base = place_window(ranges, 16 * GiB, GiB, taken)
+    assert base is not None and base % GiB == 0
+    assert within_ranges(ranges, base, 16 * GiB)
+    assert base + 16 * GiB <= 1 << 39
+    assert base == (1 << 39) - 16 * GiB
+
+
+def test_window_avoids_taken_and_msi() -> None:
+    # only the first 4 GiB are usable: the window must dodge the MSI window and a mapping
+    ranges = [(0, 0xFEDFFFFF), (0xFEF00000, 0xFFFFFFFF)]
+    taken = [(0xC0000000, 0xC0001000)]
+    base = place_window(ranges, 256 << 20, 2 << 20, taken, floor=16 << 20)
+    assert base is not None
+    end = base + (256 << 20)
+    assert end <= MSI_WINDOW[0] or base > MSI_WINDOW[1]
+    assert end <= 0xC0000000 - (1 << 30) or base >= 0xC0001000 + (1 << 30)
+    assert within_ranges(ranges, base, 256 << 20)
+
+
+def test_window_none_when_nothing_fits() -> None:
+    assert place_window([(0, 0xFFFFF)], GiB, GiB, []) is None
+
+
+def test_free_intervals_cut_guard() -> None:
+    free = free_intervals(AW39, [(100 * GiB, 101 * GiB)], 4 * GiB, 1 << 39, guard=GiB)
+    assert free == [(4 * GiB, 99 * GiB), (102 * GiB, 1 << 39)]
+
+
+def test_within_ranges_refuses_holes_and_edges() -> None:
+    assert within_ranges(AW39, 0x1000, 0x1000)
+    assert not within_ranges(AW39, 0xFED00000, 0x200000)          # crosses the MSI hole
+    assert within_ranges(AW39, 0x7FFFFFF000, 0x1000)
+    assert not within_ranges(AW39, 0x7FFFFFF000, 0x2000)           # past 2^39
+    assert not within_ranges(AW39, 0x7F0000000000, 0x1000)         # ordinary mmap address
+    assert not within_ranges(AW39, 0x1000, 0)
+
+
+def test_parse_group_and_bdf() -> None:
+    assert parse_group(9) == 9 and parse_group("9") == 9 and parse_group("/dev/vfio/12") == 12
+    assert parse_group("0000:00:09.0") is None
+    assert normalize_bdf("00:0A.0") == "0000:00:0a.0"
+    with pytest.raises(BadAddressError, match="'banana' is not a PCI address"):
+        normalize_bdf("banana")
+
+
+# ---- error messages --------------------------------------------------------------------------
+
+
+def test_vfio_error_message_and_fields() -> None:
+    e = VfioError("VFIO_IOMMU_MAP_DMA", errno.EINVAL, "iova outside the ranges")
+    assert str(e) == ("VFIO_IOMMU_MAP_DMA failed: EINVAL (Invalid argument): "
+                      "iova outside the ranges")
+    assert (e.op, e.errno, e.hint) == ("VFIO_IOMMU_MAP_DMA", errno.EINVAL,
+                                       "iova outside the ranges")
+    assert isinstance(e, IommuDmaError)
+
+
+def test_specific_error_messages() -> None:
+    assert "run `scripts/setup_vfio.sh bind 0000:00:09.0`" in str(
+        NotBoundError("0000:00:09.0", "nvme"))
+    assert "bound to 'nvme'" in str(NotBoundError("0000:00:09.0", "nvme"))
+    msg = str(GroupNotViableError(5, [("0000:00:09.0", "vfio-pci"), ("0000:00:09.1", "ahci")]))
+    assert "0000:00:09.1 (ahci)" in msg and "group 5" in msg
+    assert "setup_vfio.sh bind --user NAME" in str(PermissionDeniedError("/dev/vfio/9"))
+    busy = DeviceBusyError("/dev/vfio/9")
+    assert busy.errno == errno.EBUSY and "another process" in str(busy)
+    out = OutsideApertureError(0x7F0000000000, 0x1000, AW39)
+    assert "[0xfef00000, 0x7fffffffff]" in str(out) and "0x7f0000000000" in str(out)
+    assert "is not a multiple of 0x1000" in str(AlignmentError("address", 0x1234, 0x1000))
+    mem = str(MemlockError(64 << 10, 0, 2 << 20))
+    for part in ("RLIMIT_MEMLOCK", "64 KiB", "2 MiB", "ulimit -l", "/etc/security/limits.conf",
+                 "LimitMEMLOCK"):
+        assert part in mem
+    assert str(ClosedError("Container")) == "Container is closed"
+    assert "no PCI device 0000:00:1d.7" in str(UnknownDeviceError("0000:00:1d.7"))
+    assert "class 0x010601" in str(NotNvmeError("0000:00:1f.2", 0x010601))
