@@ -1,0 +1,75 @@
+"""NVMe controller registers in BAR0 (NVMe Base 2.0 §3.1.4) and their fields."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+CAP, VS, INTMS, INTMC, CC, CSTS, NSSR, AQA, ASQ, ACQ = (
+    0x00, 0x08, 0x0C, 0x10, 0x14, 0x1C, 0x20, 0x24, 0x28, 0x30)
+DOORBELLS = 0x1000
+
+CC_EN = 1 << 0
+CC_CSS_NVM = 0 << 4
+CC_SHN_NORMAL = 1 << 14
+CC_SHN_MASK = 3 << 14
+CC_IOSQES = 6 << 16          # 64-byte SQ entries (2^6)
+CC_IOCQES = 4 << 20          # 16-byte CQ entries (2^4)
+
+CSTS_RDY = 1 << 0
+CSTS_CFS = 1 << 1
+CSTS_SHST_MASK = 3 << 2
+CSTS_SHST_COMPLETE = 2 << 2
+CSTS_GONE = 0xFFFF_FFFF      # all ones: the device is no longer there (surprise removal)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """CAP (offset 00h), §3.1.4.1."""
+
+    raw: int
+
+    @property
+    def mqes(self) -> int:
+        """Maximum queue entries (the register holds the 0's based value)."""
+        return (self.raw & 0xFFFF) + 1
+
+    @property
+    def cqr(self) -> bool:
+        return bool(self.raw >> 16 & 1)
+
+    @property
+    def timeout_ms(self) -> int:
+        """CAP.TO: worst-case time to become ready, in 500 ms units."""
+        return ((self.raw >> 24) & 0xFF) * 500
+
+    @property
+    def dstrd(self) -> int:
+        return (self.raw >> 32) & 0xF
+
+    @property
+    def css_nvm(self) -> bool:
+        return bool((self.raw >> 37) & 1)
+
+    @property
+    def mps_min(self) -> int:
+        """Smallest memory page size in bytes (2^(12 + MPSMIN))."""
+        return 1 << (12 + ((self.raw >> 48) & 0xF))
+
+    @property
+    def mps_max(self) -> int:
+        return 1 << (12 + ((self.raw >> 52) & 0xF))
+
+
+def cc_value(page_size: int) -> int:
+    """CC for an enabled NVM-command-set controller with page_size pages (§3.1.4.5)."""
+    mps = page_size.bit_length() - 1 - 12
+    return CC_EN | CC_CSS_NVM | mps << 7 | CC_IOSQES | CC_IOCQES
+
+
+def aqa_value(asq_entries: int, acq_entries: int) -> int:
+    """AQA: 0's based admin queue sizes, ACQS 27:16 and ASQS 11:0 (§3.1.4.8)."""
+    return (acq_entries - 1) << 16 | (asq_entries - 1)
+
+
+def version_string(vs: int) -> str:
+    return f"{vs >> 16}.{(vs >> 8) & 0xFF}.{vs & 0xFF}"
