@@ -72,9 +72,9 @@ def mmap_inside(container: Container, size: int) -> int:
 @BOTH
 def test_bar0_registers_config_space_reset_and_msix(bench: Bench, vfio_bdfs: list[str]) -> None:
     bdf = vfio_bdfs[0]
-    with Container() as c, DmaAllocator(c) as mem:
-        buf = mem.alloc(4096)
-        dev = PciDevice(c, bdf)
+    with Container() as c:
+        dev = PciDevice(c, bdf)                       # attaches the device's group
+        buf = DmaAllocator(c).alloc(4096)
         assert c.is_mapped(buf.iova, 4096)
         cap = dev.read64(NVME_CAP)
         assert cap & 0xFFFF == 0x7FF                 # MQES (QEMU 7.2)
