@@ -1,0 +1,1 @@
+"""`iommu-dma`: an nvme-cli-like command line for NVMe controllers driven through VFIO."""

@@ -1,0 +1,104 @@
+"""Pieces every subcommand shares: errors, option types, opening a controller, confirmation."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from iommu_dma.discovery import VFIO_DRIVER, find, normalize_bdf
+from iommu_dma.errors import IommuDmaError
+
+if TYPE_CHECKING:
+    from iommu_dma.nvme.controller import Controller
+    from iommu_dma.nvme.namespace import Namespace
+
+PROG = "iommu-dma"
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+_SHIFTS = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}
+
+
+class CliError(IommuDmaError):
+    """A failure the command explains in one line (exit status 1)."""
+
+
+def parse_size(text: str) -> int:
+    """fio-style sizes: 4096, 4k, 128K, 1m, 2MiB, 1g (binary multiples, as fio's defaults)."""
+    m = _SIZE.match(text)
+    if m is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 4096, 4k, 128k, 1m, 1g)")
+    return int(m.group(1)) << _SHIFTS[m.group(2).lower()]
+
+
+def nonnegative(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
+def positive(text: str) -> int:
+    value = nonnegative(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def add_output_format(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-o", "--output-format", choices=("normal", "json"), default="normal",
+                        help="normal (human) or json output (default: normal)")
+
+
+def add_nsid(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument("-n", "--namespace-id", dest="nsid", type=positive, required=required,
+                        default=None if required else 1, help="namespace ID")
+
+
+def require_vfio(bdf: str) -> str:
+    """The normalized BDF of an NVMe controller bound to vfio-pci; CliError otherwise."""
+    info = find(normalize_bdf(bdf))
+    if info.driver != VFIO_DRIVER:
+        owner = f"bound to the kernel {info.driver} driver" if info.driver else \
+            "not bound to any driver"
+        raise CliError(f"{info.bdf} is {owner}, not vfio-pci; run `{PROG} bind {info.bdf}` "
+                       "first")
+    return info.bdf
+
+
+@contextmanager
+def controller(bdf: str) -> Iterator[Controller]:
+    """Controller.open of a vfio-pci-bound controller, closed afterwards."""
+    from iommu_dma.nvme.controller import Controller
+
+    with Controller.open(require_vfio(bdf)) as ctrl:
+        yield ctrl
+
+
+@contextmanager
+def namespace(bdf: str, nsid: int) -> Iterator[Namespace]:
+    with controller(bdf) as ctrl:
+        yield ctrl.namespace(nsid)
+
+
+def confirm(question: str, force: bool, refusal: str) -> None:
+    """Ask on the terminal unless force; CliError when declined or stdin is not a terminal."""
+    if force:
+        return
+    if not sys.stdin.isatty():
+        raise CliError(f"{refusal}; stdin is not a terminal to ask for confirmation: "
+                       "add --force")
+    sys.stderr.write(f"{question} [y/N] ")
+    sys.stderr.flush()
+    answer = sys.stdin.readline().strip().lower()
+    if answer not in ("y", "yes"):
+        raise CliError("aborted")
+
+
+def set_handler(parser: argparse.ArgumentParser, func: Any) -> None:
+    parser.set_defaults(func=func)

@@ -1,0 +1,65 @@
+"""`iommu-dma`: entry point, subcommand table and error reporting.
+
+Exit status: 0 success, 1 failure (one line on stderr: `iommu-dma: error: ...`; the traceback
+only with --debug), 2 usage error, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from collections.abc import Sequence
+
+from iommu_dma.cli import admin, devices, io, perf, vmcmd
+from iommu_dma.cli.common import PROG
+from iommu_dma.errors import IommuDmaError
+
+EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+
+
+def common_options(default: object) -> argparse.ArgumentParser:
+    """--debug, accepted before and after the subcommand."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--debug", action="store_true", default=default,
+                   help="print the traceback of an error")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, parents=[common_options(False)],
+        description="NVMe controllers from user space through VFIO (nvme-cli-like). Bind a "
+                    "controller to vfio-pci first: `iommu-dma bind BDF`.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    common = common_options(argparse.SUPPRESS)
+    for module in (devices, admin, io, perf, vmcmd):
+        module.register(sub, common)
+    return parser
+
+
+def describe(exc: BaseException) -> str:
+    """One line for the user: the error's own text (file errors: 'path: reason')."""
+    if isinstance(exc, OSError) and exc.strerror and not isinstance(exc, IommuDmaError):
+        name = f"{exc.filename}: " if exc.filename is not None else ""
+        return f"{name}{exc.strerror}"
+    return str(exc) or type(exc).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{PROG}: interrupted\n")
+        return EXIT_INTERRUPTED
+    except (IommuDmaError, OSError, ValueError) as e:
+        if args.debug:
+            traceback.print_exc()
+        sys.stderr.write(f"{PROG}: error: {describe(e)}\n")
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""`perf`: fio-like workloads on the native I/O worker, with a live IOPS line."""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from typing import TYPE_CHECKING, Any, TextIO
+
+from iommu_dma.cli import output
+from iommu_dma.cli.common import (
+    add_nsid,
+    add_output_format,
+    confirm,
+    namespace,
+    parse_size,
+    positive,
+    set_handler,
+)
+
+if TYPE_CHECKING:
+    from iommu_dma.nvme.namespace import Namespace
+    from iommu_dma.nvme.perf import PerfRun, Workload
+
+RW_CHOICES = ("read", "write", "randread", "randwrite", "rw", "randrw")
+WRITES = {"write", "randwrite", "rw", "randrw"}
+PROBE_HEAD = 4 << 20            # bytes read from the start of the namespace
+PROBE_SAMPLES = 64              # random LBAs read besides
+
+
+def holds_data(ns: Namespace, seed: int = 0) -> bool:
+    """Any non-zero byte in the first PROBE_HEAD bytes or in a sample of LBAs."""
+    head = min(ns.blocks, max(1, PROBE_HEAD // ns.lba_size))
+    step = max(1, (1 << 20) // ns.lba_size)
+    for lba in range(0, head, step):
+        if any(ns.read(lba, min(step, head - lba))):
+            return True
+    rng = random.Random(seed)
+    return any(any(ns.read(rng.randrange(ns.blocks), 1)) for _ in range(PROBE_SAMPLES))
+
+
+class LiveLine:
+    """Prints IOPS and MB/s since the last tick: one \\r-updated line on a terminal, else one
+    line per tick."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.last = (0, 0, time.monotonic())
+        self.dirty = False
+
+    def __call__(self, run: PerfRun) -> None:
+        ios, nbytes = run.snapshot()
+        now = time.monotonic()
+        dt = max(now - self.last[2], 1e-6)
+        iops, mbps = (ios - self.last[0]) / dt, (nbytes - self.last[1]) / dt / 1e6
+        self.last = (ios, nbytes, now)
+        text = f"[{now - run.started:5.1f} s] {iops:10.0f} IOPS {mbps:9.2f} MB/s"
+        if self.tty:
+            self.stream.write(f"\r{text}")
+            self.dirty = True
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.dirty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def workload(args: argparse.Namespace) -> Workload:
+    from iommu_dma.nvme.perf import Workload
+
+    return Workload(rw=args.rw, bs=args.bs, iodepth=args.iodepth, runtime=args.runtime,
+                    numjobs=args.numjobs, rwmixread=args.rwmixread, offset=args.offset,
+                    size=args.size, verify=args.verify)
+
+
+def describe(w: Workload, ns: Namespace) -> str:
+    mix = f" rwmixread={w.read_pct()}" if w.rw in ("rw", "randrw") else ""
+    return (f"{ns.ctrl.bdf} nsid {ns.nsid}: rw={w.rw}{mix} bs={w.bs} iodepth={w.iodepth} "
+            f"numjobs={w.numjobs} runtime={w.runtime:g}s{' verify' if w.verify else ''}")
+
+
+def cmd_perf(args: argparse.Namespace) -> int:
+    from iommu_dma.nvme.perf import PerfRun, check_workload
+
+    w = workload(args)
+    with namespace(args.bdf, args.nsid) as ns:
+        check_workload(ns, w)
+        if args.rw in WRITES and not args.force and holds_data(ns):
+            confirm(f"Namespace {ns.nsid} of {ns.ctrl.bdf} holds data; --rw {args.rw} "
+                    "overwrites it. Go on?", False,
+                    f"refusing to overwrite the data on namespace {ns.nsid} of {ns.ctrl.bdf}")
+        sys.stderr.write(describe(w, ns) + "\n")
+        live = LiveLine(sys.stderr)
+        try:
+            result = PerfRun(ns, w).wait(live)
+        finally:
+            live.close()
+    data = {"workload": {"rw": w.rw, "bs": w.bs, "iodepth": w.iodepth, "numjobs": w.numjobs,
+                         "runtime": w.runtime, "read_pct": w.read_pct(), "offset": w.offset,
+                         "size": w.size, "verify": w.verify}, **result.to_dict()}
+    if args.output_format == "json":
+        output.emit_json(data)
+    else:
+        output.print_lines(output.perf_lines(data))
+        if result.errors or result.verify_failures:
+            print(f"errors: {result.errors}, verify failures: {result.verify_failures}")
+    return 1 if result.errors or result.verify_failures else 0
+
+
+def register(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("perf", parents=[common], help="fio-like benchmark on a namespace",
+                       description="Run a fio-like workload on the native I/O worker (one I/O "
+                                   "queue pair per job). Option names follow fio; sizes take "
+                                   "k/m/g suffixes (binary).")
+    p.add_argument("bdf", metavar="BDF", help="controller on vfio-pci, e.g. 0000:00:04.0")
+    add_nsid(p)
+    p.add_argument("--rw", choices=RW_CHOICES, default="randread", help="default randread")
+    p.add_argument("--rwmixread", type=int, default=None,
+                   help="percentage of reads for rw/randrw (default 50)")
+    p.add_argument("--bs", type=parse_size, default=4096, help="block size, e.g. 4k, 128k, 1m")
+    p.add_argument("--iodepth", type=positive, default=1, help="I/Os in flight per job")
+    p.add_argument("--runtime", type=float, default=5.0, help="seconds (default 5)")
+    p.add_argument("--numjobs", type=positive, default=1, help="jobs (one queue pair each)")
+    p.add_argument("--size", type=parse_size, default=0,
+                   help="bytes of the namespace to use from --offset (default: to the end)")
+    p.add_argument("--offset", type=parse_size, default=0, help="where the range starts")
+    p.add_argument("--verify", action="store_true", help="check the data read back")
+    p.add_argument("--force", action="store_true",
+                   help="write even when the namespace holds data, without asking")
+    add_output_format(p)
+    set_handler(p, cmd_perf)
