@@ -114,7 +114,9 @@ def _blockdev(ns: NamespaceConfig, node: str, image_dir: Path) -> str:
     path = image_path(image_dir, int(ci), int(ni))
     with open(path, "wb") as f:
         f.truncate(ns.size)
-    return f"driver=raw,node-name={node},file.driver=file,file.filename={path}"
+    # discard=unmap: Dataset Management deallocate punches holes, so reads return zeroes
+    return (f"driver=raw,node-name={node},discard=unmap,file.driver=file,"
+            f"file.filename={path}")
 
 
 def _file_ns(size_mib: int, lba: int) -> NamespaceConfig:

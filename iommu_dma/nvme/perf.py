@@ -1,0 +1,206 @@
+"""Workloads on the native I/O worker: fio-like jobs, one I/O queue pair per job.
+
+The worker loop runs entirely in C with the GIL released, so jobs run in parallel threads and
+a caller can watch live progress from Python.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from iommu_dma._native import ffi, lib
+from iommu_dma.errors import IommuDmaError
+from iommu_dma.nvme.queue import WorkerConfig, WorkerResult, new_progress, run_worker
+from iommu_dma.nvme.status import NvmeError
+
+if TYPE_CHECKING:
+    from iommu_dma.nvme.namespace import Namespace
+
+RW_MODES = {  # fio --rw name -> (random, default read percentage)
+    "read": (False, 100), "write": (False, 0), "randread": (True, 100),
+    "randwrite": (True, 0), "rw": (False, 50), "randrw": (True, 50),
+}
+
+
+@dataclass
+class Workload:
+    """What to run, in fio's terms (bs and size/offset in bytes)."""
+
+    rw: str = "randread"
+    bs: int = 4096
+    iodepth: int = 1
+    runtime: float = 5.0              # seconds; 0 = until `ios` are done
+    ios: int = 0                      # per job; 0 = until runtime is over
+    numjobs: int = 1
+    rwmixread: int | None = None      # percentage of reads for rw/randrw
+    offset: int = 0
+    size: int = 0                     # bytes of the namespace to use; 0 = to the end
+    verify: bool = False
+    seed: int = 1
+
+    def read_pct(self) -> int:
+        if self.rwmixread is not None and self.rw in ("rw", "randrw"):
+            return self.rwmixread
+        return RW_MODES[self.rw][1]
+
+
+@dataclass
+class PerfResult:
+    """Jobs combined: totals, and latency percentiles from the merged histogram (ns)."""
+
+    ios: int
+    bytes: int
+    seconds: float
+    errors: int
+    verify_failures: int
+    lat_avg_ns: float
+    lat_p50_ns: int
+    lat_p99_ns: int
+    lat_p999_ns: int
+    lat_max_ns: int
+    jobs: list[WorkerResult] = field(default_factory=list)
+
+    @property
+    def iops(self) -> float:
+        return self.ios / self.seconds if self.seconds else 0.0
+
+    @property
+    def mbps(self) -> float:
+        return self.bytes / self.seconds / 1e6 if self.seconds else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"iops": round(self.iops, 1), "mb_per_s": round(self.mbps, 2), "ios": self.ios,
+                "bytes": self.bytes, "seconds": round(self.seconds, 3), "errors": self.errors,
+                "verify_failures": self.verify_failures,
+                "lat_ns": {"avg": round(self.lat_avg_ns), "p50": self.lat_p50_ns,
+                           "p99": self.lat_p99_ns, "p99.9": self.lat_p999_ns,
+                           "max": self.lat_max_ns}}
+
+
+def check_workload(ns: Namespace, w: Workload) -> tuple[int, int, int]:
+    """Validate w against ns; (block_lbas, lba_start, lba_count) of the job's LBA range."""
+    if w.rw not in RW_MODES:
+        raise ValueError(f"--rw {w.rw!r}: choose one of {', '.join(RW_MODES)}")
+    if w.bs <= 0 or w.bs % ns.lba_size:
+        raise ValueError(f"--bs {w.bs} is not a multiple of the {ns.lba_size}-byte block")
+    if w.bs > ns.ctrl.max_transfer:
+        raise ValueError(f"--bs {w.bs} exceeds the controller's MDTS ({ns.ctrl.max_transfer} B)")
+    if w.offset % ns.lba_size or w.size % ns.lba_size:
+        raise ValueError(f"--offset/--size must be multiples of {ns.lba_size} bytes")
+    if w.rwmixread is not None and not 0 <= w.rwmixread <= 100:
+        raise ValueError(f"--rwmixread {w.rwmixread} is not a percentage")
+    if w.iodepth < 1 or w.numjobs < 1:
+        raise ValueError("--iodepth and --numjobs must be at least 1")
+    if w.runtime <= 0 and w.ios <= 0:
+        raise ValueError("give a --runtime or a number of I/Os")
+    start = w.offset // ns.lba_size
+    count = (w.size // ns.lba_size) if w.size else ns.blocks - start
+    block = w.bs // ns.lba_size
+    if start + count > ns.blocks or count < block:
+        raise ValueError(f"--offset {w.offset} --size {w.size} do not fit namespace {ns.nsid} "
+                         f"({ns.capacity} bytes)")
+    return block, start, count
+
+
+class PerfRun:
+    """Jobs started on ns; progress() is readable while they run; wait() gives the result."""
+
+    def __init__(self, ns: Namespace, w: Workload) -> None:
+        block, start, count = check_workload(ns, w)
+        ctrl = ns.ctrl
+        if w.numjobs > ctrl.max_io_queues - len(ctrl.io_queues):
+            raise IommuDmaError(f"--numjobs {w.numjobs}: the controller has only "
+                                f"{ctrl.max_io_queues - len(ctrl.io_queues)} free I/O queues")
+        self.ns, self.w = ns, w
+        self.queues = [ctrl.create_io_queue(depth=w.iodepth + 1) for _ in range(w.numjobs)]
+        self.buffers = [ctrl.alloc(w.iodepth * w.bs) for _ in range(w.numjobs)]
+        self.progress = [new_progress() for _ in range(w.numjobs)]
+        self.results: list[WorkerResult | None] = [None] * w.numjobs
+        self.threads = [threading.Thread(target=self._job, args=(i, block, start, count),
+                                         daemon=True) for i in range(w.numjobs)]
+        self.started = time.monotonic()
+        for t in self.threads:
+            t.start()
+
+    def _job(self, i: int, block: int, start: int, count: int) -> None:
+        w = self.w
+        cfg = WorkerConfig(nsid=self.ns.nsid, lba_size=self.ns.lba_size, lba_count=count,
+                           buf_addr=self.buffers[i].addr, lba_start=start, block_lbas=block,
+                           qd=w.iodepth, read_pct=w.read_pct(), random=RW_MODES[w.rw][0],
+                           verify=w.verify, duration=w.runtime, io_count=w.ios,
+                           seed=w.seed + i)
+        self.results[i] = run_worker(self.queues[i].qpair, cfg, self.progress[i])
+
+    def running(self) -> bool:
+        return any(t.is_alive() for t in self.threads)
+
+    def snapshot(self) -> tuple[int, int]:
+        """(I/Os, bytes) completed so far by every job."""
+        return (sum(int(p.ios) for p in self.progress), sum(int(p.bytes) for p in self.progress))
+
+    def stop(self) -> None:
+        for p in self.progress:
+            p.stop = 1
+
+    def wait(self, tick: Callable[[PerfRun], None] | None = None,
+             interval: float = 1.0) -> PerfResult:
+        try:
+            while self.running():
+                next(t for t in self.threads if t.is_alive()).join(interval)
+                if tick is not None and self.running():
+                    tick(self)
+        except KeyboardInterrupt:
+            self.stop()
+            for t in self.threads:
+                t.join()
+        finally:
+            self._release()
+        return combine([r for r in self.results if r is not None])
+
+    def _release(self) -> None:
+        if any(t.is_alive() for t in self.threads):
+            return                                  # never free memory a job still uses
+        for q in self.queues:
+            self.ns.ctrl.delete_io_queue(q.qid)
+        for b in self.buffers:
+            b.free()
+
+
+def combine(results: list[WorkerResult]) -> PerfResult:
+    if not results:
+        raise IommuDmaError("no job finished")
+    for r in results:
+        if r.rc != 0 and r.ios == 0:
+            raise IommuDmaError(f"the I/O worker failed (rc {r.rc})")
+    hist = ffi.new("uint64_t[]", lib.IDMA_HIST_BUCKETS)
+    for r in results:
+        for low, n in r.hist.items():
+            hist[lib.idma_hist_bucket(low)] += n
+    ios = sum(r.ios for r in results)
+    lat_max = max(r.lat_max_ns for r in results)
+    avg = sum(r.lat_avg_ns * r.ios for r in results) / ios if ios else 0.0
+    first_error = next((r for r in results if r.errors), None)
+    if first_error is not None and ios == 0:
+        raise NvmeError(first_error.first_error_status,
+                        f"opcode {first_error.first_error_opcode:#04x} LBA "
+                        f"{first_error.first_error_lba}")
+    return PerfResult(
+        ios=ios, bytes=sum(r.bytes for r in results),
+        seconds=max(r.elapsed_ns for r in results) / 1e9,
+        errors=sum(r.errors for r in results),
+        verify_failures=sum(r.verify_failures for r in results), lat_avg_ns=avg,
+        lat_p50_ns=int(lib.idma_hist_percentile(hist, 50.0, lat_max)),
+        lat_p99_ns=int(lib.idma_hist_percentile(hist, 99.0, lat_max)),
+        lat_p999_ns=int(lib.idma_hist_percentile(hist, 99.9, lat_max)),
+        lat_max_ns=lat_max, jobs=results)
+
+
+def run(ns: Namespace, w: Workload,
+        tick: Callable[[PerfRun], None] | None = None) -> PerfResult:
+    """Run workload w on ns and return the combined result (tick is called about once a
+    second with the running PerfRun, e.g. to print a live IOPS line)."""
+    return PerfRun(ns, w).wait(tick)
