@@ -189,6 +189,12 @@ class DmaBuffer:
     def size(self) -> int:
         return ctypes.sizeof(self)     # type: ignore[arg-type]
 
+    @property
+    def view(self) -> memoryview:
+        """Zero-copy byte view (format 'B': item and slice assignment work; memoryview(buf)
+        itself has ctypes' '<B' format, which memoryview can read but not assign to)."""
+        return memoryview(self).cast("B")  # type: ignore[arg-type]
+
     def free(self) -> None:
         self._allocator.free(self)
 

@@ -140,11 +140,14 @@ def test_ranges_and_allocations_inside_aperture(bench: Bench, vfio_bdfs: list[st
             assert buf.addr % align == 0
             assert within_ranges(c.iova_ranges, buf.addr, size)
             assert c.is_mapped(buf.addr, size)
-            view = memoryview(buf)                       # zero-copy
+            view = buf.view                              # zero-copy
             view[0] = 0xA5
             view[-1] = 0x5A
             assert ctypes.string_at(buf.addr, 1) == b"\xa5"
             assert ctypes.string_at(buf.addr + size - 1, 1) == b"\x5a"
+            raw = memoryview(buf)                        # the buffer protocol itself
+            assert raw.nbytes == size and raw.tobytes()[0] == 0xA5
+            assert ctypes.addressof(ctypes.c_char.from_buffer(raw)) == buf.addr
         if bench.aw_bits == 39:
             assert all(b.addr + b.size <= 1 << 39 for b in bufs)
         assert c.mapping_count <= 8                      # chunks, not one mapping per buffer
