@@ -14,16 +14,16 @@ _Static_assert(sizeof(struct idma_cqe) == 16, "CQE is 16 bytes (NVMe 2.0 §4.6)"
  */
 #if defined(__x86_64__) || defined(__i386__)
 #define idma_wmb() __asm__ __volatile__("sfence" ::: "memory")
+#define idma_mb() __asm__ __volatile__("mfence" ::: "memory")
 #define idma_rmb() __asm__ __volatile__("" ::: "memory")    /* x86: loads are not reordered */
-#define idma_pause() __asm__ __volatile__("pause")
 #elif defined(__aarch64__)
 #define idma_wmb() __asm__ __volatile__("dsb st" ::: "memory")
 #define idma_rmb() __asm__ __volatile__("dsb ld" ::: "memory")
-#define idma_pause() __asm__ __volatile__("yield")
+#define idma_mb() __asm__ __volatile__("dsb sy" ::: "memory")
 #else
 #define idma_wmb() __atomic_thread_fence(__ATOMIC_SEQ_CST)
 #define idma_rmb() __atomic_thread_fence(__ATOMIC_SEQ_CST)
-#define idma_pause() do { } while (0)
+#define idma_mb() __atomic_thread_fence(__ATOMIC_SEQ_CST)
 #endif
 
 struct tracker {
@@ -45,7 +45,16 @@ struct idma_qpair {
     uint16_t qid, phase, free_head;
     int bad_index;
     const struct idma_maptable *maptable;
-    uint64_t submitted, completed, spurious, sq_dbs, cq_dbs;
+    uint32_t dstrd;
+    /* shadow doorbells (§5.8): NULL when not in use */
+    volatile uint32_t *sq_shadow, *cq_shadow, *sq_ei, *cq_ei;
+    uint8_t mmio_always;            /* shadow + BAR0 on every doorbell (admin queue) */
+    uint8_t sq_force;               /* next SQ doorbell goes to BAR0 whatever the EventIdx */
+    uint32_t sq_db_tail;            /* SQ tail value of the last doorbell update */
+    uint32_t cq_db_head;            /* CQ head value of the last doorbell update */
+    uint32_t cq_mmio_head;          /* CQ head value the controller last got by MMIO */
+    uint32_t cq_batch;              /* defer CQ head MMIO up to this many entries */
+    uint64_t submitted, completed, spurious, sq_dbs, cq_dbs, sq_mmio, cq_mmio;
 };
 
 #define NO_TRACKER 0xFFFF
@@ -57,6 +66,62 @@ uint64_t idma_now_ns(void)
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
+
+/*
+ * Fast clock for the polling loops. In a TCG guest the kernel often runs on the HPET
+ * clocksource: every clock_gettime is then a system call and an emulated MMIO read, which
+ * takes QEMU's global lock the device emulation needs. The TSC is read without any exit,
+ * so it is calibrated once against CLOCK_MONOTONIC and used instead where available.
+ */
+#if defined(__x86_64__)
+static uint64_t tsc_base, ns_base, tsc_mult;    /* ns = ns_base + (tsc - tsc_base) * mult >> 32 */
+static int tsc_state;                           /* 0 not calibrated, 1 use TSC, -1 do not */
+
+static inline uint64_t rdtsc(void)
+{
+    uint32_t lo, hi;
+
+    __asm__ __volatile__("rdtsc" : "=a"(lo), "=d"(hi));
+    return (uint64_t)hi << 32 | lo;
+}
+
+static int calibrate_tsc(void)
+{
+    uint64_t t0 = idma_now_ns(), c0 = rdtsc(), t1, c1, mult;
+
+    do {
+        t1 = idma_now_ns();
+    } while (t1 - t0 < 5000000);                /* 5 ms */
+    c1 = rdtsc();
+    if (c1 <= c0)
+        return -1;
+    mult = (uint64_t)(((unsigned __int128)(t1 - t0) << 32) / (c1 - c0));
+    if (mult < (1ull << 32) / 20 || mult > (1ull << 32) * 10)
+        return -1;                              /* not a 0.1-20 GHz counter: do not trust it */
+    tsc_base = c1;
+    ns_base = t1;
+    tsc_mult = mult;
+    return 1;
+}
+
+uint64_t idma_fast_ns(void)
+{
+    int st = __atomic_load_n(&tsc_state, __ATOMIC_ACQUIRE);
+
+    if (st == 0) {
+        st = calibrate_tsc();                   /* a racing thread calibrates too: harmless */
+        __atomic_store_n(&tsc_state, st, __ATOMIC_RELEASE);
+    }
+    if (st < 0)
+        return idma_now_ns();
+    return ns_base + (uint64_t)(((unsigned __int128)(rdtsc() - tsc_base) * tsc_mult) >> 32);
+}
+#else
+uint64_t idma_fast_ns(void)
+{
+    return idma_now_ns();
+}
+#endif
 
 uint32_t idma_sq_doorbell_offset(uint16_t qid, uint32_t dstrd)
 {
@@ -129,6 +194,7 @@ struct idma_qpair *idma_qpair_new(uint16_t qid, uint32_t depth, void *sq, void *
     q->phase = 1;                       /* §4.6: the controller posts phase 1 on the first lap */
     q->bad_index = -1;
     q->maptable = maptable;
+    q->dstrd = dstrd;
     init_trackers(q, list_area, pages_each);
     return q;
 }
@@ -159,6 +225,106 @@ static int prepare(const struct idma_qpair *q, const struct tracker *t,
     if (rc == -3)
         return IDMA_ETOOBIG;
     return rc < 0 ? IDMA_EINVAL : IDMA_OK;
+}
+
+/* Ring distance from a to b (b - a mod depth); positions are < depth. */
+static inline uint32_t ring_dist(const struct idma_qpair *q, uint32_t a, uint32_t b)
+{
+    return b >= a ? b - a : b + q->depth - a;
+}
+
+/*
+ * EventIdx rule for shadow doorbells (§5.8; the virtio/Linux "need event" test, done modulo
+ * the ring size): the controller wants an MMIO write when the update from old to new moved
+ * past its EventIdx, i.e. ei lies in [old, new) going round the ring.
+ */
+static inline int need_event(const struct idma_qpair *q, uint32_t ei, uint32_t nw, uint32_t old)
+{
+    if (ei >= q->depth)
+        return 1;                       /* not a ring position: be safe */
+    return ring_dist(q, ei, nw) - 1 < ring_dist(q, old, nw);
+}
+
+/* Announce the CQ head (§3.3.1.2): shadow dword, then BAR0 when needed. force: BAR0 always. */
+static void ring_cq(struct idma_qpair *q, int force)
+{
+    uint32_t head = q->cq_head, old = q->cq_db_head;
+    int mmio = 1;
+
+    if (q->cq_shadow) {
+        *q->cq_shadow = head;
+        idma_mb();                      /* shadow store before the EventIdx load */
+        mmio = q->mmio_always || force || (q->cq_batch <= 1 && need_event(q, *q->cq_ei, head, old));
+    } else if (q->cq_batch > 1 && !force) {
+        mmio = ring_dist(q, q->cq_mmio_head, head) >= q->cq_batch;
+    }
+    if (mmio) {
+        *q->cq_db = head;
+        q->cq_mmio_head = head;
+        q->cq_mmio++;
+    }
+    q->cq_db_head = head;
+    q->cq_dbs++;
+}
+
+/* Announce the SQ tail (§3.3.1.1), shadow first when in use. SQEs are visible before either. */
+static void ring_sq(struct idma_qpair *q)
+{
+    uint32_t tail = q->sq_tail, old = q->sq_db_tail;
+    int mmio = 1;
+
+    /* Deferred CQ head: the controller must see room for every command in flight. */
+    if (q->cq_batch > 1 && ring_dist(q, q->cq_mmio_head, q->cq_head) + (q->ntrk - q->nfree)
+                               > q->ntrk && !q->cq_shadow)
+        ring_cq(q, 1);
+    idma_wmb();                         /* SQEs visible before the tail update */
+    if (q->sq_shadow) {
+        *q->sq_shadow = tail;
+        idma_mb();                      /* shadow store before the EventIdx load */
+        mmio = q->mmio_always || q->sq_force || need_event(q, *q->sq_ei, tail, old);
+    }
+    if (mmio) {
+        *q->sq_db = tail;               /* §3.3.1: one SQ tail doorbell per batch */
+        q->sq_force = 0;
+        q->sq_mmio++;
+    }
+    q->sq_db_tail = tail;
+    q->sq_dbs++;
+}
+
+int idma_qpair_set_shadow(struct idma_qpair *q, uint32_t *shadow_db, uint32_t *eventidx,
+                          int mmio_always)
+{
+    uint32_t sq_off = idma_sq_doorbell_offset(q->qid, q->dstrd) - 0x1000;
+    uint32_t cq_off = idma_cq_doorbell_offset(q->qid, q->dstrd) - 0x1000;
+
+    if (!shadow_db != !eventidx || cq_off + 4 > q->page_size)
+        return IDMA_EINVAL;
+    if (((uintptr_t)shadow_db | (uintptr_t)eventidx) & (q->page_size - 1))
+        return IDMA_EINVAL;             /* §5.8: PRP1/PRP2 are page aligned */
+    if (!shadow_db) {
+        q->sq_shadow = q->cq_shadow = q->sq_ei = q->cq_ei = NULL;
+        q->cq_mmio_head = q->cq_db_head;
+        *q->cq_db = q->cq_db_head;      /* BAR0 is authoritative again */
+        return IDMA_OK;
+    }
+    q->sq_shadow = (volatile uint32_t *)((uint8_t *)shadow_db + sq_off);
+    q->cq_shadow = (volatile uint32_t *)((uint8_t *)shadow_db + cq_off);
+    q->sq_ei = (volatile uint32_t *)((uint8_t *)eventidx + sq_off);
+    q->cq_ei = (volatile uint32_t *)((uint8_t *)eventidx + cq_off);
+    *q->sq_shadow = q->sq_db_tail;      /* the values the controller already has */
+    *q->cq_shadow = q->cq_db_head;
+    q->mmio_always = mmio_always != 0;
+    q->sq_force = 1;
+    idma_mb();
+    return IDMA_OK;
+}
+
+void idma_qpair_set_cq_batch(struct idma_qpair *q, uint32_t batch)
+{
+    if (batch <= 1 && q->cq_mmio_head != q->cq_db_head)
+        ring_cq(q, 1);                  /* nothing stays unannounced */
+    q->cq_batch = batch > q->ntrk ? q->ntrk : batch;
 }
 
 /* Copy one prepared command into the SQ ring with its CID (§4.2: CDW0 bits 31:16). */
@@ -209,10 +375,8 @@ int idma_qpair_submit(struct idma_qpair *q, const struct idma_sqe *cmds,
         place(q, &cmds[i], cid, &io[i], q->prp[2 * i], q->prp[2 * i + 1]);
     }
     if (fit) {
-        idma_wmb();                         /* SQEs visible before the tail doorbell */
-        *q->sq_db = q->sq_tail;             /* §3.3.1: one SQ tail doorbell per batch */
-        q->sq_dbs++;
         q->submitted += fit;
+        ring_sq(q);
     }
     return (int)fit;
 }
@@ -220,6 +384,46 @@ int idma_qpair_submit(struct idma_qpair *q, const struct idma_sqe *cmds,
 int idma_qpair_bad_index(const struct idma_qpair *q)
 {
     return q->bad_index;
+}
+
+int idma_qpair_submit_rw(struct idma_qpair *q, uint8_t opcode, uint32_t nsid, uint32_t nlb,
+                         uint32_t lba_size, const uint64_t *lbas, const uint64_t *tags,
+                         uint32_t n, uint64_t buf_base, uint64_t buf_stride)
+{
+    uint32_t fit = n < q->nfree ? n : q->nfree, i;
+    uint64_t len = (uint64_t)nlb * lba_size;
+    uint16_t id = q->free_head;
+    struct idma_sqe cmd;
+
+    q->bad_index = -1;
+    if (n && (!lbas || !tags || nlb == 0 || nlb > 65536 || !lba_size))
+        return IDMA_EINVAL;
+    for (i = 0; i < fit; i++, id = q->trk[id].next_free) {
+        struct idma_io io = { buf_base + tags[i] * buf_stride, len, tags[i] };
+        int rc = prepare(q, &q->trk[id], &io, &q->prp[2 * i], &q->prp[2 * i + 1]);
+        if (rc < 0) {
+            q->bad_index = (int)i;
+            return rc;
+        }
+    }
+    memset(&cmd, 0, sizeof(cmd));
+    cmd.cdw0 = opcode;
+    cmd.nsid = nsid;
+    cmd.cdw12 = nlb - 1;                /* NVM Command Set 1.0 §3.3.4: 0's based NLB */
+    for (i = 0; i < fit; i++) {
+        uint16_t cid = q->free_head;
+        struct idma_io io = { 0, len, tags[i] };
+
+        cmd.cdw10 = (uint32_t)lbas[i];  /* SLBA in CDW10-11 */
+        cmd.cdw11 = (uint32_t)(lbas[i] >> 32);
+        take_tracker(q, cid, tags[i]);
+        place(q, &cmd, cid, &io, q->prp[2 * i], q->prp[2 * i + 1]);
+    }
+    if (fit) {
+        q->submitted += fit;
+        ring_sq(q);
+    }
+    return (int)fit;
 }
 
 /* Consume the CQE at the head if its phase tag is current (§4.6). 1 = reaped into out. */
@@ -256,18 +460,54 @@ static int reap_one(struct idma_qpair *q, struct idma_cpl *out)
     return 1;
 }
 
+static uint32_t poll_into(struct idma_qpair *q, struct idma_cpl *out, uint64_t *tags,
+                          uint16_t *status, uint32_t max);
+
 int idma_qpair_poll(struct idma_qpair *q, struct idma_cpl *out, uint32_t max)
+{
+    return (int)poll_into(q, out, NULL, NULL, max);
+}
+
+/* Reap up to max CQEs into either out[] or tags[]/status[]; one CQ head update if any. */
+static uint32_t poll_into(struct idma_qpair *q, struct idma_cpl *out, uint64_t *tags,
+                          uint16_t *status, uint32_t max)
 {
     uint32_t n = 0;
     int moved = 0, rc;
+    struct idma_cpl c;
 
-    while (n < max && (rc = reap_one(q, &out[n])) >= 0) {
-        n += (uint32_t)rc;
+    while (n < max && (rc = reap_one(q, out ? &out[n] : &c)) >= 0) {
         moved = 1;
+        if (rc && !out) {
+            tags[n] = c.tag;
+            status[n] = c.status;
+        }
+        n += (uint32_t)rc;
     }
-    if (moved) {
-        *q->cq_db = q->cq_head;         /* one CQ head doorbell per poll call */
-        q->cq_dbs++;
+    if (moved)
+        ring_cq(q, 0);                  /* one CQ head update per poll call */
+    return n;
+}
+
+int idma_qpair_wait_tags(struct idma_qpair *q, uint64_t *tags, uint16_t *status, uint32_t max,
+                         uint32_t min, uint64_t timeout_ns)
+{
+    uint32_t inflight = q->ntrk - q->nfree, spins = 0;
+    uint32_t n = poll_into(q, NULL, tags, status, max);
+    uint64_t now, deadline;
+
+    if (min > max)
+        min = max;
+    if (min > inflight)
+        min = inflight;
+    if (n >= min)
+        return (int)n;
+    now = idma_fast_ns();
+    deadline = now + timeout_ns < now ? UINT64_MAX : now + timeout_ns;
+    while (n < min) {
+        n += poll_into(q, NULL, tags + n, status + n, max - n);
+        if ((++spins & 63) == 0 && idma_fast_ns() >= deadline)
+            break;
     }
     return (int)n;
 }
@@ -285,12 +525,11 @@ int idma_qpair_wait(struct idma_qpair *q, struct idma_cpl *out, uint32_t max, ui
         min = inflight;
     if (n >= min)
         return (int)n;
-    now = idma_now_ns();
+    now = idma_fast_ns();
     deadline = now + timeout_ns < now ? UINT64_MAX : now + timeout_ns;
     while (n < min) {
-        idma_pause();
         n += (uint32_t)idma_qpair_poll(q, out + n, max - n);
-        if ((++spins & 63) == 0 && idma_now_ns() >= deadline)   /* clock every 64 polls */
+        if ((++spins & 63) == 0 && idma_fast_ns() >= deadline)  /* clock every 64 polls */
             break;
     }
     return (int)n;
@@ -318,4 +557,8 @@ void idma_qpair_get_info(const struct idma_qpair *q, struct idma_qpair_info *out
     out->spurious = q->spurious;
     out->sq_doorbells = q->sq_dbs;
     out->cq_doorbells = q->cq_dbs;
+    out->sq_mmio = q->sq_mmio;
+    out->cq_mmio = q->cq_mmio;
+    out->shadow = q->sq_shadow != NULL;
+    out->cq_batch = q->cq_batch;
 }

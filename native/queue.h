@@ -78,8 +78,12 @@ struct idma_qpair_info {
     uint64_t submitted;
     uint64_t completed;
     uint64_t spurious;      /* CQEs naming a CID that was not in flight (skipped) */
-    uint64_t sq_doorbells;  /* SQ tail doorbell writes */
-    uint64_t cq_doorbells;  /* CQ head doorbell writes */
+    uint64_t sq_doorbells;  /* SQ tail doorbell updates (shadow or MMIO) */
+    uint64_t cq_doorbells;  /* CQ head doorbell updates (shadow or MMIO) */
+    uint64_t sq_mmio;       /* of those, SQ tail writes that reached BAR0 */
+    uint64_t cq_mmio;       /* of those, CQ head writes that reached BAR0 */
+    uint32_t shadow;        /* 1: shadow doorbells in use */
+    uint32_t cq_batch;      /* CQ head MMIO deferred up to this many CQEs (0/1: every poll) */
 };
 
 struct idma_qpair;
@@ -118,6 +122,42 @@ int idma_qpair_poll(struct idma_qpair *q, struct idma_cpl *out, uint32_t max);
 int idma_qpair_wait(struct idma_qpair *q, struct idma_cpl *out, uint32_t max, uint32_t min,
                     uint64_t timeout_ns);
 
+/*
+ * Shadow doorbells (Doorbell Buffer Config, NVMe Base 2.0 §5.8): shadow_db and eventidx are the
+ * page-sized buffers given to the controller in PRP1/PRP2; this queue uses their dwords at the
+ * doorbell offsets of qid (SQ tail 2*qid, CQ head 2*qid+1, times 4 << DSTRD bytes). From now
+ * on tails/heads go to the shadow page and BAR0 is written only when the controller's EventIdx
+ * asks for it, or always when mmio_always is set (admin queue: some controllers keep reading
+ * its MMIO doorbells). The first SQ doorbell after this call always reaches BAR0 (the EventIdx
+ * dword may be stale from a deleted queue). Both NULL: back to MMIO doorbells only.
+ * Returns 0 or IDMA_EINVAL.
+ */
+int idma_qpair_set_shadow(struct idma_qpair *q, uint32_t *shadow_db, uint32_t *eventidx,
+                          int mmio_always);
+/*
+ * Defer CQ head MMIO writes (§3.3.1.2: the host may consume several entries before it updates
+ * the CQ head doorbell) for a polled queue: the head is written when `batch` consumed entries
+ * are unannounced, and always before a submission that could let the controller see a full CQ
+ * (unannounced + in flight > depth - 1), so the controller never stalls. 0 or 1: every poll.
+ */
+void idma_qpair_set_cq_batch(struct idma_qpair *q, uint32_t batch);
+
+/*
+ * Fast path for reads/writes without per-command structs: n commands of opcode (01h Write,
+ * 02h Read, NVM Command Set 1.0 §3.3) of nlb blocks each on nsid; command i reads/writes
+ * LBA lbas[i] into buffer buf_base + tags[i] * buf_stride (nlb * lba_size bytes) and carries
+ * tags[i]. Same return values and one SQ doorbell as idma_qpair_submit.
+ */
+int idma_qpair_submit_rw(struct idma_qpair *q, uint8_t opcode, uint32_t nsid, uint32_t nlb,
+                         uint32_t lba_size, const uint64_t *lbas, const uint64_t *tags,
+                         uint32_t n, uint64_t buf_base, uint64_t buf_stride);
+/*
+ * Like idma_qpair_wait, but stores only tags[i] and status[i] (15-bit status field, 0 = ok)
+ * of each completion into caller arrays of max entries. Returns the count.
+ */
+int idma_qpair_wait_tags(struct idma_qpair *q, uint64_t *tags, uint16_t *status, uint32_t max,
+                         uint32_t min, uint64_t timeout_ns);
+
 uint32_t idma_qpair_inflight(const struct idma_qpair *q);
 void idma_qpair_get_info(const struct idma_qpair *q, struct idma_qpair_info *out);
 /* Byte offsets of the SQ tail / CQ head doorbells in BAR0 (§3.1.3: 0x1000 + (2y[+1]) stride). */
@@ -125,7 +165,9 @@ uint32_t idma_sq_doorbell_offset(uint16_t qid, uint32_t dstrd);
 uint32_t idma_cq_doorbell_offset(uint16_t qid, uint32_t dstrd);
 /* CDEF END */
 
-/* For the worker (C only): monotonic clock in ns. */
+/* For the worker (C only): monotonic clock in ns; idma_fast_ns reads it without a system
+ * call where it can (calibrated TSC on x86-64; the first call takes 5 ms to calibrate). */
 uint64_t idma_now_ns(void);
+uint64_t idma_fast_ns(void);
 
 #endif

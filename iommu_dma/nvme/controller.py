@@ -14,7 +14,7 @@ from typing import Any
 from iommu_dma.container import Container
 from iommu_dma.errors import ClosedError, IommuDmaError
 from iommu_dma.memory import DmaAllocator, DmaBuffer
-from iommu_dma.nvme import regs, sqe
+from iommu_dma.nvme import dbbuf, regs, sqe
 from iommu_dma.nvme.identify import (
     FirmwareSlotLog,
     IdentifyController,
@@ -41,6 +41,9 @@ class Controller:
     """One NVMe controller behind VFIO. Open with Controller.open(bdf); close() (or the context
     manager) deletes the I/O queues, shuts the controller down and releases everything."""
 
+    # Use shadow doorbells (Doorbell Buffer Config, §5.8) when OACS bit 8 says they exist.
+    use_shadow_doorbells = True
+
     def __init__(self, pci: PciDevice, container: Container, allocator: DmaAllocator, *,
                  owns_container: bool, admin_depth: int = ADMIN_DEPTH) -> None:
         self.pci = pci
@@ -55,8 +58,11 @@ class Controller:
         self._namespaces: dict[int, Any] = {}
         self.admin: IoQueue | None = None
         self._default_queue: IoQueue | None = None
+        self.dbbuf: dbbuf.DoorbellBuffers | None = None
         self._reset(admin_depth)
         self.identify = IdentifyController.parse(self._identify_raw(CNS_CONTROLLER))
+        if self.use_shadow_doorbells and dbbuf.supported(self.identify.oacs):
+            self.enable_shadow_doorbells()
         self.max_io_queues = self._negotiate_queues(64)
 
     # ---- opening and closing -------------------------------------------------------------
@@ -98,6 +104,8 @@ class Controller:
                 for qid in sorted(self.io_queues, reverse=True):
                     self.delete_io_queue(qid)
                 self._shutdown()
+                if self.dbbuf is not None:      # the disabled controller forgot the pages
+                    self.dbbuf.free()
         finally:
             self.closed = True
             self.pci.close()
@@ -124,6 +132,19 @@ class Controller:
         self.pci.write64(regs.ACQ, self.admin.cq_mem.iova)
         self.pci.write32(regs.CC, regs.cc_value(self.page_size))
         self._wait_ready(True)
+
+    def enable_shadow_doorbells(self) -> None:
+        """Doorbell Buffer Config (§5.8): the admin queue and every I/O queue created later
+        write tails/heads to a shadow page and ring BAR0 only when the EventIdx asks."""
+        assert self.admin is not None
+        bufs = dbbuf.DoorbellBuffers(self.allocator, self.page_size)
+        try:
+            self.admin_command(bufs.sqe(), what="Doorbell Buffer Config")
+        except BaseException:
+            bufs.free()
+            raise
+        self.dbbuf = bufs
+        self.admin.qpair.set_shadow(*bufs.addrs, mmio_always=True)
 
     def _disable(self) -> None:
         if self.pci.read32(regs.CC) & regs.CC_EN:
@@ -231,7 +252,8 @@ class Controller:
                                   f"controller granted are in use")
         depth = min(depth, self.cap.mqes)
         q = IoQueue(qid, depth, self.allocator, self.pci.bar0_addr, dstrd=self.cap.dstrd,
-                    page_size=self.page_size, maptable=self.container.maptable)
+                    page_size=self.page_size, maptable=self.container.maptable,
+                    shadow=self.dbbuf.addrs if self.dbbuf is not None else None)
         try:
             self.admin_command(sqe.create_io_cq(qid, depth, prp1=q.cq_mem.iova),
                                what=f"Create I/O CQ {qid}")

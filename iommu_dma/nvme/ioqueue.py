@@ -70,7 +70,10 @@ class IoQueue:
     """SQ and CQ rings, one PRP list page per tracker, and the native engine driving them."""
 
     def __init__(self, qid: int, depth: int, allocator: DmaAllocator, bar0_addr: int, *,
-                 dstrd: int, page_size: int, maptable: Any) -> None:
+                 dstrd: int, page_size: int, maptable: Any,
+                 shadow: tuple[int, int] | None = None) -> None:
+        """shadow: (shadow doorbell page, EventIdx page) addresses when the controller has
+        Doorbell Buffer Config enabled (NVMe Base 2.0 §5.8)."""
         self.qid = qid
         self.depth = depth
         self.sq_mem = _zeroed(allocator, depth * SQE_SIZE, page_size)
@@ -79,6 +82,8 @@ class IoQueue:
         self.qpair = QueuePair(qid, depth, self.sq_mem.addr, self.cq_mem.addr, bar0_addr,
                                dstrd=dstrd, page_size=page_size, list_addr=self.lists.addr,
                                list_pages=depth - 1, maptable=maptable)
+        if shadow is not None:
+            self.qpair.set_shadow(*shadow)
         self._tags = itertools.count(1)
         self._inflight: dict[int, _Pending] = {}
         self._backlog: deque[_Pending] = deque()

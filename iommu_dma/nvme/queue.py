@@ -130,6 +130,21 @@ class QueuePair:
             raise QueueError(rc, lib.idma_qpair_bad_index(self._q))
         return int(rc)
 
+    def set_shadow(self, shadow_addr: int, eventidx_addr: int, *,
+                   mmio_always: bool = False) -> None:
+        """Use shadow doorbells (Doorbell Buffer Config, NVMe Base 2.0 §5.8) at the two
+        page-aligned pages given to the controller; 0, 0 goes back to MMIO doorbells only.
+        mmio_always: also write BAR0 on every doorbell (for the admin queue)."""
+        rc = lib.idma_qpair_set_shadow(self._q, ffi.cast("uint32_t *", shadow_addr),
+                                       ffi.cast("uint32_t *", eventidx_addr), int(mmio_always))
+        if rc < 0:
+            raise QueueError(rc)
+
+    def set_cq_batch(self, batch: int) -> None:
+        """Defer CQ head MMIO writes up to batch consumed entries (never letting the
+        controller see a full CQ); 0 or 1: one CQ head write per poll."""
+        lib.idma_qpair_set_cq_batch(self._q, batch)
+
     def _completions(self, n: int) -> list[Completion]:
         c = self._cpl
         return [Completion(int(c[i].tag), int(c[i].result), int(c[i].cid), int(c[i].status))
@@ -161,6 +176,59 @@ class QueuePair:
                 raise QueueError(ETIMEDOUT)
             done += self.wait(1, left)
         return done
+
+
+class BatchIo:
+    """Fast path for Python-driven reads/writes: one native call submits n commands from an
+    array of LBAs and tags (buffer of tag t: buf_addr + t * nlb * lba_size), one native call
+    reaps into preallocated tag/status arrays. No Python object per I/O.
+
+        b = BatchIo(qp, nsid, lba_size, buf_addr, slots=32)
+        b.lbas[:] = ...                   # array('Q'): LBAs the next submits consume in order
+        n = b.reap(1)                     # b.tags[:n], b.status[:n] (0 = success)
+        b.submit(n)                       # resubmit the slots in b.tags[:n] (or b.submit_all())
+    """
+
+    def __init__(self, qpair: QueuePair, nsid: int, lba_size: int, buf_addr: int, slots: int,
+                 *, nlb: int = 1, opcode: int = 0x02, lba_capacity: int = 1 << 16) -> None:
+        from array import array
+
+        self.qpair, self.nsid, self.nlb, self.opcode = qpair, nsid, nlb, opcode
+        self.lba_size, self.buf_addr, self.slots = lba_size, buf_addr, slots
+        self.stride = nlb * lba_size
+        self.lbas = array("Q", bytes(8 * lba_capacity))
+        self.tags = array("Q", range(slots))
+        self.status = array("H", bytes(2 * slots))
+        self._lba_p = ffi.from_buffer("uint64_t[]", self.lbas)
+        self._tag_p = ffi.from_buffer("uint64_t[]", self.tags)
+        self._st_p = ffi.from_buffer("uint16_t[]", self.status)
+        self._zero = bytes(2 * slots)
+        self.pos = 0                    # next unused entry of lbas
+
+    def submit(self, n: int) -> int:
+        """Submit the slots b.tags[:n] with the next n LBAs of b.lbas (wrapping to the start
+        when fewer than n are left). Returns how many were queued."""
+        if self.pos + n > len(self.lbas):
+            self.pos = 0
+        rc = lib.idma_qpair_submit_rw(self.qpair._q, self.opcode, self.nsid, self.nlb,
+                                      self.lba_size, self._lba_p + self.pos, self._tag_p, n,
+                                      self.buf_addr, self.stride)
+        if rc < 0:
+            raise QueueError(rc, lib.idma_qpair_bad_index(self.qpair._q))
+        self.pos += rc
+        return rc
+
+    def reap(self, min_cpl: int = 1, timeout: float = 1.0) -> int:
+        """Wait (GIL released) for at least min_cpl completions; their tags and statuses are
+        in b.tags[:n] and b.status[:n]. Returns n."""
+        return lib.idma_qpair_wait_tags(self.qpair._q, self._tag_p, self._st_p, self.slots,
+                                        min_cpl, int(timeout * 1e9))
+
+    def errors(self, n: int) -> int:
+        """How many of the last n reaped completions carry a non-zero status."""
+        if self.status.tobytes()[:2 * n] == self._zero[:2 * n]:
+            return 0
+        return sum(1 for s in self.status[:n] if s)
 
 
 # ---- worker ----
