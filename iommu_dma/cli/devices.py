@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import re
 import subprocess
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import iommu_dma
 from iommu_dma.cli import output
-from iommu_dma.cli.common import CliError, add_output_format, set_handler
+from iommu_dma.cli.common import PROG, CliError, add_output_format, set_handler
 from iommu_dma.discovery import PCI_DEVICES, VFIO_DRIVER, PciInfo, list_nvme, normalize_bdf
 from iommu_dma.errors import IommuDmaError
 
@@ -160,7 +161,9 @@ def setup_command(action: str, args: argparse.Namespace) -> list[str]:
 def run_setup(action: str, args: argparse.Namespace) -> int:
     if not SETUP_SCRIPT.is_file():
         raise CliError(f"{SETUP_SCRIPT} is missing; it ships with the source tree")
-    return subprocess.run(setup_command(action, args)).returncode
+    proc = subprocess.run(setup_command(action, args), stderr=subprocess.PIPE, text=True)
+    sys.stderr.write(proc.stderr.replace(f"{SETUP_SCRIPT.name}: ", f"{PROG}: "))
+    return proc.returncode
 
 
 def cmd_bind(args: argparse.Namespace) -> int:

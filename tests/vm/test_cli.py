@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from iommu_dma.cli.main import main
 from iommu_dma.testing.bench import QEMU_MODEL, Bench
 from iommu_dma.testing.guest import driver_of
 
@@ -32,26 +34,42 @@ class Run:
         return json.loads(self.out)
 
 
-def cli(*args: str | int, stdin: bytes | None = None) -> Run:
-    """iommu-dma ARGS as a subprocess; stdin is not a terminal."""
-    proc = subprocess.run([sys.executable, "-m", "iommu_dma.cli.main", *map(str, args)],
-                          input=stdin if stdin is not None else b"", capture_output=True)
-    return Run(proc.returncode, proc.stdout, proc.stderr.decode())
+class Cli:
+    """iommu-dma in this process (a subprocess pays ~8 s of imports under TCG); stdin is not
+    a terminal. Output is captured at the file-descriptor level (setup_vfio.sh writes too)."""
+
+    def __init__(self, capfd: pytest.CaptureFixture[bytes]) -> None:
+        self.capfd = capfd
+
+    def __call__(self, *args: str | int | Path) -> Run:
+        self.capfd.readouterr()
+        try:
+            rc = main([str(a) for a in args])
+        except SystemExit as e:                   # argparse usage errors
+            rc = int(e.code or 0)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        out, err = self.capfd.readouterr()
+        return Run(rc, out, err.decode())
+
+    def ok(self, *args: str | int | Path) -> Run:
+        r = self(*args)
+        assert r.rc == 0, f"iommu-dma {args} failed ({r.rc}): {r.err}"
+        return r
+
+    def fails(self, *args: str | int | Path, message: str, rc: int = 1) -> Run:
+        r = self(*args)
+        assert r.rc == rc, f"iommu-dma {args}: exit {r.rc}, expected {rc}: {r.err}"
+        assert message in r.err, r.err
+        if rc == 1:
+            assert r.err.startswith("iommu-dma: error: ") and "Traceback" not in r.err
+        return r
 
 
-def ok(*args: str | int) -> Run:
-    r = cli(*args)
-    assert r.rc == 0, f"iommu-dma {args} failed ({r.rc}): {r.err}"
-    return r
-
-
-def fails(*args: str | int, message: str, rc: int = 1) -> Run:
-    r = cli(*args)
-    assert r.rc == rc, f"iommu-dma {args}: exit {r.rc}, expected {rc}: {r.err}"
-    assert message in r.err, r.err
-    if rc == 1:
-        assert r.err.startswith("iommu-dma: error: ") and "Traceback" not in r.err
-    return r
+@pytest.fixture
+def cli(capfdbinary: pytest.CaptureFixture[bytes], monkeypatch: pytest.MonkeyPatch) -> Cli:
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"")))
+    return Cli(capfdbinary)
 
 
 def image_bytes(images: Path, ctrl: int, nsid: int, offset: int, size: int) -> bytes:
@@ -62,8 +80,8 @@ def image_bytes(images: Path, ctrl: int, nsid: int, offset: int, size: int) -> b
 
 # ---- list / bind / unbind -------------------------------------------------------------------
 
-def _check_list(bench: Bench, bdfs: list[str], driver: str) -> None:
-    listed = ok("list", "-o", "json").json()["controllers"]
+def _check_list(cli: Cli, bench: Bench, bdfs: list[str], driver: str) -> None:
+    listed = cli.ok("list", "-o", "json").json()["controllers"]
     assert [c["bdf"] for c in listed] == bdfs
     for c, cfg in zip(listed, bench.controllers):
         assert (c["driver"], c["serial"], c["model"]) == (driver, cfg.serial, QEMU_MODEL)
@@ -71,7 +89,7 @@ def _check_list(bench: Bench, bdfs: list[str], driver: str) -> None:
         got = [(n["nsid"], n["blocks"], n["lba_size"]) for n in c["namespaces"]]
         assert got == [(i, ns.blocks, ns.lba_size) for i, ns in enumerate(cfg.namespaces, 1)]
         assert c["capacity"] == sum(ns.size for ns in cfg.namespaces)
-    human = ok("list").text.splitlines()
+    human = cli.ok("list").text.splitlines()
     assert human[0].split() == ["BDF", "Driver", "Group", "Serial", "Model", "Namespaces",
                                 "Capacity"]
     row = human[2]
@@ -79,29 +97,29 @@ def _check_list(bench: Bench, bdfs: list[str], driver: str) -> None:
     assert QEMU_MODEL in row and " 1,2 " in row and "96.00 MiB" in row
 
 
-def test_list_bind_unbind(bench: Bench, nvme_bdfs: list[str]) -> None:
+def test_list_bind_unbind(cli: Cli, bench: Bench, nvme_bdfs: list[str]) -> None:
     bdf = nvme_bdfs[0]
-    _check_list(bench, nvme_bdfs, "nvme")
-    fails("id-ctrl", bdf, message=f"`iommu-dma bind {bdf}`")
-    out = ok("bind", bdf).text
+    _check_list(cli, bench, nvme_bdfs, "nvme")
+    cli.fails("id-ctrl", bdf, message=f"`iommu-dma bind {bdf}`")
+    out = cli.ok("bind", bdf).text
     assert f"{bdf} bound to vfio-pci" in out and driver_of(bdf) == "vfio-pci"
     try:
-        _check_list(bench, nvme_bdfs, "vfio-pci")
+        _check_list(cli, bench, nvme_bdfs, "vfio-pci")
     finally:
-        out = ok("unbind", bdf).text
+        out = cli.ok("unbind", bdf).text
     assert "given back to the kernel nvme driver" in out and driver_of(bdf) == "nvme"
-    fails("bind", "0000:00:1d.7", message="no PCI device 0000:00:1d.7")
+    cli.fails("bind", "0000:00:1d.7", message="no PCI device 0000:00:1d.7")
 
 
 # ---- admin commands -------------------------------------------------------------------------
 
-def test_id_ctrl_and_id_ns(bench: Bench, vfio_bdfs: list[str]) -> None:
+def test_id_ctrl_and_id_ns(cli: Cli, bench: Bench, vfio_bdfs: list[str]) -> None:
     bdf, cfg = vfio_bdfs[0], bench.controllers[0]
-    idc = ok("id-ctrl", bdf, "-o", "json").json()
+    idc = cli.ok("id-ctrl", bdf, "-o", "json").json()
     assert (idc["sn"], idc["mn"], idc["mdts"], idc["vid"]) == (cfg.serial, QEMU_MODEL, cfg.mdts,
                                                                0x1B36)
     assert idc["nn"] >= len(cfg.namespaces)
-    text = ok("id-ctrl", bdf).text
+    text = cli.ok("id-ctrl", bdf).text
     assert text.startswith("NVME Identify Controller:\n")
     for line in (f"sn        : {cfg.serial}", f"mn        : {QEMU_MODEL}",
                  f"mdts      : {cfg.mdts}", "vid       : 0x1b36"):
@@ -110,60 +128,65 @@ def test_id_ctrl_and_id_ns(bench: Bench, vfio_bdfs: list[str]) -> None:
         assert any(line.startswith(f"{key:<10}: ") for line in text.splitlines()), key
 
     for nsid, ns in enumerate(cfg.namespaces, start=1):
-        d = ok("id-ns", bdf, "-n", nsid, "-o", "json").json()
+        d = cli.ok("id-ns", bdf, "-n", nsid, "-o", "json").json()
         assert (d["nsid"], d["nsze"], d["ncap"], d["lba_size"]) == (nsid, ns.blocks, ns.blocks,
                                                                     ns.lba_size)
-        text = ok("id-ns", bdf, "--namespace-id", nsid).text.splitlines()
+        text = cli.ok("id-ns", bdf, "--namespace-id", nsid).text.splitlines()
         assert text[0] == f"NVME Identify Namespace {nsid}:"
         assert f"nsze    : {ns.blocks:#x}" in text
         lbads = ns.lba_size.bit_length() - 1
         in_use = [line for line in text if line.endswith("(in use)")]
         assert len(in_use) == 1 and f"ms:0   lbads:{lbads:<2d} rp:0 (in use)" in in_use[0]
-    fails("id-ns", bdf, "-n", 9, message="namespace 9 is not active; active NSIDs: 1, 2")
+    # once as a real process: the exit status and the single error line
+    proc = subprocess.run([sys.executable, "-m", "iommu_dma.cli.main", "id-ns", bdf, "-n", "9"],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr == (f"iommu-dma: error: {bdf}: namespace 9 is not active; active NSIDs: "
+                           "1, 2\n")
 
 
-def test_logs_and_features(vfio_bdfs: list[str]) -> None:
+def test_logs_and_features(cli: Cli, vfio_bdfs: list[str]) -> None:
     bdf = vfio_bdfs[0]
-    smart = ok("smart-log", bdf, "-o", "json").json()
+    smart = cli.ok("smart-log", bdf, "-o", "json").json()
     assert smart["temperature"] > 273 and smart["temperature_celsius"] == \
         smart["temperature"] - 273
     assert smart["critical_warning"] == 0 and "host_read_commands" in smart
-    text = ok("smart-log", bdf).text
+    text = cli.ok("smart-log", bdf).text
     assert f"{smart['temperature_celsius']} °C ({smart['temperature']} K)" in text
     for key in ("critical_warning", "available_spare", "percentage_used", "data_units_read",
                 "power_cycles", "unsafe_shutdowns", "media_errors", "num_err_log_entries"):
         assert f"\n{key:<40}: " in text, key
 
-    errors = ok("error-log", bdf, "-o", "json").json()
+    errors = cli.ok("error-log", bdf, "-o", "json").json()
     assert isinstance(errors["errors"], list)
-    assert ok("error-log", bdf).text.startswith(f"Error Log Entries for device:{bdf} entries:")
+    assert cli.ok("error-log", bdf).text.startswith(f"Error Log Entries for device:{bdf} entries:")
 
-    queues = ok("get-feature", bdf, "-f", "7", "-o", "json").json()
+    queues = cli.ok("get-feature", bdf, "-f", "7", "-o", "json").json()
     assert (queues["feature_id"], queues["name"], queues["sel"]) == (7, "Number of Queues", 0)
-    text = ok("get-feature", bdf, "-f", "0x07").text
+    text = cli.ok("get-feature", bdf, "-f", "0x07").text
     assert text.startswith("get-feature:0x07 (Number of Queues), Current value:0x")
-    ok("get-feature", bdf, "-f", "4", "-s", "1")          # temperature threshold, default
+    cli.ok("get-feature", bdf, "-f", "4", "-s", "1")          # temperature threshold, default
     # an NVMe error status is reported by name
-    fails("get-feature", bdf, "-f", "0x7f", message="Invalid Field in Command")
+    cli.fails("get-feature", bdf, "-f", "0x7f", message="Invalid Field in Command")
 
 
-def test_format_asks_unless_forced(bench: Bench, vfio_bdfs: list[str]) -> None:
+def test_format_asks_unless_forced(cli: Cli, bench: Bench, vfio_bdfs: list[str]) -> None:
     bdf = vfio_bdfs[0]
-    fails("format", bdf, "-n", 2, "-l", 0, message="stdin is not a terminal")
-    lbaf = ok("id-ns", bdf, "-n", 2, "-o", "json").json()
+    cli.fails("format", bdf, "-n", 2, "-l", 0, message="stdin is not a terminal")
+    lbaf = cli.ok("id-ns", bdf, "-n", 2, "-o", "json").json()
     current = lbaf["flbas"] & 0xF
-    fails("format", bdf, "-n", 2, "-l", 99, "--force", message="has LBA formats 0..")
-    fails("format", bdf, "-n", 9, "-l", 0, "--force", message="namespace 9 is not active")
-    r = ok("format", bdf, "-n", 2, "-l", current, "--force", "-o", "json").json()
+    cli.fails("format", bdf, "-n", 2, "-l", 99, "--force", message="has LBA formats 0..")
+    cli.fails("format", bdf, "-n", 9, "-l", 0, "--force", message="namespace 9 is not active")
+    r = cli.ok("format", bdf, "-n", 2, "-l", current, "--force", "-o", "json").json()
     assert (r["lba_size"], r["nsze"]) == (512, bench.controllers[0].namespaces[1].blocks)
-    assert ok("format", bdf, "-n", 2, "-l", current, "--force").text.startswith(
+    assert cli.ok("format", bdf, "-n", 2, "-l", current, "--force").text.startswith(
         "Success formatting namespace:2")
 
 
 # ---- read / write / compare ---------------------------------------------------------------
 
 @pytest.mark.parametrize("nsid", [1, 2])
-def test_write_read_compare(bench: Bench, vfio_bdfs: list[str], bench_images: Path,
+def test_write_read_compare(cli: Cli, bench: Bench, vfio_bdfs: list[str], bench_images: Path,
                             tmp_path: Path, nsid: int) -> None:
     bdf = vfio_bdfs[0]
     lba = bench.controllers[0].namespaces[nsid - 1].lba_size
@@ -172,70 +195,70 @@ def test_write_read_compare(bench: Bench, vfio_bdfs: list[str], bench_images: Pa
     src.write_bytes(data)
     blocks = -(-len(data) // lba)
     start = 37
-    r = ok("write", bdf, "-n", nsid, "--start-block", start, "--data", src)
+    r = cli.ok("write", bdf, "-n", nsid, "--start-block", start, "--data", src)
     assert "zero-padded" in r.err and f"{blocks} blocks of {lba} bytes at LBA {start}" in r.text
     on_disk = image_bytes(bench_images, 0, nsid, start * lba, blocks * lba)
     assert on_disk == data + bytes(blocks * lba - len(data))
 
     back = tmp_path / "back.bin"
-    ok("read", bdf, "-n", nsid, "--start-block", start, "--block-count", blocks, "--data", back)
+    cli.ok("read", bdf, "-n", nsid, "--start-block", start, "--block-count", blocks, "--data", back)
     assert back.read_bytes() == on_disk
-    assert ok("read", bdf, "-n", nsid, "-s", start + 1, "-c", 2).out == on_disk[lba:3 * lba]
-    j = ok("read", bdf, "-n", nsid, "-s", start, "-c", 1, "-d", back, "-o", "json").json()
+    assert cli.ok("read", bdf, "-n", nsid, "-s", start + 1, "-c", 2).out == on_disk[lba:3 * lba]
+    j = cli.ok("read", bdf, "-n", nsid, "-s", start, "-c", 1, "-d", back, "-o", "json").json()
     assert j == {"op": "read", "nsid": nsid, "start_block": start, "blocks": 1, "bytes": lba,
                  "result": "success"}
 
-    assert "compare: Success" in ok("compare", bdf, "-n", nsid, "-s", start, "-d", src).text
+    assert "compare: Success" in cli.ok("compare", bdf, "-n", nsid, "-s", start, "-d", src).text
     changed = bytearray(data)
     changed[len(data) // 2] ^= 0xFF
     src.write_bytes(bytes(changed))
-    fails("compare", bdf, "-n", nsid, "-s", start, "-d", src, message="Compare Failure")
+    cli.fails("compare", bdf, "-n", nsid, "-s", start, "-d", src, message="Compare Failure")
 
     # --block-count cuts the file; writes through stdin work too
-    ok("write", bdf, "-n", nsid, "-s", start, "-c", 1, "-d", src)
+    cli.ok("write", bdf, "-n", nsid, "-s", start, "-c", 1, "-d", src)
     assert image_bytes(bench_images, 0, nsid, start * lba, lba) == bytes(changed[:lba])
 
 
-def test_io_errors(bench: Bench, vfio_bdfs: list[str], tmp_path: Path) -> None:
+def test_io_errors(cli: Cli, bench: Bench, vfio_bdfs: list[str], tmp_path: Path) -> None:
     bdf = vfio_bdfs[0]
     blocks = bench.controllers[0].namespaces[0].blocks
-    fails("read", bdf, "-n", 1, "-s", blocks - 1, "-c", 2, message="LBA out of range")
+    cli.fails("read", bdf, "-n", 1, "-s", blocks - 1, "-c", 2, message="LBA out of range")
     data = tmp_path / "d.bin"
     data.write_bytes(bytes(8192))
-    fails("write", bdf, "-n", 1, "-s", blocks - 1, "-d", data, message="LBA out of range")
-    fails("write", bdf, "-n", 1, "-d", tmp_path / "missing.bin",
+    cli.fails("write", bdf, "-n", 1, "-s", blocks - 1, "-d", data, message="LBA out of range")
+    cli.fails("write", bdf, "-n", 1, "-d", tmp_path / "missing.bin",
           message=f"{tmp_path / 'missing.bin'}: No such file or directory")
-    fails("write", bdf, "-n", 1, "-d", tmp_path, message="Is a directory")
-    fails("read", bdf, "-n", 1, "-c", 1, "-d", tmp_path / "no" / "dir.bin",
+    cli.fails("write", bdf, "-n", 1, "-d", tmp_path, message="Is a directory")
+    cli.fails("read", bdf, "-n", 1, "-c", 1, "-d", tmp_path / "no" / "dir.bin",
           message="No such file or directory")
-    fails("read", bdf, "-n", 9, message="namespace 9 is not active")
-    fails("read", bdf, "-n", 1, "-o", "json", message="needs --data FILE")
-    fails("read", "0000:00:1d.7", "-n", 1, message="no PCI device 0000:00:1d.7")
-    fails("read", bdf, message="the following arguments are required: -n", rc=2)
+    cli.fails("read", bdf, "-n", 9, message="namespace 9 is not active")
+    cli.fails("read", bdf, "-n", 1, "-o", "json", message="needs --data FILE")
+    cli.fails("read", "0000:00:1d.7", "-n", 1, message="no PCI device 0000:00:1d.7")
+    cli.fails("read", bdf, message="the following arguments are required: -n", rc=2)
 
 
 # ---- perf -----------------------------------------------------------------------------------
 
-def test_perf(vfio_bdfs: list[str], tmp_path: Path) -> None:
+def test_perf(cli: Cli, vfio_bdfs: list[str], tmp_path: Path) -> None:
     bdf = vfio_bdfs[0]
-    r = ok("perf", bdf, "-n", 1, "--rw", "randread", "--bs", "4k", "--iodepth", 8,
+    r = cli.ok("perf", bdf, "-n", 1, "--rw", "randread", "--bs", "4k", "--iodepth", 8,
            "--runtime", 2, "-o", "json")
     j = r.json()
     assert j["ios"] > 0 and j["iops"] > 0 and j["errors"] == 0
     assert j["workload"]["rw"] == "randread" and j["workload"]["iodepth"] == 8
     assert j["lat_ns"]["p50"] <= j["lat_ns"]["p99"] <= j["lat_ns"]["max"]
     assert "IOPS" in r.err and "MB/s" in r.err                # the live line, once a second
-    r = ok("perf", bdf, "-n", 2, "--rw", "read", "--bs", "64k", "--runtime", 1,
+    r = cli.ok("perf", bdf, "-n", 2, "--rw", "read", "--bs", "64k", "--runtime", 1,
            "--numjobs", 2, "--size", "8m", "--offset", "1m")
     lines = r.text.splitlines()
     assert lines[0].split()[:3] == ["IOPS", "MB/s", "lat"] and float(lines[2].split()[0]) > 0
 
     data = tmp_path / "d.bin"
     data.write_bytes(os.urandom(4096))
-    ok("write", bdf, "-n", 1, "-s", 0, "-d", data)
-    fails("perf", bdf, "-n", 1, "--rw", "randwrite", "--runtime", 1, message="holds data")
-    j = ok("perf", bdf, "-n", 1, "--rw", "randrw", "--rwmixread", 70, "--runtime", 1,
+    cli.ok("write", bdf, "-n", 1, "-s", 0, "-d", data)
+    cli.fails("perf", bdf, "-n", 1, "--rw", "randwrite", "--runtime", 1, message="holds data")
+    j = cli.ok("perf", bdf, "-n", 1, "--rw", "randrw", "--rwmixread", 70, "--runtime", 1,
            "--size", "4m", "--force", "-o", "json").json()
     assert j["workload"]["read_pct"] == 70 and j["ios"] > 0
-    fails("perf", bdf, "-n", 1, "--bs", "1m", "--runtime", 1, message="MDTS")
-    fails("perf", bdf, "-n", 1, "--size", "1g", "--runtime", 1, message="do not fit")
+    cli.fails("perf", bdf, "-n", 1, "--bs", "1m", "--runtime", 1, message="MDTS")
+    cli.fails("perf", bdf, "-n", 1, "--size", "1g", "--runtime", 1, message="do not fit")
