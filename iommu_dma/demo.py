@@ -9,6 +9,8 @@ QD32 -> the same workload on the kernel driver with fio -> unbind -> list, then 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import shlex
 import subprocess
@@ -24,17 +26,35 @@ RUNTIME = 5
 def step(title: str, command: list[str], capture: bool = False) -> str:
     """Print and run command; its stdout (also printed) when capture."""
     print(f"\n== {title}\n$ {shlex.join(command)}", flush=True)
-    proc = subprocess.run(command, cwd=ROOT, text=True,
-                          stdout=subprocess.PIPE if capture else None)
+    if command[0] == "iommu-dma":
+        rc, out = _in_process(command[1:], capture)
+    else:
+        proc = subprocess.run(command, cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE if capture else None)
+        rc, out = proc.returncode, proc.stdout or ""
     if capture:
-        print(proc.stdout, end="", flush=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"demo step failed ({proc.returncode}): {shlex.join(command)}")
-    return proc.stdout if capture else ""
+        print(out, end="", flush=True)
+    if rc != 0:
+        raise SystemExit(f"demo step failed ({rc}): {shlex.join(command)}")
+    return out
+
+
+def _in_process(argv: list[str], capture: bool) -> tuple[int, str]:
+    from iommu_dma.cli.main import main as cli_main
+
+    if not capture:
+        rc = cli_main(argv)
+        sys.stdout.flush()
+        return rc, ""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = cli_main(argv)
+    return rc, buf.getvalue()
 
 
 def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "iommu_dma.cli.main", *args]
+    """An iommu-dma command line (run in this process by step(): no 8 s of imports each)."""
+    return ["iommu-dma", *args]
 
 
 def kernel_block_device(bdf: str, nsid: int = 1) -> str:
