@@ -27,6 +27,10 @@ struct idma_worker_cfg {
     uint64_t seed;              /* PRNG seed and data pattern seed */
     uint64_t buf;               /* DMA area of qd * block_lbas * lba_size bytes (IOVA = VA) */
     uint64_t io_timeout_ns;     /* give up when nothing completes for this long (0 = 30 s) */
+    uint32_t spin_only;         /* 1: always busy-poll; 0: sleep when the host is loaded */
+    uint32_t reserved;
+    uint64_t idle_spin_ns;      /* loaded host: spin this long before sleeping (0 = 50 us) */
+    uint64_t idle_sleep_ns;     /* loaded host: nanosleep step while waiting (0 = 20 us) */
 };
 
 /* Live counters, written by the worker with relaxed atomic stores, readable from any thread. */

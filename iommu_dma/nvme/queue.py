@@ -252,6 +252,9 @@ class WorkerConfig:
     io_count: int = 0               # 0 = no count limit
     seed: int = 1
     io_timeout: float = 30.0
+    spin_only: bool = False         # False: sleep while waiting when the host CPU is contended
+    idle_spin: float = 0.0          # seconds of spinning before sleeping (0 = 50 us)
+    idle_sleep: float = 0.0         # sleep step (0 = 20 us)
 
     @property
     def buffer_bytes(self) -> int:
@@ -300,6 +303,8 @@ def _cfg_struct(c: WorkerConfig) -> Any:
     cfg.lba_start, cfg.lba_count = c.lba_start, c.lba_count
     cfg.duration_ns, cfg.io_count = int(c.duration * 1e9), c.io_count
     cfg.seed, cfg.buf, cfg.io_timeout_ns = c.seed, c.buf_addr, int(c.io_timeout * 1e9)
+    cfg.spin_only = int(c.spin_only)
+    cfg.idle_spin_ns, cfg.idle_sleep_ns = int(c.idle_spin * 1e9), int(c.idle_sleep * 1e9)
     return cfg
 
 
