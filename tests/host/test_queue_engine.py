@@ -529,3 +529,151 @@ def test_worker_needs_an_idle_queue_and_times_out_on_a_silent_device() -> None:
     assert [c.tag for c in r.qp.poll()] == [99]
     res = run_worker(r.qp, cfg)                  # nobody answers
     assert res.rc == ETIMEDOUT and res.timed_out and res.ios == 0 and r.qp.inflight == 2
+
+
+# ---- shadow doorbells, deferred CQ head, batch fast path ----
+
+class Shadow:
+    """The Doorbell Buffer Config pages (NVMe Base 2.0 §5.8) as the fake controller sees them."""
+
+    def __init__(self, qid: int) -> None:
+        self.db, self.ei = Mem(PAGE), Mem(PAGE)
+        self.sq_off = lib.idma_sq_doorbell_offset(qid, DSTRD) - 0x1000
+        self.cq_off = lib.idma_cq_doorbell_offset(qid, DSTRD) - 0x1000
+
+    def sq_tail(self) -> int:
+        return self.db.u32(self.sq_off)
+
+    def cq_head(self) -> int:
+        return self.db.u32(self.cq_off)
+
+    def set_sq_ei(self, v: int) -> None:
+        struct.pack_into("<I", self.ei.map, self.sq_off, v)
+
+    def set_cq_ei(self, v: int) -> None:
+        struct.pack_into("<I", self.ei.map, self.cq_off, v)
+
+
+def test_shadow_doorbells_follow_the_eventidx_rule() -> None:
+    r = Rig(depth=16, qid=3)
+    sh = Shadow(3)
+    sh.set_sq_ei(9)                                 # stale EventIdx of an earlier queue
+    r.qp.set_shadow(sh.db.addr, sh.ei.addr)
+    d = r.data.addr
+    r.qp.submit([(S.read(1, 0, 1), d, 512, 1)])
+    # the first doorbell after set_shadow always reaches BAR0, the shadow holds the tail too
+    assert sh.sq_tail() == 1 == r.dev.sq_tail
+    got = r.dev.fetch()
+    sh.set_sq_ei(1)                                 # controller saw tail 1 and went idle
+    r.qp.submit([(S.read(1, 1, 1), d, 512, 2)])     # 1 -> 2 passes EventIdx 1: ring
+    assert sh.sq_tail() == 2 == r.dev.sq_tail
+    got += r.dev.fetch()
+    sh.set_sq_ei(5)                                 # controller still busy, will re-read
+    r.qp.submit([(S.read(1, 2, 1), d, 512, 3)])     # 2 -> 3 does not pass 5: shadow only
+    assert sh.sq_tail() == 3 and r.dev.sq_tail == 2
+    info = r.qp.info()
+    assert info["shadow"] == 1 and info["sq_doorbells"] == 3 and info["sq_mmio"] == 2
+    # CQ head: shadow always, BAR0 only when the head passes the CQ EventIdx
+    sh.set_cq_ei(7)
+    r.dev.post(got[0].cid)
+    assert [c.tag for c in r.qp.poll()] == [1]
+    assert sh.cq_head() == 1 and r.dev.cq_head == 0
+    sh.set_cq_ei(1)
+    r.dev.post(got[1].cid)
+    assert [c.tag for c in r.qp.poll()] == [2]
+    assert sh.cq_head() == 2 and r.dev.cq_head == 2
+    # back to MMIO only: BAR0 gets the current head
+    r.qp.set_shadow(0, 0)
+    assert r.qp.info()["shadow"] == 0
+
+
+def test_shadow_need_event_across_the_ring_wrap() -> None:
+    r = Rig(depth=4)
+    sh = Shadow(1)
+    r.qp.set_shadow(sh.db.addr, sh.ei.addr)
+    d = r.data.addr
+    for i in range(3):                              # tail 0 -> 3
+        r.qp.submit([(S.read(1, i, 1), d, 512, i)])
+        r.dev.post(r.dev.fetch()[0].cid)
+        r.qp.poll()
+        sh.set_sq_ei(r.dev.sq_tail)                 # idle controller: EventIdx = seen tail
+    before = r.qp.info()["sq_mmio"]
+    sh.set_sq_ei(3)
+    r.qp.submit([(S.read(1, 9, 1), d, 512, 9)])     # 3 -> 0 wraps past EventIdx 3: ring
+    assert r.qp.info()["sq_mmio"] == before + 1 and r.dev.sq_tail == 0
+
+
+def test_shadow_mmio_always_and_bad_pages() -> None:
+    r = Rig(depth=8, qid=0)
+    sh = Shadow(0)
+    with pytest.raises(QueueError):
+        r.qp.set_shadow(sh.db.addr + 4, sh.ei.addr)     # §5.8: page aligned
+    with pytest.raises(QueueError):
+        r.qp.set_shadow(sh.db.addr, 0)
+    r.qp.set_shadow(sh.db.addr, sh.ei.addr, mmio_always=True)
+    sh.set_sq_ei(6)
+    for i in range(3):
+        r.qp.submit([(S.flush(1), 0, 0, i)])
+    assert r.dev.sq_tail == 3 == sh.sq_tail() and r.qp.info()["sq_mmio"] == 3
+
+
+def test_deferred_cq_head_never_lets_the_controller_see_a_full_cq() -> None:
+    r = Rig(depth=8)                                # 7 trackers
+    r.qp.set_cq_batch(4)
+    d = r.data.addr
+    done = 0
+    for _ in range(20):
+        n = r.qp.submit([(S.read(1, k, 1), d, 512, k) for k in range(3)])
+        # controller's view: entries it posted since the last head it was told
+        got = r.dev.fetch()
+        for e in got:
+            used = (r.dev.cq_tail - r.dev.cq_head) % r.dev.depth
+            assert used < r.dev.depth - 1           # room to post (CQ not full, §3.3.1.2)
+            r.dev.post(e.cid)
+        done += len(r.qp.poll())
+        assert n == 3
+    info = r.qp.info()
+    assert done == 60 and info["cq_mmio"] < info["cq_doorbells"] == 20
+    r.qp.set_cq_batch(0)                            # back to eager: BAR0 catches up
+    assert r.dev.cq_head == info["cq_head"]
+
+
+def test_submit_rw_and_wait_tags_fast_path() -> None:
+    from array import array
+
+    from iommu_dma.nvme.queue import BatchIo
+
+    r = Rig(depth=16)
+    b = BatchIo(r.qp, 1, 512, r.data.addr, 8, nlb=2, lba_capacity=16)
+    b.lbas[:] = array("Q", range(100, 116))
+    assert b.submit(8) == 8
+    got = r.dev.fetch()
+    assert [(e.opcode, e.nsid, e.cdw10, e.cdw12) for e in got] == \
+        [(S.OPC_READ, 1, 100 + i, 1) for i in range(8)]
+    assert [e.prp1 for e in got] == [r.data.addr + i * 1024 for i in range(8)]
+    for e in got[:5]:
+        r.dev.post(e.cid, status=S.make_status(0x81, S.SCT_MEDIA) if e.cdw10 == 102 else 0)
+    n = b.reap(1, 0.5)
+    assert n == 5 and sorted(b.tags[:n]) == [0, 1, 2, 3, 4] and b.errors(n) == 1
+    assert b.submit(n) == 5 and b.pos == 13
+    assert [e.cdw10 for e in r.dev.fetch()] == [108, 109, 110, 111, 112]
+    assert b.reap(1, 0.01) == 0                     # times out, nothing lost
+    assert r.qp.inflight == 8
+    with pytest.raises(QueueError):
+        BatchIo(r.qp, 1, 512, 0x12, 8).submit(1)    # misaligned buffer: refused
+
+
+def test_worker_spin_only_and_fast_clock() -> None:
+    lba, qd = 512, 2
+    r = Rig(depth=8)
+    buf = Mem(qd * lba)
+    with DiskDevice(r, lba, 64):
+        for spin_only in (True, False):
+            cfg = WorkerConfig(nsid=1, lba_size=lba, lba_count=64, buf_addr=buf.addr, qd=qd,
+                               io_count=50, random=True, spin_only=spin_only,
+                               idle_spin=1e-5, idle_sleep=1e-5)
+            t0 = time.monotonic()
+            res = run_worker(r.qp, cfg)
+            wall = time.monotonic() - t0
+            assert res.rc == 0 and res.ios == 50
+            assert 0 < res.elapsed_ns <= wall * 1e9 * 1.05 + 1e6
