@@ -93,7 +93,7 @@ def cmd_perf(args: argparse.Namespace) -> int:
         if args.rw in WRITES and not args.force and holds_data(ns):
             confirm(f"Namespace {ns.nsid} of {ns.ctrl.bdf} holds data; --rw {args.rw} "
                     "overwrites it. Go on?", False,
-                    f"refusing to overwrite the data on namespace {ns.nsid} of {ns.ctrl.bdf}")
+                    f"namespace {ns.nsid} of {ns.ctrl.bdf} holds data; refusing to overwrite it")
         sys.stderr.write(describe(w, ns) + "\n")
         live = LiveLine(sys.stderr)
         try:
