@@ -140,8 +140,6 @@ def test_id_ctrl_and_id_ns(cli: Cli, bench: Bench, vfio_bdfs: list[str]) -> None
         assert len(in_use) == 1 and f"ms:0   lbads:{lbads:<2d} rp:0 (in use)" in in_use[0]
 
 
-@pytest.mark.xfail(reason="the process dies of SIGSEGV (-11) at exit after this error; "
-                          "under investigation", strict=False)
 def test_error_exit_status_of_a_real_process(cli: Cli, vfio_bdfs: list[str]) -> None:
     bdf = vfio_bdfs[0]
     proc = subprocess.run([sys.executable, "-m", "iommu_dma.cli.main", "id-ns", bdf, "-n", "9"],
