@@ -23,8 +23,8 @@ DATA_MIB = 4
 RUNTIME = 5
 
 
-def step(title: str, command: list[str], capture: bool = False) -> str:
-    """Print and run command; its stdout (also printed) when capture."""
+def step(title: str, command: list[str], capture: bool = False, show: bool = True) -> str:
+    """Print and run command; its stdout (also printed, when show) when capture."""
     print(f"\n== {title}\n$ {shlex.join(command)}", flush=True)
     if command[0] == "iommu-dma":
         rc, out = _in_process(command[1:], capture)
@@ -32,7 +32,7 @@ def step(title: str, command: list[str], capture: bool = False) -> str:
         proc = subprocess.run(command, cwd=ROOT, text=True,
                               stdout=subprocess.PIPE if capture else None)
         rc, out = proc.returncode, proc.stdout or ""
-    if capture:
+    if capture and show:
         print(out, end="", flush=True)
     if rc != 0:
         raise SystemExit(f"demo step failed ({rc}): {shlex.join(command)}")
@@ -75,8 +75,11 @@ def fio_iops(dev: str) -> float:
     out = step("the same workload through the kernel nvme driver (fio, io_uring)",
                ["fio", "--name=k", f"--filename={dev}", "--direct=1", "--rw=randread",
                 "--bs=4k", "--iodepth=32", "--ioengine=io_uring", f"--runtime={RUNTIME}",
-                "--time_based", "--output-format=json"], capture=True)
-    return float(json.loads(out[out.index("{"):])["jobs"][0]["read"]["iops"])
+                "--time_based", "--output-format=json"], capture=True, show=False)
+    read = json.loads(out[out.index("{"):])["jobs"][0]["read"]
+    print(f"fio: {read['iops']:.0f} IOPS, average latency {read['lat_ns']['mean'] / 1000:.0f} us",
+          flush=True)
+    return float(read["iops"])
 
 
 def perf_iops(table: str) -> float:
