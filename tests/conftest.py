@@ -8,6 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from iommu_dma.testing.bench import current_bench
+from iommu_dma.testing.guest import driver_of
+from iommu_dma.testing.guest import nvme_bdfs as guest_nvme_bdfs
+
 SETUP_VFIO = Path(__file__).resolve().parent.parent / "scripts" / "setup_vfio.sh"
 
 
@@ -22,7 +26,19 @@ def setup_vfio(*args: str, check: bool = True) -> subprocess.CompletedProcess[st
 
 @pytest.fixture
 def vfio_bdfs(nvme_bdfs: list[str]) -> Iterator[list[str]]:
-    """The bench's controllers bound to vfio-pci for the test, given back to nvme afterwards."""
-    setup_vfio("bind", *nvme_bdfs)
+    """The bench's controllers bound to vfio-pci for the test. They stay bound for the next
+    test that wants them so (rebinding costs seconds under TCG); a test that does not ask for
+    this fixture gets them back on the kernel driver first (see below)."""
+    if any(driver_of(b) != "vfio-pci" for b in nvme_bdfs):
+        setup_vfio("bind", *nvme_bdfs)
     yield nvme_bdfs
-    setup_vfio("unbind", *nvme_bdfs)
+
+
+@pytest.fixture(autouse=True)
+def _kernel_driver_unless_vfio(request: pytest.FixtureRequest) -> None:
+    """VM tests that do not ask for vfio_bdfs start with every controller on `nvme`."""
+    if current_bench() is None or "vfio_bdfs" in request.fixturenames:
+        return
+    bound = [b for b in guest_nvme_bdfs() if driver_of(b) == "vfio-pci"]
+    if bound:
+        setup_vfio("unbind", *bound)

@@ -25,7 +25,7 @@ from iommu_dma.testing.bench import BENCH_ENV, Bench
 
 IMAGES_ENV = "IOMMU_DMA_IMAGES"
 KERNEL_ENV = "IOMMU_DMA_KERNEL"
-DEFAULT_TIMEOUT = 900.0
+DEFAULT_TIMEOUT = 2400.0
 
 
 class VmError(RuntimeError):

@@ -66,8 +66,8 @@ def test_write_read_sizes_and_offsets(bench: Bench, ctrl: Controller,
         ns = ctrl.namespace(nsid)
         mdts_blocks = ctrl.max_transfer // ns.lba_size
         lba = 0
-        for nlb in (1, 2, 3, mdts_blocks - 1, mdts_blocks, 3 * mdts_blocks + 1):
-            for offset in (0, 4, 520, 4092):
+        for nlb in (1, 3, mdts_blocks, 3 * mdts_blocks + 1):
+            for offset in (0, 520, 4092):
                 size = nlb * ns.lba_size
                 buf = ctrl.alloc(size + 8192)
                 view = memoryview(buf).cast("B")[offset:offset + size]
