@@ -124,7 +124,9 @@ def test_user_and_hugepages(vfio_bdfs: list[str]) -> None:
     bdf = vfio_bdfs[0]
     proc = setup_vfio("--user", "nobody", "--hugepages", "8", "bind", bdf)
     node = Path(f"/dev/vfio/{group_of(bdf)}")
-    assert node.owner() == "nobody"
+    owner = node.owner()
+    os.chown(node, 0, 0)                 # the device stays bound for later tests: give it back
+    assert owner == "nobody"
     assert "8 2 MiB hugepages reserved" in proc.stdout
     assert Path("/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages").read_text() == "8\n"
     # nobody keeps the default memlock limit, far too low for DMA: the script says so and how
