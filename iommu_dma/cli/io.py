@@ -45,6 +45,13 @@ def chunks(ns: Namespace, start: int, count: int) -> list[tuple[int, int]]:
     return [(lba, min(step, start + count - lba)) for lba in range(start, start + count, step)]
 
 
+def payload_pieces(ns: Namespace, start: int, blocks: int,
+                   payload: bytes) -> list[tuple[int, int, bytes]]:
+    """(lba, blocks, bytes) of payload in chunks(): what write and compare send per call."""
+    return [(lba, n, payload[(lba - start) * ns.lba_size:(lba - start + n) * ns.lba_size])
+            for lba, n in chunks(ns, start, blocks)]
+
+
 def read_file(path: str) -> bytes:
     if path == "-":
         return sys.stdin.buffer.read()
@@ -100,9 +107,8 @@ def cmd_write(args: argparse.Namespace) -> int:
     with namespace(args.bdf, args.nsid) as ns:
         payload, blocks = padded(data, ns.lba_size, args.block_count, args.data)
         check_range(ns, args.start_block, blocks)
-        for lba, n in chunks(ns, args.start_block, blocks):
-            off = (lba - args.start_block) * ns.lba_size
-            ns.write(lba, payload[off:off + n * ns.lba_size])
+        for lba, _, piece in payload_pieces(ns, args.start_block, blocks, payload):
+            ns.write(lba, piece)
         ns.flush()
         _report(args, "write", ns, args.start_block, blocks)
     return 0
@@ -120,9 +126,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     with namespace(args.bdf, args.nsid) as ns:
         payload, blocks = padded(data, ns.lba_size, args.block_count, args.data)
         check_range(ns, args.start_block, blocks)
-        for lba, n in chunks(ns, args.start_block, blocks):
-            off = (lba - args.start_block) * ns.lba_size
-            if not _equal(ns, lba, payload[off:off + n * ns.lba_size]):
+        for lba, n, piece in payload_pieces(ns, args.start_block, blocks, payload):
+            if not _equal(ns, lba, piece):
                 raise CliError(f"Compare Failure: LBAs {lba}..{lba + n - 1} of namespace "
                                f"{ns.nsid} differ from {args.data}")
         _report(args, "compare", ns, args.start_block, blocks)
