@@ -15,7 +15,6 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 from iommu_dma import vfio
-from iommu_dma._native import ffi, lib
 from iommu_dma.discovery import VFIO_DRIVER, find, group_devices
 from iommu_dma.errors import (
     AlignmentError,
@@ -30,6 +29,7 @@ from iommu_dma.errors import (
     VfioError,
 )
 from iommu_dma.memory import check_memlock
+from iommu_dma.native import ffi, lib
 
 CONTAINER_PATH = "/dev/vfio/vfio"
 DEFAULT_PAGE = 4096

@@ -25,13 +25,13 @@ def setup_vfio(*args: str, check: bool = True) -> subprocess.CompletedProcess[st
 
 
 @pytest.fixture
-def vfio_bdfs(nvme_bdfs: list[str]) -> Iterator[list[str]]:
+def vfio_bdfs(idma_nvme_bdfs: list[str]) -> Iterator[list[str]]:
     """The bench's controllers bound to vfio-pci for the test. They stay bound for the next
     test that wants them so (rebinding costs seconds under TCG); a test that does not ask for
     this fixture gets them back on the kernel driver first (see below)."""
-    if any(driver_of(b) != "vfio-pci" for b in nvme_bdfs):
-        setup_vfio("bind", *nvme_bdfs)
-    yield nvme_bdfs
+    if any(driver_of(b) != "vfio-pci" for b in idma_nvme_bdfs):
+        setup_vfio("bind", *idma_nvme_bdfs)
+    yield idma_nvme_bdfs
 
 
 @pytest.fixture(autouse=True)

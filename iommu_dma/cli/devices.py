@@ -16,7 +16,7 @@ from iommu_dma.cli.common import PROG, CliError, add_output_format, set_handler
 from iommu_dma.discovery import PCI_DEVICES, VFIO_DRIVER, PciInfo, list_nvme, normalize_bdf
 from iommu_dma.errors import IommuDmaError
 
-SETUP_SCRIPT = Path(iommu_dma.__file__).resolve().parent.parent / "scripts" / "setup_vfio.sh"
+SETUP_SCRIPT = Path(iommu_dma.__file__).resolve().parent / "data" / "setup_vfio.sh"
 SECTOR = 512                                   # sysfs block `size` is in 512-byte sectors
 _NS_DIR = re.compile(r"^nvme\d+(?:c\d+)?n(\d+)$")
 

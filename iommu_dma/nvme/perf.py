@@ -12,8 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from iommu_dma._native import ffi, lib
 from iommu_dma.errors import IommuDmaError
+from iommu_dma.native import ffi, lib
 from iommu_dma.nvme.queue import WorkerConfig, WorkerResult, new_progress, run_worker
 from iommu_dma.nvme.status import NvmeError
 

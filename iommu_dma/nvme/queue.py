@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-from iommu_dma._native import ffi, lib
+from iommu_dma.native import ffi, lib
 from iommu_dma.nvme.sqe import SQE_SIZE, Sqe, Status, decode_status
 
 # Return codes (native/queue.h enum idma_rc).

@@ -1,11 +1,16 @@
-"""pytest integration of the bench: tests marked `vm` run inside a bench guest.
+"""pytest integration of the bench: tests marked `iommu_dma_vm` run inside a bench guest.
 
-On the host, the first `vm` test of a bench boots one guest for that bench, runs every selected
-`vm` test of that bench inside it (`pytest` in the guest, same checkout, same node ids), and the
+Everything this plugin adds is namespaced so that it cannot clash with other projects' suites: the
+marker `iommu_dma_vm`, the fixtures `idma_bench`, `idma_bench_images`, `idma_nvme_bdfs` and the
+`--iommu-dma-*` and `--idma-vm-*` options. Tests without the marker are left alone.
+
+On the host, the first `iommu_dma_vm` test of a bench boots one guest for that bench, runs every
+selected test of that bench inside it (`pytest` in the guest, same checkout, same node ids), and the
 guest's reports are replayed on the host as if the tests had run here. Host-only tests run as usual.
 
-A test names its bench with `@pytest.mark.vm(bench="aw39")` (default: "default") or by indirect
-parametrization of the `bench` fixture: `@pytest.mark.parametrize("bench", [...], indirect=True)`.
+A test names its bench with `@pytest.mark.iommu_dma_vm(bench="aw39")` (default: "default") or
+by indirect parametrization of `idma_bench`:
+`@pytest.mark.parametrize("idma_bench", [...], indirect=True)`.
 """
 
 from __future__ import annotations
@@ -24,21 +29,23 @@ from iommu_dma.testing.bench import Bench, current_bench, get_bench
 
 REPORT_OPT = "--iommu-dma-guest-report"
 SELECT_OPT = "--iommu-dma-guest-select"
-IN_GUEST_ENV = vm.IMAGES_ENV
+MARKER = "iommu_dma_vm"       # tests that run inside a bench guest
+FIXTURE = "idma_bench"        # the bench configuration, indirect-parametrizable
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("iommu-dma", "iommu-dma bench guests")
     group.addoption(REPORT_OPT, default=None, help="(internal) file the guest writes reports to")
     group.addoption(SELECT_OPT, default=None, help="(internal) file of node ids the guest runs")
-    group.addoption("--vm-timeout", type=float, default=vm.DEFAULT_TIMEOUT,
+    group.addoption("--idma-vm-timeout", type=float, default=vm.DEFAULT_TIMEOUT,
                     help="seconds one bench guest may run before it is killed")
-    group.addoption("--vm-verbose", action="store_true",
+    group.addoption("--idma-vm-verbose", action="store_true",
                     help="copy the guests' console output to the terminal")
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "vm(bench='default'): run inside a bench guest")
+    config.addinivalue_line(
+        "markers", f"{MARKER}(bench='default'): run inside a QEMU bench guest of iommu-dma")
     if in_guest():
         config.pluginmanager.register(GuestReporter(config), "iommu-dma-guest")
     else:
@@ -51,20 +58,21 @@ def in_guest() -> bool:
 
 def bench_name(item: pytest.Item) -> str:
     callspec = getattr(item, "callspec", None)
-    if callspec is not None and "bench" in callspec.params:
-        return str(callspec.params["bench"])
-    marker = item.get_closest_marker("vm")
+    if callspec is not None and FIXTURE in callspec.params:
+        return str(callspec.params[FIXTURE])
+    marker = item.get_closest_marker(MARKER)
     if marker is None:
-        raise ValueError(f"{item.nodeid} is not a vm test")
+        raise ValueError(f"{item.nodeid} is not an {MARKER} test")
     return str(marker.kwargs.get("bench", marker.args[0] if marker.args else "default"))
 
 
 @pytest.fixture
-def bench(request: pytest.FixtureRequest) -> Bench:
+def idma_bench(request: pytest.FixtureRequest) -> Bench:
     """The bench configuration this guest was booted with (vm tests only)."""
     booted = current_bench()
     if booted is None:
-        pytest.fail("the bench fixture is only available inside a bench guest (mark the test vm)")
+        pytest.fail(f"the {FIXTURE} fixture is only available inside a bench guest "
+                    f"(mark the test {MARKER})")
     wanted = getattr(request, "param", booted.name)
     if wanted != booted.name:
         pytest.fail(f"test wants bench {wanted!r} but this guest runs {booted.name!r}")
@@ -72,7 +80,7 @@ def bench(request: pytest.FixtureRequest) -> Bench:
 
 
 @pytest.fixture
-def bench_images() -> Path:
+def idma_bench_images() -> Path:
     """Host directory of the bench's backing images (readable from the guest)."""
     return Path(os.environ[vm.IMAGES_ENV])
 
@@ -118,13 +126,13 @@ class HostRunner:
     @pytest.hookimpl(trylast=True)
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
         for item in items:
-            if item.get_closest_marker("vm") is not None:
+            if item.get_closest_marker(MARKER) is not None:
                 self.by_bench[bench_name(item)].append(item)
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_protocol(self, item: pytest.Item,
                                 nextitem: pytest.Item | None) -> bool | None:
-        if item.get_closest_marker("vm") is None:
+        if item.get_closest_marker(MARKER) is None:
             return None
         name = bench_name(item)
         if name not in self.reports and name not in self.errors:
@@ -149,7 +157,7 @@ class HostRunner:
         tw = self.config.get_terminal_writer()
         tw.line()
         tw.line(f"[iommu-dma] booting bench {name!r} for {len(items)} test(s)", bold=True)
-        verbose = self.config.getoption("--vm-verbose")
+        verbose = self.config.getoption("--idma-vm-verbose")
         tail: deque[str] = deque(maxlen=60)
 
         def on_line(line: str) -> None:
@@ -161,7 +169,7 @@ class HostRunner:
             report_file = work / "reports.jsonl"
             command = _guest_pytest_command(items, report_file, work / "selected.txt")
             try:
-                result = vm.run(bench, command, timeout=self.config.getoption("--vm-timeout"),
+                result = vm.run(bench, command, timeout=self.config.getoption("--idma-vm-timeout"),
                                 on_line=on_line, work_dir=work, cwd=Path(self.config.rootpath))
             except vm.VmError as e:
                 self.errors[name] = str(e)
@@ -199,11 +207,11 @@ def _guest_pytest_command(items: list[pytest.Item], report_file: Path, select: P
 
 
 @pytest.fixture
-def nvme_bdfs(bench: Bench) -> list[str]:
+def idma_nvme_bdfs(idma_bench: Bench) -> list[str]:
     """BDFs of the bench's controllers, in the bench's order."""
     from iommu_dma.testing.guest import nvme_bdfs as find
 
     found = find()
-    want = len(bench.controllers)
+    want = len(idma_bench.controllers)
     assert len(found) == want, f"expected {want} NVMe controllers, saw {found}"
     return found

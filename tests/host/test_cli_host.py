@@ -180,5 +180,5 @@ def test_list_table() -> None:
 def test_bind_runs_the_setup_script() -> None:
     args = build_parser().parse_args(["bind", "00:04.0", "--user", "bob", "--force"])
     cmd = devices.setup_command("bind", args)
-    assert cmd[1].endswith("scripts/setup_vfio.sh") and devices.SETUP_SCRIPT.is_file()
+    assert cmd[1].endswith("iommu_dma/data/setup_vfio.sh") and devices.SETUP_SCRIPT.is_file()
     assert cmd[2:] == ["--force", "--user", "bob", "bind", "0000:00:04.0"]

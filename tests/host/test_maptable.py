@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from iommu_dma._native import ffi, lib
+from iommu_dma.native import ffi, lib
 
 K = 4096
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from iommu_dma._native import ffi, lib
+from iommu_dma.native import ffi, lib
 
 PAGE = 4096
 LIST_IOVA = 0x7000_0000  # where the PRP list page "is" for the device

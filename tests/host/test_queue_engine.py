@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from iommu_dma._native import ffi, lib
+from iommu_dma.native import ffi, lib
 from iommu_dma.nvme import sqe as S
 from iommu_dma.nvme.queue import (
     EALIGN,

@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from iommu_dma._native import ffi
+from iommu_dma.native import ffi
 from iommu_dma.nvme import sqe as S
 
 

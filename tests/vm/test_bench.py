@@ -10,7 +10,8 @@ from iommu_dma.testing.bench import QEMU_VENDOR_DEVICE, Bench
 from iommu_dma.testing.guest import PCI_DEVICES, driver_of
 
 BENCHES = ["default", "aw39", "two_ctrl"]
-pytestmark = [pytest.mark.vm, pytest.mark.parametrize("bench", BENCHES, indirect=True)]
+pytestmark = [pytest.mark.iommu_dma_vm,
+              pytest.mark.parametrize("idma_bench", BENCHES, indirect=True)]
 
 
 def _mgaw_bits() -> int:
@@ -19,12 +20,12 @@ def _mgaw_bits() -> int:
     return ((cap >> 16) & 0x3F) + 1
 
 
-def test_iommu_width_matches_bench(bench: Bench) -> None:
-    assert _mgaw_bits() == bench.aw_bits
+def test_iommu_width_matches_bench(idma_bench: Bench) -> None:
+    assert _mgaw_bits() == idma_bench.aw_bits
 
 
-def test_controllers_match_bench(bench: Bench, nvme_bdfs: list[str]) -> None:
-    for bdf, ctrl in zip(nvme_bdfs, bench.controllers):
+def test_controllers_match_bench(idma_bench: Bench, idma_nvme_bdfs: list[str]) -> None:
+    for bdf, ctrl in zip(idma_nvme_bdfs, idma_bench.controllers):
         dev = PCI_DEVICES / bdf
         ids = f"{(dev / 'vendor').read_text()[2:6]}:{(dev / 'device').read_text()[2:6]}"
         assert ids == QEMU_VENDOR_DEVICE

@@ -17,7 +17,7 @@ from iommu_dma.cli.main import main
 from iommu_dma.testing.bench import QEMU_MODEL, Bench
 from iommu_dma.testing.guest import driver_of
 
-pytestmark = pytest.mark.vm
+pytestmark = pytest.mark.iommu_dma_vm
 
 
 @dataclass
@@ -81,10 +81,10 @@ def image_bytes(images: Path, ctrl: int, nsid: int, offset: int, size: int) -> b
 
 # ---- list / bind / unbind -------------------------------------------------------------------
 
-def _check_list(cli: Cli, bench: Bench, bdfs: list[str], driver: str) -> None:
+def _check_list(cli: Cli, idma_bench: Bench, bdfs: list[str], driver: str) -> None:
     listed = cli.ok("list", "-o", "json").json()["controllers"]
     assert [c["bdf"] for c in listed] == bdfs
-    for c, cfg in zip(listed, bench.controllers):
+    for c, cfg in zip(listed, idma_bench.controllers):
         assert (c["driver"], c["serial"], c["model"]) == (driver, cfg.serial, QEMU_MODEL)
         assert c["error"] is None and c["iommu_group"] is not None
         got = [(n["nsid"], n["blocks"], n["lba_size"]) for n in c["namespaces"]]
@@ -94,18 +94,18 @@ def _check_list(cli: Cli, bench: Bench, bdfs: list[str], driver: str) -> None:
     assert human[0].split() == ["BDF", "Driver", "Group", "Serial", "Model", "Namespaces",
                                 "Capacity"]
     row = human[2]
-    assert bdfs[0] in row and driver in row and bench.controllers[0].serial in row
+    assert bdfs[0] in row and driver in row and idma_bench.controllers[0].serial in row
     assert QEMU_MODEL in row and " 1,2 " in row and "96.00 MiB" in row
 
 
-def test_list_bind_unbind(cli: Cli, bench: Bench, nvme_bdfs: list[str]) -> None:
-    bdf = nvme_bdfs[0]
-    _check_list(cli, bench, nvme_bdfs, "nvme")
+def test_list_bind_unbind(cli: Cli, idma_bench: Bench, idma_nvme_bdfs: list[str]) -> None:
+    bdf = idma_nvme_bdfs[0]
+    _check_list(cli, idma_bench, idma_nvme_bdfs, "nvme")
     cli.fails("id-ctrl", bdf, message=f"`iommu-dma bind {bdf}`")
     out = cli.ok("bind", bdf).text
     assert f"{bdf} bound to vfio-pci" in out and driver_of(bdf) == "vfio-pci"
     try:
-        _check_list(cli, bench, nvme_bdfs, "vfio-pci")
+        _check_list(cli, idma_bench, idma_nvme_bdfs, "vfio-pci")
     finally:
         out = cli.ok("unbind", bdf).text
     assert "given back to the kernel nvme driver" in out and driver_of(bdf) == "nvme"
@@ -114,8 +114,8 @@ def test_list_bind_unbind(cli: Cli, bench: Bench, nvme_bdfs: list[str]) -> None:
 
 # ---- admin commands -------------------------------------------------------------------------
 
-def test_id_ctrl_and_id_ns(cli: Cli, bench: Bench, vfio_bdfs: list[str]) -> None:
-    bdf, cfg = vfio_bdfs[0], bench.controllers[0]
+def test_id_ctrl_and_id_ns(cli: Cli, idma_bench: Bench, vfio_bdfs: list[str]) -> None:
+    bdf, cfg = vfio_bdfs[0], idma_bench.controllers[0]
     idc = cli.ok("id-ctrl", bdf, "-o", "json").json()
     assert (idc["sn"], idc["mn"], idc["mdts"], idc["vid"]) == (cfg.serial, QEMU_MODEL, cfg.mdts,
                                                                0x1B36)
@@ -174,7 +174,7 @@ def test_logs_and_features(cli: Cli, vfio_bdfs: list[str]) -> None:
     cli.fails("get-feature", bdf, "-f", "0x7f", message="Invalid Field in Command")
 
 
-def test_format_asks_unless_forced(cli: Cli, bench: Bench, vfio_bdfs: list[str]) -> None:
+def test_format_asks_unless_forced(cli: Cli, idma_bench: Bench, vfio_bdfs: list[str]) -> None:
     bdf = vfio_bdfs[0]
     cli.fails("format", bdf, "-n", 2, "-l", 0, message="stdin is not a terminal")
     lbaf = cli.ok("id-ns", bdf, "-n", 2, "-o", "json").json()
@@ -182,7 +182,7 @@ def test_format_asks_unless_forced(cli: Cli, bench: Bench, vfio_bdfs: list[str])
     cli.fails("format", bdf, "-n", 2, "-l", 99, "--force", message="has LBA formats 0..")
     cli.fails("format", bdf, "-n", 9, "-l", 0, "--force", message="namespace 9 is not active")
     r = cli.ok("format", bdf, "-n", 2, "-l", current, "--force", "-o", "json").json()
-    assert (r["lba_size"], r["nsze"]) == (512, bench.controllers[0].namespaces[1].blocks)
+    assert (r["lba_size"], r["nsze"]) == (512, idma_bench.controllers[0].namespaces[1].blocks)
     assert cli.ok("format", bdf, "-n", 2, "-l", current, "--force").text.startswith(
         "Success formatting namespace:2")
 
@@ -190,10 +190,11 @@ def test_format_asks_unless_forced(cli: Cli, bench: Bench, vfio_bdfs: list[str])
 # ---- read / write / compare ---------------------------------------------------------------
 
 @pytest.mark.parametrize("nsid", [1, 2])
-def test_write_read_compare(cli: Cli, bench: Bench, vfio_bdfs: list[str], bench_images: Path,
+def test_write_read_compare(cli: Cli, idma_bench: Bench, vfio_bdfs: list[str],
+                            idma_bench_images: Path,
                             tmp_path: Path, nsid: int) -> None:
     bdf = vfio_bdfs[0]
-    lba = bench.controllers[0].namespaces[nsid - 1].lba_size
+    lba = idma_bench.controllers[0].namespaces[nsid - 1].lba_size
     data = os.urandom(300 * 1024 + 100)                # not a whole number of blocks
     src = tmp_path / "src.bin"
     src.write_bytes(data)
@@ -201,7 +202,7 @@ def test_write_read_compare(cli: Cli, bench: Bench, vfio_bdfs: list[str], bench_
     start = 37
     r = cli.ok("write", bdf, "-n", nsid, "--start-block", start, "--data", src)
     assert "zero-padded" in r.err and f"{blocks} blocks of {lba} bytes at LBA {start}" in r.text
-    on_disk = image_bytes(bench_images, 0, nsid, start * lba, blocks * lba)
+    on_disk = image_bytes(idma_bench_images, 0, nsid, start * lba, blocks * lba)
     assert on_disk == data + bytes(blocks * lba - len(data))
 
     back = tmp_path / "back.bin"
@@ -220,12 +221,12 @@ def test_write_read_compare(cli: Cli, bench: Bench, vfio_bdfs: list[str], bench_
 
     # --block-count cuts the file; writes through stdin work too
     cli.ok("write", bdf, "-n", nsid, "-s", start, "-c", 1, "-d", src)
-    assert image_bytes(bench_images, 0, nsid, start * lba, lba) == bytes(changed[:lba])
+    assert image_bytes(idma_bench_images, 0, nsid, start * lba, lba) == bytes(changed[:lba])
 
 
-def test_io_errors(cli: Cli, bench: Bench, vfio_bdfs: list[str], tmp_path: Path) -> None:
+def test_io_errors(cli: Cli, idma_bench: Bench, vfio_bdfs: list[str], tmp_path: Path) -> None:
     bdf = vfio_bdfs[0]
-    blocks = bench.controllers[0].namespaces[0].blocks
+    blocks = idma_bench.controllers[0].namespaces[0].blocks
     cli.fails("read", bdf, "-n", 1, "-s", blocks - 1, "-c", 2, message="LBA out of range")
     data = tmp_path / "d.bin"
     data.write_bytes(bytes(8192))

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from iommu_dma._native import ffi, lib
 from iommu_dma.container import Container
 from iommu_dma.errors import ClosedError
 from iommu_dma.memory import DmaAllocator
+from iommu_dma.native import ffi, lib
 from iommu_dma.nvme import sqe
 from iommu_dma.nvme.controller import Controller
 from iommu_dma.nvme.ioqueue import NotMappedError
@@ -26,7 +26,7 @@ from iommu_dma.nvme.status import NvmeError
 from iommu_dma.testing.bench import Bench, image_path
 from tests.conftest import setup_vfio
 
-pytestmark = pytest.mark.vm
+pytestmark = pytest.mark.iommu_dma_vm
 
 
 @pytest.fixture
@@ -41,9 +41,9 @@ def image_bytes(images: Path, ctrl_index: int, nsid: int, offset: int, length: i
         return f.read(length)
 
 
-@pytest.mark.parametrize("bench", ["default", "aw39", "two_ctrl"], indirect=True)
-def test_identify_matches_bench(bench: Bench, vfio_bdfs: list[str]) -> None:
-    for bdf, cfg in zip(vfio_bdfs, bench.controllers):
+@pytest.mark.parametrize("idma_bench", ["default", "aw39", "two_ctrl"], indirect=True)
+def test_identify_matches_bench(idma_bench: Bench, vfio_bdfs: list[str]) -> None:
+    for bdf, cfg in zip(vfio_bdfs, idma_bench.controllers):
         with Controller.open(bdf) as c:
             assert (c.identify.sn, c.identify.mn, c.identify.mdts) == (cfg.serial, cfg.model,
                                                                         cfg.mdts)
@@ -57,12 +57,12 @@ def test_identify_matches_bench(bench: Bench, vfio_bdfs: list[str]) -> None:
                                                                  ns_cfg.size)
 
 
-@pytest.mark.parametrize("bench", ["default", "aw39"], indirect=True)
-def test_write_read_sizes_and_offsets(bench: Bench, ctrl: Controller,
-                                      bench_images: Path) -> None:
+@pytest.mark.parametrize("idma_bench", ["default", "aw39"], indirect=True)
+def test_write_read_sizes_and_offsets(idma_bench: Bench, ctrl: Controller,
+                                      idma_bench_images: Path) -> None:
     """1 block up to several MDTS, from buffers starting at odd dword offsets in a page."""
-    rng = random.Random(bench.aw_bits)
-    for nsid, ns_cfg in enumerate(bench.controllers[0].namespaces, start=1):
+    rng = random.Random(idma_bench.aw_bits)
+    for nsid, ns_cfg in enumerate(idma_bench.controllers[0].namespaces, start=1):
         ns = ctrl.namespace(nsid)
         mdts_blocks = ctrl.max_transfer // ns.lba_size
         lba = 0
@@ -77,15 +77,15 @@ def test_write_read_sizes_and_offsets(bench: Bench, ctrl: Controller,
                 view[:] = bytes(size)
                 ns.read_into(lba, view, nlb)
                 assert bytes(view) == data, f"nsid {nsid} nlb {nlb} offset {offset}"
-                assert image_bytes(bench_images, 0, nsid, lba * ns.lba_size, size) == data
+                assert image_bytes(idma_bench_images, 0, nsid, lba * ns.lba_size, size) == data
                 buf.free()
                 lba += nlb
         assert lba * ns.lba_size <= ns_cfg.size
 
 
-@pytest.mark.vm(bench="two_ctrl")
-def test_two_controllers_share_one_container(bench: Bench, vfio_bdfs: list[str],
-                                             bench_images: Path) -> None:
+@pytest.mark.iommu_dma_vm(bench="two_ctrl")
+def test_two_controllers_share_one_container(idma_bench: Bench, vfio_bdfs: list[str],
+                                             idma_bench_images: Path) -> None:
     with Container() as cont:
         cont.attach(*vfio_bdfs)
         assert len(cont.groups) == 2
@@ -99,14 +99,14 @@ def test_two_controllers_share_one_container(bench: Bench, vfio_bdfs: list[str],
             nlb = len(data) // ns.lba_size
             ns.write_from(100, shared, nlb)
             assert ns.read(100, nlb) == data
-            assert image_bytes(bench_images, i, 1, 100 * ns.lba_size, len(data)) == data
+            assert image_bytes(idma_bench_images, i, 1, 100 * ns.lba_size, len(data)) == data
         for c in ctrls:
             c.close()
         alloc.close()
 
 
-def test_kernel_driver_reads_ours_and_we_read_the_kernels(nvme_bdfs: list[str]) -> None:
-    bdf = nvme_bdfs[0]
+def test_kernel_driver_reads_ours_and_we_read_the_kernels(idma_nvme_bdfs: list[str]) -> None:
+    bdf = idma_nvme_bdfs[0]
     ours, theirs = random.randbytes(1 << 20), random.randbytes(1 << 20)
     setup_vfio("bind", bdf)
     with Controller.open(bdf) as c:
@@ -190,7 +190,7 @@ def test_queue_full_back_pressure_loses_nothing(ctrl: Controller) -> None:
     ctrl.delete_io_queue(q.qid)
 
 
-def test_other_io_commands(ctrl: Controller, bench_images: Path) -> None:
+def test_other_io_commands(ctrl: Controller, idma_bench_images: Path) -> None:
     ns = ctrl.namespace(1)
     data = random.randbytes(16 * 4096)
     ns.write(2000, data)
@@ -202,14 +202,14 @@ def test_other_io_commands(ctrl: Controller, bench_images: Path) -> None:
     assert ns.read(2000, 16) == bytes(4 * 4096) + data[4 * 4096:]
     ns.deallocate([(2008, 8)])
     assert ns.read(2008, 8) == bytes(8 * 4096)             # DLFEAT: deallocated reads zeroes
-    assert image_bytes(bench_images, 0, 1, 2000 * 4096, 16 * 4096) == (
+    assert image_bytes(idma_bench_images, 0, 1, 2000 * 4096, 16 * 4096) == (
         bytes(4 * 4096) + data[4 * 4096:8 * 4096] + bytes(8 * 4096))
     requests = [ns.read_async(2004 + i, 1, ctrl.alloc(4096)) for i in range(4)]
     for r in requests:
         r.result()
 
 
-def test_admin_logs_and_features(bench: Bench, ctrl: Controller) -> None:
+def test_admin_logs_and_features(idma_bench: Bench, ctrl: Controller) -> None:
     smart = ctrl.smart_log()
     ctrl.namespace(1).write(0, bytes(4096))
     assert ctrl.smart_log().host_write_commands == smart.host_write_commands + 1
@@ -218,7 +218,7 @@ def test_admin_logs_and_features(bench: Bench, ctrl: Controller) -> None:
     assert fw.active_slot == 1 and fw.frs[0] == "1.0"     # QEMU 7.2 fills slot 1 with "1.0"
     assert isinstance(ctrl.error_log(), list)
     nq = ctrl.get_features(0x07)
-    assert (nq & 0xFFFF) + 1 == bench.controllers[0].max_ioqpairs
+    assert (nq & 0xFFFF) + 1 == idma_bench.controllers[0].max_ioqpairs
     with pytest.raises(NvmeError, match="Invalid Field in Command|Invalid Log Page"):
         ctrl.get_log_page(0x7F, 512)
 

@@ -14,7 +14,7 @@ from iommu_dma.testing.bench import Bench
 from iommu_dma.testing.guest import PCI_DEVICES, driver_of
 from tests.conftest import setup_vfio
 
-pytestmark = pytest.mark.vm
+pytestmark = pytest.mark.iommu_dma_vm
 
 
 def group_of(bdf: str) -> str:
@@ -41,11 +41,11 @@ def write_and_read_back(dev: Path, offset: int, data: bytes) -> bytes:
         os.close(fd)
 
 
-@pytest.mark.parametrize("bench", ["default", "aw39", "two_ctrl"], indirect=True)
-def test_bind_status_unbind_and_data_intact(bench: Bench, nvme_bdfs: list[str],
-                                            bench_images: Path) -> None:
+@pytest.mark.parametrize("idma_bench", ["default", "aw39", "two_ctrl"], indirect=True)
+def test_bind_status_unbind_and_data_intact(idma_bench: Bench, idma_nvme_bdfs: list[str],
+                                            idma_bench_images: Path) -> None:
     out = setup_vfio("bind").stdout
-    for bdf in nvme_bdfs:
+    for bdf in idma_nvme_bdfs:
         assert driver_of(bdf) == "vfio-pci"
         group = group_of(bdf)
         assert Path(f"/dev/vfio/{group}").exists()
@@ -54,13 +54,13 @@ def test_bind_status_unbind_and_data_intact(bench: Bench, nvme_bdfs: list[str],
     status = setup_vfio("status").stdout.splitlines()
     assert status[0].split()[:5] == ["BDF", "VEN:DEV", "DRIVER", "GROUP", "VFIO-NODE"]
     rows = {line.split()[0]: line.split() for line in status[1:]}
-    assert sorted(rows) == nvme_bdfs
-    for bdf in nvme_bdfs:
+    assert sorted(rows) == idma_nvme_bdfs
+    for bdf in idma_nvme_bdfs:
         assert rows[bdf][1:5] == ["1b36:0010", "vfio-pci", group_of(bdf),
                                   f"/dev/vfio/{group_of(bdf)}(root)"]
 
     setup_vfio("unbind")
-    for ci, bdf in enumerate(nvme_bdfs):
+    for ci, bdf in enumerate(idma_nvme_bdfs):
         assert driver_of(bdf) == "nvme"
         dev = namespace_node(bdf, 1)
         subprocess.run(["udevadm", "settle"], check=False)
@@ -69,18 +69,19 @@ def test_bind_status_unbind_and_data_intact(bench: Bench, nvme_bdfs: list[str],
         offset = 3 * 1024 * 1024
         assert write_and_read_back(dev, offset, data) == data
         # ... and the bytes reached the backing image on the host
-        with open(bench_images / f"c{ci}n1.img", "rb") as img:
+        with open(idma_bench_images / f"c{ci}n1.img", "rb") as img:
             img.seek(offset)
             assert img.read(len(data)) == data
 
 
-@pytest.mark.parametrize("bench", ["default"], indirect=True)
-def test_status_before_binding_shows_kernel_driver(bench: Bench, nvme_bdfs: list[str]) -> None:
+@pytest.mark.parametrize("idma_bench", ["default"], indirect=True)
+def test_status_before_binding_shows_kernel_driver(idma_bench: Bench,
+                                                   idma_nvme_bdfs: list[str]) -> None:
     rows = setup_vfio("status").stdout.splitlines()[1:]
-    row = next(r.split() for r in rows if r.startswith(nvme_bdfs[0]))
+    row = next(r.split() for r in rows if r.startswith(idma_nvme_bdfs[0]))
     assert row[2] == "nvme" and row[4] == "-"
-    assert row[6] == ",".join(p.name for p in sorted(namespace_node(nvme_bdfs[0], 1).parent.glob(
-        f"{namespace_node(nvme_bdfs[0], 1).name[:-1]}*")))
+    node = namespace_node(idma_nvme_bdfs[0], 1)
+    assert row[6] == ",".join(p.name for p in sorted(node.parent.glob(f"{node.name[:-1]}*")))
 
 
 @pytest.mark.parametrize(
@@ -94,15 +95,17 @@ def test_status_before_binding_shows_kernel_driver(bench: Bench, nvme_bdfs: list
         (["frobnicate"], "unknown command 'frobnicate'"),
     ],
 )
-def test_bad_input_is_refused_clearly(args: list[str], message: str, nvme_bdfs: list[str]) -> None:
+def test_bad_input_is_refused_clearly(args: list[str], message: str,
+                                      idma_nvme_bdfs: list[str]) -> None:
     proc = setup_vfio(*args, check=False)
     assert proc.returncode != 0
     assert message in proc.stderr
-    assert all(driver_of(b) == "nvme" for b in nvme_bdfs)   # nothing was touched
+    assert all(driver_of(b) == "nvme" for b in idma_nvme_bdfs)   # nothing was touched
 
 
-def test_mounted_namespace_is_refused_unless_forced(nvme_bdfs: list[str], tmp_path: Path) -> None:
-    bdf = nvme_bdfs[0]
+def test_mounted_namespace_is_refused_unless_forced(idma_nvme_bdfs: list[str],
+                                                    tmp_path: Path) -> None:
+    bdf = idma_nvme_bdfs[0]
     dev = namespace_node(bdf, 2)
     subprocess.run(["mkfs.ext4", "-q", "-F", str(dev)], check=True)
     subprocess.run(["mount", str(dev), str(tmp_path)], check=True)

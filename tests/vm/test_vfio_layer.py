@@ -42,8 +42,8 @@ from iommu_dma.pci import PciDevice
 from iommu_dma.testing.bench import Bench
 from iommu_dma.testing.guest import PCI_DEVICES
 
-pytestmark = pytest.mark.vm
-BOTH = pytest.mark.parametrize("bench", ["default", "aw39"], indirect=True)
+pytestmark = pytest.mark.iommu_dma_vm
+BOTH = pytest.mark.parametrize("idma_bench", ["default", "aw39"], indirect=True)
 
 # bench-facts.md: what VFIO reports in the bench guest
 RANGES = {
@@ -70,7 +70,8 @@ def mmap_inside(container: Container, size: int) -> int:
 
 
 @BOTH
-def test_bar0_registers_config_space_reset_and_msix(bench: Bench, vfio_bdfs: list[str]) -> None:
+def test_bar0_registers_config_space_reset_and_msix(idma_bench: Bench,
+                                                    vfio_bdfs: list[str]) -> None:
     bdf = vfio_bdfs[0]
     with Container() as c:
         dev = PciDevice(c, bdf)                       # attaches the device's group
@@ -123,10 +124,10 @@ def test_discovery_in_guest(vfio_bdfs: list[str]) -> None:
 
 
 @BOTH
-def test_ranges_and_allocations_inside_aperture(bench: Bench, vfio_bdfs: list[str]) -> None:
+def test_ranges_and_allocations_inside_aperture(idma_bench: Bench, vfio_bdfs: list[str]) -> None:
     with Container() as c:
         c.attach(vfio_bdfs[0])
-        assert c.iova_ranges == RANGES[bench.aw_bits]
+        assert c.iova_ranges == RANGES[idma_bench.aw_bits]
         assert c.page_sizes & PAGE_SIZES == PAGE_SIZES and c.page_size == 4096
         assert c.dma_avail == 65535
         mem = DmaAllocator(c)
@@ -149,7 +150,7 @@ def test_ranges_and_allocations_inside_aperture(bench: Bench, vfio_bdfs: list[st
             raw = memoryview(buf)                        # the buffer protocol itself
             assert raw.nbytes == size and raw.tobytes()[0] == 0xA5
             assert ctypes.addressof(ctypes.c_char.from_buffer(raw)) == buf.addr
-        if bench.aw_bits == 39:
+        if idma_bench.aw_bits == 39:
             assert all(b.addr + b.size <= 1 << 39 for b in bufs)
         assert c.mapping_count <= 8                      # chunks, not one mapping per buffer
         assert c.dma_avail == 65535 - c.mapping_count
@@ -164,13 +165,13 @@ def test_ranges_and_allocations_inside_aperture(bench: Bench, vfio_bdfs: list[st
 
 
 @BOTH
-def test_register_external_memory(bench: Bench, vfio_bdfs: list[str]) -> None:
+def test_register_external_memory(idma_bench: Bench, vfio_bdfs: list[str]) -> None:
     with Container() as c:
         c.attach(vfio_bdfs[0])
         mem = DmaAllocator(c)
         plain = mmap.mmap(-1, 64 << 10)
         addr = ctypes.addressof(ctypes.c_char.from_buffer(plain))
-        if bench.aw_bits == 48:
+        if idma_bench.aw_bits == 48:
             reg = mem.register(plain)
             assert reg.iova == reg.addr == addr and reg.size == 64 << 10
             assert c.is_mapped(addr, 64 << 10)
@@ -213,7 +214,7 @@ def test_overlapping_maps_share_mappings(vfio_bdfs: list[str]) -> None:
 # ---- several groups ------------------------------------------------------------------------
 
 
-@pytest.mark.vm(bench="two_ctrl")
+@pytest.mark.iommu_dma_vm(bench="two_ctrl")
 def test_two_groups_in_one_container(vfio_bdfs: list[str]) -> None:
     with Container() as c:
         groups = c.attach(*vfio_bdfs)
@@ -233,8 +234,8 @@ def test_two_groups_in_one_container(vfio_bdfs: list[str]) -> None:
 # ---- errors ----------------------------------------------------------------------------------
 
 
-def test_unbound_device_is_refused(nvme_bdfs: list[str]) -> None:
-    bdf = nvme_bdfs[0]                                # still on the kernel nvme driver
+def test_unbound_device_is_refused(idma_nvme_bdfs: list[str]) -> None:
+    bdf = idma_nvme_bdfs[0]                                # still on the kernel nvme driver
     subprocess.run(["modprobe", "vfio-pci"], check=True)
     with Container() as c:
         with pytest.raises(NotBoundError) as e:

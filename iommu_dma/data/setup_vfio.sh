@@ -1,0 +1,320 @@
+#!/usr/bin/env bash
+# Bind NVMe controllers to vfio-pci for user-space drivers, give them back to the kernel
+# nvme driver, and show their state. VFIO only (no uio): the device is always behind the IOMMU.
+set -euo pipefail
+
+PROG=$(basename "$0")
+SYSFS=${SETUP_VFIO_SYSFS:-/sys}       # overridable for tests of the pure logic
+DEV=${SETUP_VFIO_DEV:-/dev}
+PCI=$SYSFS/bus/pci/devices
+MEMLOCK_MIN_KIB=$((256 * 1024))       # below this, DMA-heavy work fails to pin memory
+FORCE=0
+USER_NAME=""
+HUGEPAGES=""
+
+usage() {
+    cat <<EOF
+usage: $PROG [options] bind [BDF...]    bind NVMe controllers to vfio-pci
+                                        (default: every NVMe controller not in use)
+       $PROG [options] unbind [BDF...]  give controllers back to the kernel nvme driver
+                                        (default: every NVMe controller on vfio-pci)
+       $PROG status                     table of NVMe controllers and their IOMMU groups
+options:
+  --force          bind a controller even if it holds a mounted filesystem or other users,
+                   or unbind one whose /dev/vfio node is open
+  --user NAME      give NAME the /dev/vfio/N nodes (chown) and check NAME's memlock limit
+  --hugepages N    reserve N 2 MiB hugepages
+  -h, --help       this text
+BDFs may be given as 0000:00:0a.0 or 00:0a.0.
+EOF
+}
+
+die() { echo "$PROG: error: $*" >&2; exit 1; }
+warn() { echo "$PROG: warning: $*" >&2; }
+note() { echo "$PROG: $*"; }
+
+# ---- sysfs queries -------------------------------------------------------------------------
+
+normalize_bdf() {
+    local b=$1
+    [[ $b =~ ^[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]$ ]] && b="0000:$b"
+    [[ $b =~ ^[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]$ ]] ||
+        die "'$1' is not a PCI address (expected DDDD:BB:DD.F, e.g. 0000:00:0a.0)"
+    echo "${b,,}"
+}
+
+driver_of() {
+    local link=$PCI/$1/driver
+    if [[ -e $link ]]; then basename "$(readlink -f "$link")"; else echo "-"; fi
+}
+
+group_of() {
+    local link=$PCI/$1/iommu_group
+    if [[ -e $link ]]; then basename "$(readlink -f "$link")"; else echo "-"; fi
+}
+
+is_nvme() { [[ $(cat "$PCI/$1/class") == 0x0108* ]]; }
+
+nvme_bdfs() {
+    local d
+    for d in "$PCI"/*; do
+        [[ -e $d/class ]] || continue
+        is_nvme "$(basename "$d")" && basename "$d"
+    done
+    return 0
+}
+
+# Other devices in BDF's IOMMU group, as "BDF(driver)" words.
+group_others() {
+    local bdf=$1 g m out=""
+    g=$(group_of "$bdf")
+    [[ $g == - ]] && { echo "-"; return; }
+    for m in "$SYSFS/kernel/iommu_groups/$g/devices"/*; do
+        m=$(basename "$m")
+        [[ $m == "$bdf" ]] || out+="$m($(driver_of "$m")) "
+    done
+    echo "${out:--}"
+}
+
+check_iommu() {
+    local groups=("$SYSFS"/kernel/iommu_groups/*)
+    [[ -e ${groups[0]} ]] || die "no IOMMU groups: the IOMMU is off. Enable VT-d/AMD-Vi in the \
+firmware and add intel_iommu=on (Intel) or amd_iommu=on (AMD) to the kernel command line"
+}
+
+check_device() {
+    local bdf=$1
+    [[ -e $PCI/$bdf ]] || die "no PCI device $bdf (see '$PROG status' for the NVMe controllers)"
+    is_nvme "$bdf" || die "$bdf is not an NVMe controller (class $(cat "$PCI/$bdf/class"), \
+driver $(driver_of "$bdf")); only class 0x0108xx devices are handled"
+    [[ $(group_of "$bdf") != - ]] || die "$bdf has no IOMMU group; is the IOMMU enabled for it?"
+}
+
+# ---- who uses a controller -----------------------------------------------------------------
+
+# Block devices (namespaces and their partitions) of an nvme-bound controller.
+block_devices() {
+    local ns p
+    for ns in "$PCI/$1"/nvme/nvme*/nvme*n*; do
+        [[ -e $ns ]] || continue
+        basename "$ns"
+        for p in "$ns"/"$(basename "$ns")"p*; do [[ -e $p ]] && basename "$p"; done
+    done
+    return 0
+}
+
+# Prints one line per user of the controller's block devices: mounts, swap, holders (dm, md).
+block_users() {
+    local b h
+    for b in $(block_devices "$1"); do
+        awk -v d="$DEV/$b" '$1 == d { print d " is mounted on " $2 }' /proc/mounts
+        awk -v d="$DEV/$b" '$1 == d { print d " is in use as swap" }' /proc/swaps
+        for h in "$SYSFS/class/block/$b/holders"/*; do
+            [[ -e $h ]] && echo "$DEV/$b is held by $(basename "$h")"
+        done
+    done
+    return 0
+}
+
+# PIDs with the controller's /dev/vfio/N open.
+vfio_users() {
+    local node=$DEV/vfio/$1 fd
+    [[ -e $node ]] || return 0
+    for fd in /proc/[0-9]*/fd/*; do
+        [[ $(readlink "$fd" 2>/dev/null) == "$node" ]] || continue
+        fd=${fd#/proc/}
+        echo "pid ${fd%%/*} ($(cat "/proc/${fd%%/*}/comm" 2>/dev/null))"
+    done | sort -u
+}
+
+# ---- binding -------------------------------------------------------------------------------
+
+wait_for() {   # wait_for TEST-ARGS...: up to 10 s for a condition
+    local _
+    for _ in $(seq 100); do
+        test "$@" && return 0
+        sleep 0.1
+    done
+    return 1
+}
+
+rebind() {     # rebind BDF DRIVER: hand BDF to DRIVER through driver_override
+    local bdf=$1 drv=$2
+    if [[ $(driver_of "$bdf") != - ]]; then
+        echo "$bdf" > "$PCI/$bdf/driver/unbind"
+    fi
+    echo "$drv" > "$PCI/$bdf/driver_override"
+    echo "$bdf" > "$SYSFS/bus/pci/drivers_probe"
+}
+
+check_group_viable() {
+    local bdf=$1 m drv bad=""
+    for m in $(group_others "$bdf"); do
+        [[ $m == - ]] && continue
+        drv=${m#*(}; drv=${drv%)}
+        case $drv in vfio-pci|pci-stub|pcieport|-) ;; *) bad+="${m%%(*} (driver $drv) " ;; esac
+    done
+    [[ -z $bad ]] && return 0
+    die "IOMMU group $(group_of "$bdf") of $bdf is not viable: ${bad}also belong to it and are \
+bound to host drivers; bind them to vfio-pci too (e.g. '$PROG bind' cannot do it for non-NVMe \
+devices: echo vfio-pci > $PCI/BDF/driver_override)"
+}
+
+bind_one() {
+    local bdf=$1 users group
+    if [[ $(driver_of "$bdf") == vfio-pci ]]; then
+        note "$bdf already bound to vfio-pci (group $(group_of "$bdf"))"
+        [[ -n $USER_NAME ]] && give_to_user "$DEV/vfio/$(group_of "$bdf")"
+        return 0
+    fi
+    users=$(block_users "$bdf")
+    if [[ -n $users && $FORCE == 0 ]]; then
+        die "$bdf is in use, refusing to take it from the kernel (use --force to override):
+$users"
+    fi
+    check_group_viable "$bdf"
+    rebind "$bdf" vfio-pci
+    group=$(group_of "$bdf")
+    [[ $(driver_of "$bdf") == vfio-pci ]] ||
+        die "$bdf did not bind to vfio-pci (driver now: $(driver_of "$bdf")); see dmesg"
+    wait_for -e "$DEV/vfio/$group" || die "$DEV/vfio/$group did not appear for $bdf"
+    note "$bdf bound to vfio-pci: IOMMU group $group, $DEV/vfio/$group"
+    [[ -n $USER_NAME ]] && give_to_user "$DEV/vfio/$group"
+    return 0
+}
+
+unbind_one() {
+    local bdf=$1 users
+    if [[ $(driver_of "$bdf") != vfio-pci ]]; then
+        note "$bdf is not bound to vfio-pci (driver: $(driver_of "$bdf")), left as it is"
+        return 0
+    fi
+    users=$(vfio_users "$(group_of "$bdf")")
+    if [[ -n $users && $FORCE == 0 ]]; then
+        die "$DEV/vfio/$(group_of "$bdf") of $bdf is open by $users; stop it first (or --force)"
+    fi
+    modprobe nvme 2>/dev/null || true
+    rebind "$bdf" nvme
+    echo > "$PCI/$bdf/driver_override"
+    [[ $(driver_of "$bdf") == nvme ]] ||
+        die "$bdf did not bind to nvme (driver now: $(driver_of "$bdf")); see dmesg"
+    note "$bdf given back to the kernel nvme driver"
+}
+
+# ---- --user and --hugepages ----------------------------------------------------------------
+
+give_to_user() {
+    local node=$1 limit
+    chown "$USER_NAME" "$node"
+    note "$node now belongs to $USER_NAME"
+    limit=$(su -s /bin/sh "$USER_NAME" -c 'ulimit -l' 2>/dev/null) || limit=unknown
+    if [[ $limit != unlimited && ( $limit == unknown || $limit -lt $MEMLOCK_MIN_KIB ) ]]; then
+        warn "$USER_NAME's RLIMIT_MEMLOCK is ${limit} KiB; DMA memory is pinned and counts \
+against it, so mapping more than that will fail. Raise it: add '$USER_NAME - memlock unlimited' \
+to /etc/security/limits.conf (new login), or LimitMEMLOCK=infinity for a systemd service, or \
+'prlimit --memlock=unlimited --pid PID'"
+    fi
+}
+
+reserve_hugepages() {
+    local f=$SYSFS/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages got
+    [[ -e $f ]] || die "this kernel has no 2 MiB hugepages ($f missing)"
+    echo "$HUGEPAGES" > "$f"
+    got=$(cat "$f")
+    if [[ $got -lt $HUGEPAGES ]]; then
+        warn "asked for $HUGEPAGES 2 MiB hugepages, the kernel reserved $got (memory is fragmented \
+or short; reserve them at boot with hugepages=$HUGEPAGES)"
+    else
+        note "$got 2 MiB hugepages reserved"
+    fi
+}
+
+# ---- commands ------------------------------------------------------------------------------
+
+cmd_bind() {
+    local bdfs=("$@") b
+    check_iommu
+    modprobe vfio-pci 2>/dev/null || [[ -d $SYSFS/bus/pci/drivers/vfio-pci ]] ||
+        die "cannot load the vfio-pci module (modprobe vfio-pci failed)"
+    if [[ ${#bdfs[@]} -eq 0 ]]; then
+        for b in $(nvme_bdfs); do
+            if [[ -n $(block_users "$b") && $FORCE == 0 ]]; then
+                note "skipping $b: in use ($(block_users "$b" | head -n1))"
+            else
+                bdfs+=("$b")
+            fi
+        done
+        [[ ${#bdfs[@]} -gt 0 ]] || die "no NVMe controller is free to bind"
+    fi
+    for b in "${bdfs[@]}"; do check_device "$b"; done
+    for b in "${bdfs[@]}"; do bind_one "$b"; done
+}
+
+cmd_unbind() {
+    local bdfs=("$@") b
+    if [[ ${#bdfs[@]} -eq 0 ]]; then
+        for b in $(nvme_bdfs); do
+            [[ $(driver_of "$b") == vfio-pci ]] && bdfs+=("$b")
+        done
+        [[ ${#bdfs[@]} -gt 0 ]] || { note "no NVMe controller is bound to vfio-pci"; return 0; }
+    fi
+    for b in "${bdfs[@]}"; do check_device "$b"; done
+    for b in "${bdfs[@]}"; do unbind_one "$b"; done
+}
+
+cmd_status() {
+    local b group node owner fmt="%-13s %-10s %-9s %-6s %-14s %-28s %s\n"
+    # shellcheck disable=SC2059
+    printf "$fmt" BDF VEN:DEV DRIVER GROUP VFIO-NODE GROUP-MEMBERS BLOCK
+    for b in $(nvme_bdfs); do
+        group=$(group_of "$b")
+        node="-"; owner=""
+        if [[ $group != - && -e $DEV/vfio/$group ]]; then
+            node=$DEV/vfio/$group
+            owner="($(stat -c %U "$node"))"
+        fi
+        # shellcheck disable=SC2059
+        printf "$fmt" "$b" "$(cut -c3-6 "$PCI/$b/vendor"):$(cut -c3-6 "$PCI/$b/device")" \
+            "$(driver_of "$b")" "$group" "$node$owner" "$(group_others "$b" | xargs | tr ' ' ,)" \
+            "$(block_devices "$b" | xargs | tr ' ' , | sed 's/^$/-/')"
+    done
+    [[ -e ${SYSFS}/kernel/iommu_groups/0 ]] || warn "no IOMMU groups: the IOMMU is off \
+(add intel_iommu=on or amd_iommu=on to the kernel command line)"
+    return 0
+}
+
+main() {
+    local cmd="" args=()
+    while [[ $# -gt 0 ]]; do
+        case $1 in
+            --force) FORCE=1 ;;
+            --user) [[ $# -ge 2 ]] || die "--user needs a user name"; USER_NAME=$2; shift ;;
+            --user=*) USER_NAME=${1#--user=} ;;
+            --hugepages) [[ $# -ge 2 ]] || die "--hugepages needs a count"; HUGEPAGES=$2; shift ;;
+            --hugepages=*) HUGEPAGES=${1#--hugepages=} ;;
+            -h|--help) usage; exit 0 ;;
+            -*) echo "$PROG: unknown option $1" >&2; usage >&2; exit 2 ;;
+            *) if [[ -z $cmd ]]; then cmd=$1; else args+=("$(normalize_bdf "$1")"); fi ;;
+        esac
+        shift
+    done
+    if [[ -n $USER_NAME ]] && ! id "$USER_NAME" >/dev/null 2>&1; then
+        die "no such user '$USER_NAME'"
+    fi
+    if [[ -n $HUGEPAGES && ! $HUGEPAGES =~ ^[0-9]+$ ]]; then
+        die "--hugepages wants a number of 2 MiB pages, not '$HUGEPAGES'"
+    fi
+    case $cmd in
+        bind|unbind) [[ $(id -u) == 0 ]] || die "$cmd needs root (sysfs writes)" ;;
+    esac
+    [[ -n $HUGEPAGES ]] && reserve_hugepages
+    case $cmd in
+        bind) cmd_bind "${args[@]+"${args[@]}"}" ;;
+        unbind) cmd_unbind "${args[@]+"${args[@]}"}" ;;
+        status) cmd_status ;;
+        "") [[ -n $HUGEPAGES ]] || { usage >&2; exit 2; } ;;
+        *) echo "$PROG: unknown command '$cmd'" >&2; usage >&2; exit 2 ;;
+    esac
+}
+
+main "$@"
