@@ -1,4 +1,5 @@
 /* Sorted array of disjoint mappings; lookups are a binary search (the per-command path). */
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include "maptable.h"
@@ -6,21 +7,45 @@
 struct range { uint64_t start, end; };          /* [start, end) */
 
 struct idma_maptable {
+    pthread_rwlock_t lock;      /* readers: contains/count; writer: add/remove */
+    uint32_t refs;              /* atomic */
     struct range *r;
     uint32_t n, cap;
 };
 
 struct idma_maptable *idma_maptable_new(void)
 {
-    return calloc(1, sizeof(struct idma_maptable));
+    struct idma_maptable *t = calloc(1, sizeof(*t));
+
+    if (!t)
+        return NULL;
+    if (pthread_rwlock_init(&t->lock, NULL) != 0) {
+        free(t);
+        return NULL;
+    }
+    t->refs = 1;
+    return t;
+}
+
+struct idma_maptable *idma_maptable_ref(struct idma_maptable *t)
+{
+    if (t)
+        __atomic_add_fetch(&t->refs, 1, __ATOMIC_RELAXED);
+    return t;
 }
 
 void idma_maptable_free(struct idma_maptable *t)
 {
-    if (t) {
-        free(t->r);
-        free(t);
-    }
+    if (!t || __atomic_sub_fetch(&t->refs, 1, __ATOMIC_ACQ_REL) != 0)
+        return;
+    pthread_rwlock_destroy(&t->lock);
+    free(t->r);
+    free(t);
+}
+
+uint32_t idma_maptable_refs(struct idma_maptable *t)
+{
+    return __atomic_load_n(&t->refs, __ATOMIC_RELAXED);
 }
 
 /* Index of the first range whose start is greater than iova. */
@@ -38,24 +63,29 @@ static uint32_t upper(const struct idma_maptable *t, uint64_t iova)
     return lo;
 }
 
-int idma_maptable_add(struct idma_maptable *t, uint64_t iova, uint64_t len)
+static int grow(struct idma_maptable *t)
 {
-    uint64_t end = iova + len;
-    uint32_t i;
+    uint32_t cap = t->cap ? t->cap * 2 : 64;
+    struct range *r;
 
-    if (len == 0 || end < iova)
-        return -1;
-    i = upper(t, iova);
+    if (cap < t->cap)
+        return -2;
+    r = realloc(t->r, (size_t)cap * sizeof(*r));
+    if (!r)
+        return -2;
+    t->r = r;
+    t->cap = cap;
+    return 0;
+}
+
+static int add_locked(struct idma_maptable *t, uint64_t iova, uint64_t end)
+{
+    uint32_t i = upper(t, iova);
+
     if ((i > 0 && t->r[i - 1].end > iova) || (i < t->n && t->r[i].start < end))
         return -1;
-    if (t->n == t->cap) {
-        uint32_t cap = t->cap ? t->cap * 2 : 64;
-        struct range *r = realloc(t->r, cap * sizeof(*r));
-        if (!r)
-            return -2;
-        t->r = r;
-        t->cap = cap;
-    }
+    if (t->n == t->cap && grow(t) < 0)
+        return -2;
     memmove(&t->r[i + 1], &t->r[i], (t->n - i) * sizeof(*t->r));
     t->r[i].start = iova;
     t->r[i].end = end;
@@ -63,24 +93,41 @@ int idma_maptable_add(struct idma_maptable *t, uint64_t iova, uint64_t len)
     return 0;
 }
 
-int idma_maptable_remove(struct idma_maptable *t, uint64_t iova, uint64_t len)
-{
-    uint32_t i = upper(t, iova);
-
-    if (i == 0 || t->r[i - 1].start != iova || t->r[i - 1].end != iova + len)
-        return -1;
-    i--;
-    memmove(&t->r[i], &t->r[i + 1], (t->n - i - 1) * sizeof(*t->r));
-    t->n--;
-    return 0;
-}
-
-int idma_maptable_contains(const struct idma_maptable *t, uint64_t iova, uint64_t len)
+int idma_maptable_add(struct idma_maptable *t, uint64_t iova, uint64_t len)
 {
     uint64_t end = iova + len;
+    int rc;
+
+    if (len == 0 || end < iova)
+        return -1;
+    pthread_rwlock_wrlock(&t->lock);
+    rc = add_locked(t, iova, end);
+    pthread_rwlock_unlock(&t->lock);
+    return rc;
+}
+
+int idma_maptable_remove(struct idma_maptable *t, uint64_t iova, uint64_t len)
+{
+    uint32_t i;
+    int rc = -1;
+
+    pthread_rwlock_wrlock(&t->lock);
+    i = upper(t, iova);
+    if (i > 0 && t->r[i - 1].start == iova && t->r[i - 1].end == iova + len) {
+        i--;
+        memmove(&t->r[i], &t->r[i + 1], (t->n - i - 1) * sizeof(*t->r));
+        t->n--;
+        rc = 0;
+    }
+    pthread_rwlock_unlock(&t->lock);
+    return rc;
+}
+
+static int contains_locked(const struct idma_maptable *t, uint64_t iova, uint64_t end)
+{
     uint32_t i = upper(t, iova);
 
-    if (len == 0 || end < iova || i == 0)
+    if (i == 0)
         return 0;
     for (i--; i < t->n && t->r[i].start <= iova; i++) {
         if (t->r[i].end >= end)
@@ -90,7 +137,25 @@ int idma_maptable_contains(const struct idma_maptable *t, uint64_t iova, uint64_
     return 0;
 }
 
-uint32_t idma_maptable_count(const struct idma_maptable *t)
+int idma_maptable_contains(struct idma_maptable *t, uint64_t iova, uint64_t len)
 {
-    return t->n;
+    uint64_t end = iova + len;
+    int rc;
+
+    if (len == 0 || end < iova)
+        return 0;
+    pthread_rwlock_rdlock(&t->lock);
+    rc = contains_locked(t, iova, end);
+    pthread_rwlock_unlock(&t->lock);
+    return rc;
+}
+
+uint32_t idma_maptable_count(struct idma_maptable *t)
+{
+    uint32_t n;
+
+    pthread_rwlock_rdlock(&t->lock);
+    n = t->n;
+    pthread_rwlock_unlock(&t->lock);
+    return n;
 }

@@ -1,6 +1,8 @@
 /*
  * The table of IOVA ranges mapped in a VFIO container, asked per command by the queue engine:
  * a data buffer is submitted only when every byte of it is mapped.
+ * Thread safe: lookups take a read lock, add/remove the write lock. Reference counted: the
+ * container holds one reference, every queue pair using the table holds another.
  */
 #ifndef IDMA_MAPTABLE_H
 #define IDMA_MAPTABLE_H
@@ -9,7 +11,11 @@
 /* CDEF BEGIN */
 struct idma_maptable;
 
+/* A new empty table holding one reference (NULL when out of memory). */
 struct idma_maptable *idma_maptable_new(void);
+/* Take one more reference; returns t. */
+struct idma_maptable *idma_maptable_ref(struct idma_maptable *t);
+/* Drop one reference; the table is freed when the last one goes. NULL is ignored. */
 void idma_maptable_free(struct idma_maptable *t);
 /* Record a mapping [iova, iova+len). Mappings never overlap (VFIO refuses that).
  * 0 on success, -1 on overlap or len 0, -2 when out of memory. */
@@ -17,8 +23,10 @@ int idma_maptable_add(struct idma_maptable *t, uint64_t iova, uint64_t len);
 /* Forget exactly the mapping that starts at iova with length len: 0, or -1 if absent. */
 int idma_maptable_remove(struct idma_maptable *t, uint64_t iova, uint64_t len);
 /* 1 when [iova, iova+len) is covered by one or more adjacent mappings, else 0. */
-int idma_maptable_contains(const struct idma_maptable *t, uint64_t iova, uint64_t len);
-uint32_t idma_maptable_count(const struct idma_maptable *t);
+int idma_maptable_contains(struct idma_maptable *t, uint64_t iova, uint64_t len);
+uint32_t idma_maptable_count(struct idma_maptable *t);
+/* Current reference count (for tests). */
+uint32_t idma_maptable_refs(struct idma_maptable *t);
 /* CDEF END */
 
 #endif

@@ -1,4 +1,5 @@
 /* NVMe I/O queue pair engine: trackers, PRPs, SQ tail / CQ head doorbells, phase tags. */
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -31,7 +32,11 @@ struct tracker {
     uint64_t *list;             /* this tracker's PRP list pages (IOVA = address) */
     uint16_t next_free;
     uint8_t busy;
+    uint8_t gen;                /* CID 15:12, bumped each time the tracker is freed */
 };
+
+#define CID_INDEX_MASK ((1u << IDMA_CID_INDEX_BITS) - 1)
+#define CID_GEN_MASK 0xFu
 
 struct idma_qpair {
     struct idma_sqe *sq;
@@ -44,7 +49,7 @@ struct idma_qpair {
     uint32_t sq_tail, sq_head, cq_head;
     uint16_t qid, phase, free_head;
     int bad_index;
-    const struct idma_maptable *maptable;
+    struct idma_maptable *maptable; /* one reference held */
     uint32_t dstrd;
     /* shadow doorbells (§5.8): NULL when not in use */
     volatile uint32_t *sq_shadow, *cq_shadow, *sq_ei, *cq_ei;
@@ -55,6 +60,7 @@ struct idma_qpair {
     uint32_t cq_mmio_head;          /* CQ head value the controller last got by MMIO */
     uint32_t cq_batch;              /* defer CQ head MMIO up to this many entries */
     uint64_t submitted, completed, spurious, sq_dbs, cq_dbs, sq_mmio, cq_mmio;
+    uint32_t in_use;                /* single-owner flag, taken by compare-and-swap */
 };
 
 #define NO_TRACKER 0xFFFF
@@ -75,7 +81,8 @@ uint64_t idma_now_ns(void)
  */
 #if defined(__x86_64__)
 static uint64_t tsc_base, ns_base, tsc_mult;    /* ns = ns_base + (tsc - tsc_base) * mult >> 32 */
-static int tsc_state;                           /* 0 not calibrated, 1 use TSC, -1 do not */
+static int tsc_ok;                              /* written once, under tsc_once */
+static pthread_once_t tsc_once = PTHREAD_ONCE_INIT;
 
 static inline uint64_t rdtsc(void)
 {
@@ -85,7 +92,8 @@ static inline uint64_t rdtsc(void)
     return (uint64_t)hi << 32 | lo;
 }
 
-static int calibrate_tsc(void)
+/* Run once (pthread_once): every thread sees the same base and multiplier afterwards. */
+static void calibrate_tsc(void)
 {
     uint64_t t0 = idma_now_ns(), c0 = rdtsc(), t1, c1, mult;
 
@@ -94,25 +102,20 @@ static int calibrate_tsc(void)
     } while (t1 - t0 < 5000000);                /* 5 ms */
     c1 = rdtsc();
     if (c1 <= c0)
-        return -1;
+        return;
     mult = (uint64_t)(((unsigned __int128)(t1 - t0) << 32) / (c1 - c0));
     if (mult < (1ull << 32) / 20 || mult > (1ull << 32) * 10)
-        return -1;                              /* not a 0.1-20 GHz counter: do not trust it */
+        return;                                 /* not a 0.1-20 GHz counter: do not trust it */
     tsc_base = c1;
     ns_base = t1;
     tsc_mult = mult;
-    return 1;
+    tsc_ok = 1;
 }
 
 uint64_t idma_fast_ns(void)
 {
-    int st = __atomic_load_n(&tsc_state, __ATOMIC_ACQUIRE);
-
-    if (st == 0) {
-        st = calibrate_tsc();                   /* a racing thread calibrates too: harmless */
-        __atomic_store_n(&tsc_state, st, __ATOMIC_RELEASE);
-    }
-    if (st < 0)
+    pthread_once(&tsc_once, calibrate_tsc);
+    if (!tsc_ok)
         return idma_now_ns();
     return ns_base + (uint64_t)(((unsigned __int128)(rdtsc() - tsc_base) * tsc_mult) >> 32);
 }
@@ -123,22 +126,27 @@ uint64_t idma_fast_ns(void)
 }
 #endif
 
-uint32_t idma_sq_doorbell_offset(uint16_t qid, uint32_t dstrd)
+uint64_t idma_sq_doorbell_offset(uint16_t qid, uint32_t dstrd)
 {
-    return 0x1000 + (2u * qid) * (4u << dstrd);         /* §3.1.3: SQyTDBL */
+    return 0x1000 + (2ull * qid) * (4ull << (dstrd & 31));      /* §3.1.3: SQyTDBL */
 }
 
-uint32_t idma_cq_doorbell_offset(uint16_t qid, uint32_t dstrd)
+uint64_t idma_cq_doorbell_offset(uint16_t qid, uint32_t dstrd)
 {
-    return 0x1000 + (2u * qid + 1) * (4u << dstrd);     /* §3.1.3: CQyHDBL */
+    return 0x1000 + (2ull * qid + 1) * (4ull << (dstrd & 31));  /* §3.1.3: CQyHDBL */
 }
 
-static int valid_args(uint32_t depth, void *sq, void *cq, volatile uint8_t *bar0,
-                      uint32_t dstrd, uint32_t page_size)
+static int valid_args(uint16_t qid, uint32_t depth, void *sq, void *cq,
+                      volatile uint8_t *bar0, uint64_t bar0_size, uint32_t dstrd,
+                      uint32_t page_size)
 {
     uint64_t mask = (uint64_t)page_size - 1;
 
-    if (depth < 2 || depth > 65536 || !sq || !cq || !bar0 || dstrd > 15)
+    if (depth < 2 || depth > IDMA_MAX_DEPTH || !sq || !cq || !bar0 || dstrd > 15)
+        return 0;
+    /* §3.1.3: both doorbells of this queue must be inside the mapped BAR0 */
+    if (idma_sq_doorbell_offset(qid, dstrd) + 4 > bar0_size ||
+        idma_cq_doorbell_offset(qid, dstrd) + 4 > bar0_size)
         return 0;
     if (page_size < 4096 || (page_size & mask))         /* CC.MPS: power of two >= 4 KiB */
         return 0;
@@ -159,20 +167,22 @@ static void init_trackers(struct idma_qpair *q, uint8_t *list_area, uint32_t pag
 }
 
 struct idma_qpair *idma_qpair_new(uint16_t qid, uint32_t depth, void *sq, void *cq,
-                                  volatile uint8_t *bar0, uint32_t dstrd, uint32_t page_size,
-                                  void *list_area, uint32_t list_pages,
-                                  const struct idma_maptable *maptable)
+                                  volatile uint8_t *bar0, uint64_t bar0_size, uint32_t dstrd,
+                                  uint32_t page_size, void *list_area, uint32_t list_pages,
+                                  struct idma_maptable *maptable)
 {
     struct idma_qpair *q;
     uint32_t ntrk = depth - 1, pages_each;
 
-    if (!valid_args(depth, sq, cq, bar0, dstrd, page_size))
+    if (!valid_args(qid, depth, sq, cq, bar0, bar0_size, dstrd, page_size))
         return NULL;
     if (list_area && ((uintptr_t)list_area & (page_size - 1)))
         return NULL;
     pages_each = list_area ? list_pages / ntrk : 0;
     if (list_area && pages_each == 0)                   /* at least one list page each */
         return NULL;
+    if ((uint64_t)pages_each * (page_size / sizeof(uint64_t)) > INT32_MAX)
+        return NULL;                                    /* list slots must fit an int */
     q = calloc(1, sizeof(*q));
     if (!q)
         return NULL;
@@ -193,7 +203,7 @@ struct idma_qpair *idma_qpair_new(uint16_t qid, uint32_t depth, void *sq, void *
     q->qid = qid;
     q->phase = 1;                       /* §4.6: the controller posts phase 1 on the first lap */
     q->bad_index = -1;
-    q->maptable = maptable;
+    q->maptable = idma_maptable_ref(maptable);
     q->dstrd = dstrd;
     init_trackers(q, list_area, pages_each);
     return q;
@@ -202,6 +212,7 @@ struct idma_qpair *idma_qpair_new(uint16_t qid, uint32_t depth, void *sq, void *
 void idma_qpair_free(struct idma_qpair *q)
 {
     if (q) {
+        idma_maptable_free(q->maptable);    /* drops this queue's reference */
         free(q->trk);
         free(q->prp);
         free(q);
@@ -295,17 +306,25 @@ static void ring_sq(struct idma_qpair *q)
 int idma_qpair_set_shadow(struct idma_qpair *q, uint32_t *shadow_db, uint32_t *eventidx,
                           int mmio_always)
 {
-    uint32_t sq_off = idma_sq_doorbell_offset(q->qid, q->dstrd) - 0x1000;
-    uint32_t cq_off = idma_cq_doorbell_offset(q->qid, q->dstrd) - 0x1000;
+    uint64_t sq_off, cq_off;
+    int rc;
+
+    if (!q)
+        return IDMA_EINVAL;
+    sq_off = idma_sq_doorbell_offset(q->qid, q->dstrd) - 0x1000;
+    cq_off = idma_cq_doorbell_offset(q->qid, q->dstrd) - 0x1000;
 
     if (!shadow_db != !eventidx || cq_off + 4 > q->page_size)
         return IDMA_EINVAL;
     if (((uintptr_t)shadow_db | (uintptr_t)eventidx) & (q->page_size - 1))
         return IDMA_EINVAL;             /* §5.8: PRP1/PRP2 are page aligned */
+    if ((rc = idma_qpair_claim(q)) != 0)
+        return rc;
     if (!shadow_db) {
         q->sq_shadow = q->cq_shadow = q->sq_ei = q->cq_ei = NULL;
         q->cq_mmio_head = q->cq_db_head;
         *q->cq_db = q->cq_db_head;      /* BAR0 is authoritative again */
+        idma_qpair_release(q);
         return IDMA_OK;
     }
     q->sq_shadow = (volatile uint32_t *)((uint8_t *)shadow_db + sq_off);
@@ -317,11 +336,14 @@ int idma_qpair_set_shadow(struct idma_qpair *q, uint32_t *shadow_db, uint32_t *e
     q->mmio_always = mmio_always != 0;
     q->sq_force = 1;
     idma_mb();
+    idma_qpair_release(q);
     return IDMA_OK;
 }
 
 void idma_qpair_set_cq_batch(struct idma_qpair *q, uint32_t batch)
 {
+    if (!q)
+        return;
     if (batch <= 1 && q->cq_mmio_head != q->cq_db_head)
         ring_cq(q, 1);                  /* nothing stays unannounced */
     q->cq_batch = batch > q->ntrk ? q->ntrk : batch;
@@ -342,20 +364,52 @@ static void place(struct idma_qpair *q, const struct idma_sqe *cmd, uint16_t cid
     q->sq_tail = q->sq_tail + 1 == q->depth ? 0 : q->sq_tail + 1;
 }
 
-static void take_tracker(struct idma_qpair *q, uint16_t id, uint64_t tag)
+/* Take the tracker at the head of the free list; its CID is generation << 12 | index. */
+static uint16_t take_tracker(struct idma_qpair *q, uint64_t tag)
 {
+    uint16_t id = q->free_head;
     struct tracker *t = &q->trk[id];
 
     q->free_head = t->next_free;
     t->busy = 1;
     t->tag = tag;
     q->nfree--;
+    return (uint16_t)((uint32_t)t->gen << IDMA_CID_INDEX_BITS | id);
 }
 
-int idma_qpair_submit(struct idma_qpair *q, const struct idma_sqe *cmds,
-                      const struct idma_io *io, uint32_t n)
+/* Return tracker id to the free list; its next CID gets the next generation. */
+static void put_tracker(struct idma_qpair *q, uint16_t id)
 {
-    uint32_t fit = n < q->nfree ? n : q->nfree, i;
+    struct tracker *t = &q->trk[id];
+
+    t->busy = 0;
+    t->gen = (uint8_t)((t->gen + 1) & CID_GEN_MASK);
+    t->next_free = q->free_head;
+    q->free_head = id;
+    q->nfree++;
+}
+
+int idma_qpair_claim(struct idma_qpair *q)
+{
+    uint32_t idle = 0;
+
+    if (!q)
+        return IDMA_EINVAL;
+    if (__atomic_compare_exchange_n(&q->in_use, &idle, 1, 0, __ATOMIC_ACQUIRE,
+                                    __ATOMIC_RELAXED))
+        return IDMA_OK;
+    return IDMA_EBUSY;
+}
+
+void idma_qpair_release(struct idma_qpair *q)
+{
+    __atomic_store_n(&q->in_use, 0, __ATOMIC_RELEASE);
+}
+
+int idma_qpair_submit_claimed(struct idma_qpair *q, const struct idma_sqe *cmds,
+                              const struct idma_io *io, uint32_t n)
+{
+    uint32_t fit = n < q->nfree ? n : q->nfree, i;     /* fit <= trackers: scratch bound */
     uint16_t id = q->free_head;
 
     q->bad_index = -1;
@@ -370,8 +424,7 @@ int idma_qpair_submit(struct idma_qpair *q, const struct idma_sqe *cmds,
         }
     }
     for (i = 0; i < fit; i++) {
-        uint16_t cid = q->free_head;        /* CID = tracker index */
-        take_tracker(q, cid, io[i].tag);
+        uint16_t cid = take_tracker(q, io[i].tag);
         place(q, &cmds[i], cid, &io[i], q->prp[2 * i], q->prp[2 * i + 1]);
     }
     if (fit) {
@@ -381,16 +434,28 @@ int idma_qpair_submit(struct idma_qpair *q, const struct idma_sqe *cmds,
     return (int)fit;
 }
 
-int idma_qpair_bad_index(const struct idma_qpair *q)
+int idma_qpair_submit(struct idma_qpair *q, const struct idma_sqe *cmds,
+                      const struct idma_io *io, uint32_t n)
 {
-    return q->bad_index;
+    int rc;
+
+    if ((rc = idma_qpair_claim(q)) != 0)
+        return rc;
+    rc = idma_qpair_submit_claimed(q, cmds, io, n);
+    idma_qpair_release(q);
+    return rc;
 }
 
-int idma_qpair_submit_rw(struct idma_qpair *q, uint8_t opcode, uint32_t nsid, uint32_t nlb,
-                         uint32_t lba_size, const uint64_t *lbas, const uint64_t *tags,
-                         uint32_t n, uint64_t buf_base, uint64_t buf_stride)
+int idma_qpair_bad_index(const struct idma_qpair *q)
 {
-    uint32_t fit = n < q->nfree ? n : q->nfree, i;
+    return q ? q->bad_index : -1;
+}
+
+static int submit_rw(struct idma_qpair *q, uint8_t opcode, uint32_t nsid, uint32_t nlb,
+                     uint32_t lba_size, const uint64_t *lbas, const uint64_t *tags,
+                     uint32_t n, uint64_t buf_base, uint64_t buf_stride)
+{
+    uint32_t fit = n < q->nfree ? n : q->nfree, i;     /* fit <= trackers: scratch bound */
     uint64_t len = (uint64_t)nlb * lba_size;
     uint16_t id = q->free_head;
     struct idma_sqe cmd;
@@ -411,12 +476,12 @@ int idma_qpair_submit_rw(struct idma_qpair *q, uint8_t opcode, uint32_t nsid, ui
     cmd.nsid = nsid;
     cmd.cdw12 = nlb - 1;                /* NVM Command Set 1.0 §3.3.4: 0's based NLB */
     for (i = 0; i < fit; i++) {
-        uint16_t cid = q->free_head;
         struct idma_io io = { 0, len, tags[i] };
+        uint16_t cid;
 
         cmd.cdw10 = (uint32_t)lbas[i];  /* SLBA in CDW10-11 */
         cmd.cdw11 = (uint32_t)(lbas[i] >> 32);
-        take_tracker(q, cid, tags[i]);
+        cid = take_tracker(q, tags[i]);
         place(q, &cmd, cid, &io, q->prp[2 * i], q->prp[2 * i + 1]);
     }
     if (fit) {
@@ -426,123 +491,180 @@ int idma_qpair_submit_rw(struct idma_qpair *q, uint8_t opcode, uint32_t nsid, ui
     return (int)fit;
 }
 
-/* Consume the CQE at the head if its phase tag is current (§4.6). 1 = reaped into out. */
+int idma_qpair_submit_rw(struct idma_qpair *q, uint8_t opcode, uint32_t nsid, uint32_t nlb,
+                         uint32_t lba_size, const uint64_t *lbas, const uint64_t *tags,
+                         uint32_t n, uint64_t buf_base, uint64_t buf_stride)
+{
+    int rc;
+
+    if ((rc = idma_qpair_claim(q)) != 0)
+        return rc;
+    rc = submit_rw(q, opcode, nsid, nlb, lba_size, lbas, tags, n, buf_base, buf_stride);
+    idma_qpair_release(q);
+    return rc;
+}
+
+/*
+ * The tracker a CQE's CID names, or NULL when the CQE must be dropped (§4.6): CID of a free
+ * tracker or of an earlier generation (late or duplicate), SQ head not a ring position, or an
+ * SQ identifier other than this queue's.
+ */
+static struct tracker *cqe_tracker(struct idma_qpair *q, uint16_t cid, uint16_t sq_head,
+                                   uint16_t sq_id)
+{
+    uint32_t id = cid & CID_INDEX_MASK;
+    struct tracker *t;
+
+    if (id >= q->ntrk || sq_head >= q->depth || sq_id != q->qid)
+        return NULL;
+    t = &q->trk[id];
+    if (!t->busy || t->gen != cid >> IDMA_CID_INDEX_BITS)
+        return NULL;
+    return t;
+}
+
+/* Consume the CQE at the head if its phase tag is current (§4.6). 1 = reaped into out,
+ * 0 = consumed and dropped (spurious), -1 = no new entry. */
 static int reap_one(struct idma_qpair *q, struct idma_cpl *out)
 {
     volatile struct idma_cqe *e = &q->cq[q->cq_head];
-    uint16_t st = e->status;
-    uint16_t cid;
+    uint16_t st = e->status, cid, sq_head, sq_id;
+    uint32_t result;
     struct tracker *t;
 
     if ((st & 1) != q->phase)
         return -1;                      /* not yet written by the controller */
     idma_rmb();                         /* read DW3 first, then the rest */
     cid = e->cid;
-    q->sq_head = e->sq_head;            /* §4.6: SQ head pointer, frees SQ slots */
-    out->result = e->dw0;
+    sq_head = e->sq_head;
+    sq_id = e->sq_id;
+    result = e->dw0;
     if (++q->cq_head == q->depth) {     /* phase flips at each wrap */
         q->cq_head = 0;
         q->phase ^= 1;
     }
-    t = cid < q->ntrk ? &q->trk[cid] : NULL;
-    if (!t || !t->busy) {
+    t = cqe_tracker(q, cid, sq_head, sq_id);
+    if (!t) {
         q->spurious++;
         return 0;
     }
+    q->sq_head = sq_head;               /* §4.6: SQ head pointer, frees SQ slots */
     out->tag = t->tag;
+    out->result = result;
     out->cid = cid;
     out->status = st >> 1;
-    t->busy = 0;
-    t->next_free = q->free_head;
-    q->free_head = cid;
-    q->nfree++;
+    put_tracker(q, (uint16_t)(cid & CID_INDEX_MASK));
     q->completed++;
     return 1;
 }
 
-static uint32_t poll_into(struct idma_qpair *q, struct idma_cpl *out, uint64_t *tags,
-                          uint16_t *status, uint32_t max);
-
-int idma_qpair_poll(struct idma_qpair *q, struct idma_cpl *out, uint32_t max)
-{
-    return (int)poll_into(q, out, NULL, NULL, max);
-}
-
-/* Reap up to max CQEs into either out[] or tags[]/status[]; one CQ head update if any. */
+/*
+ * Reap up to max CQEs into either out[] or tags[]/status[]; one CQ head update if any. At most
+ * depth CQEs are consumed per call, so a device flooding the CQ cannot hold the caller forever.
+ */
 static uint32_t poll_into(struct idma_qpair *q, struct idma_cpl *out, uint64_t *tags,
                           uint16_t *status, uint32_t max)
 {
-    uint32_t n = 0;
-    int moved = 0, rc;
+    uint32_t n = 0, seen = 0;
+    int rc;
     struct idma_cpl c;
 
-    while (n < max && (rc = reap_one(q, out ? &out[n] : &c)) >= 0) {
-        moved = 1;
+    while (n < max && seen < q->depth && (rc = reap_one(q, out ? &out[n] : &c)) >= 0) {
+        seen++;
         if (rc && !out) {
             tags[n] = c.tag;
             status[n] = c.status;
         }
         n += (uint32_t)rc;
     }
-    if (moved)
+    if (seen)
         ring_cq(q, 0);                  /* one CQ head update per poll call */
+    return n;
+}
+
+int idma_qpair_poll_claimed(struct idma_qpair *q, struct idma_cpl *out, uint32_t max)
+{
+    if (max && !out)
+        return IDMA_EINVAL;
+    return (int)poll_into(q, out, NULL, NULL, max);
+}
+
+int idma_qpair_poll(struct idma_qpair *q, struct idma_cpl *out, uint32_t max)
+{
+    int n;
+
+    if (max && !out)
+        return IDMA_EINVAL;
+    if ((n = idma_qpair_claim(q)) != 0)
+        return n;
+    n = (int)poll_into(q, out, NULL, NULL, max);
+    idma_qpair_release(q);
+    return n;
+}
+
+/* Poll until min completions (capped at max and at the commands in flight) or the timeout. */
+static uint32_t wait_into(struct idma_qpair *q, struct idma_cpl *out, uint64_t *tags,
+                          uint16_t *status, uint32_t max, uint32_t min, uint64_t timeout_ns)
+{
+    uint32_t inflight = q->ntrk - q->nfree, spins = 0;
+    uint32_t n = poll_into(q, out, tags, status, max);
+    uint64_t now, deadline;
+
+    if (min > max)
+        min = max;
+    if (min > inflight)
+        min = inflight;
+    if (n >= min)
+        return n;
+    now = idma_fast_ns();
+    deadline = now + timeout_ns < now ? UINT64_MAX : now + timeout_ns;
+    while (n < min) {
+        n += poll_into(q, out ? out + n : NULL, tags ? tags + n : NULL,
+                       status ? status + n : NULL, max - n);
+        if ((++spins & 63) == 0 && idma_fast_ns() >= deadline)  /* clock every 64 polls */
+            break;
+    }
     return n;
 }
 
 int idma_qpair_wait_tags(struct idma_qpair *q, uint64_t *tags, uint16_t *status, uint32_t max,
                          uint32_t min, uint64_t timeout_ns)
 {
-    uint32_t inflight = q->ntrk - q->nfree, spins = 0;
-    uint32_t n = poll_into(q, NULL, tags, status, max);
-    uint64_t now, deadline;
+    int n;
 
-    if (min > max)
-        min = max;
-    if (min > inflight)
-        min = inflight;
-    if (n >= min)
-        return (int)n;
-    now = idma_fast_ns();
-    deadline = now + timeout_ns < now ? UINT64_MAX : now + timeout_ns;
-    while (n < min) {
-        n += poll_into(q, NULL, tags + n, status + n, max - n);
-        if ((++spins & 63) == 0 && idma_fast_ns() >= deadline)
-            break;
-    }
-    return (int)n;
+    if (max && (!tags || !status))
+        return IDMA_EINVAL;
+    if ((n = idma_qpair_claim(q)) != 0)
+        return n;
+    n = (int)wait_into(q, NULL, tags, status, max, min, timeout_ns);
+    idma_qpair_release(q);
+    return n;
 }
 
 int idma_qpair_wait(struct idma_qpair *q, struct idma_cpl *out, uint32_t max, uint32_t min,
                     uint64_t timeout_ns)
 {
-    uint32_t inflight = q->ntrk - q->nfree, spins = 0;
-    uint32_t n = (uint32_t)idma_qpair_poll(q, out, max);
-    uint64_t now, deadline;
+    int n;
 
-    if (min > max)
-        min = max;
-    if (min > inflight)
-        min = inflight;
-    if (n >= min)
-        return (int)n;
-    now = idma_fast_ns();
-    deadline = now + timeout_ns < now ? UINT64_MAX : now + timeout_ns;
-    while (n < min) {
-        n += (uint32_t)idma_qpair_poll(q, out + n, max - n);
-        if ((++spins & 63) == 0 && idma_fast_ns() >= deadline)  /* clock every 64 polls */
-            break;
-    }
-    return (int)n;
+    if (max && !out)
+        return IDMA_EINVAL;
+    if ((n = idma_qpair_claim(q)) != 0)
+        return n;
+    n = (int)wait_into(q, out, NULL, NULL, max, min, timeout_ns);
+    idma_qpair_release(q);
+    return n;
 }
 
 uint32_t idma_qpair_inflight(const struct idma_qpair *q)
 {
-    return q->ntrk - q->nfree;
+    return q ? q->ntrk - q->nfree : 0;
 }
 
 void idma_qpair_get_info(const struct idma_qpair *q, struct idma_qpair_info *out)
 {
     memset(out, 0, sizeof(*out));
+    if (!q)
+        return;
     out->qid = q->qid;
     out->phase = q->phase;
     out->depth = q->depth;

@@ -1,6 +1,8 @@
 /*
  * NVMe I/O queue pair engine (NVMe Base 2.0 §3.3 queue mechanics, §4.2 SQE, §4.6 CQE).
- * One submission queue and its completion queue, used by one thread at a time.
+ * One submission queue and its completion queue, used by one thread at a time: every call that
+ * moves the rings claims the queue pair with an atomic flag and returns IDMA_EBUSY when another
+ * thread holds it (detection of misuse, not a lock: the loser is refused, never blocked).
  * IOVA = VA in this project: every pointer handed in is also its bus address.
  */
 #ifndef IDMA_QUEUE_H
@@ -17,8 +19,12 @@ enum idma_rc {
     IDMA_EALIGN = -3,       /* data buffer not dword aligned (PRP1 rule, §4.1.1) */
     IDMA_ETOOBIG = -4,      /* transfer needs more PRP list entries than a tracker owns */
     IDMA_ETIMEDOUT = -5,    /* worker: outstanding I/O never completed */
-    IDMA_ENOMEM = -6
+    IDMA_ENOMEM = -6,
+    IDMA_EBUSY = -7         /* another thread is inside a call on this queue pair right now */
 };
+
+/* Largest ring: a CID is a 4-bit generation over a 12-bit tracker index. */
+enum { IDMA_MAX_DEPTH = 4096, IDMA_CID_INDEX_BITS = 12 };
 
 /* Submission Queue Entry, 64 bytes (NVMe Base 2.0 §4.2, Figure 88). */
 struct idma_sqe {
@@ -77,7 +83,8 @@ struct idma_qpair_info {
     uint32_t list_slots;    /* PRP list entries per tracker */
     uint64_t submitted;
     uint64_t completed;
-    uint64_t spurious;      /* CQEs naming a CID that was not in flight (skipped) */
+    uint64_t spurious;      /* CQEs dropped: CID not in flight (free tracker or stale
+                             * generation), SQ head or SQ id out of range */
     uint64_t sq_doorbells;  /* SQ tail doorbell updates (shadow or MMIO) */
     uint64_t cq_doorbells;  /* CQ head doorbell updates (shadow or MMIO) */
     uint64_t sq_mmio;       /* of those, SQ tail writes that reached BAR0 */
@@ -89,35 +96,40 @@ struct idma_qpair_info {
 struct idma_qpair;
 
 /*
- * Create a queue pair over caller-owned memory. sq: depth * 64 bytes, cq: depth * 16 bytes,
- * both aligned to page_size and zeroed by the caller before the controller sees them.
- * bar0: mapped BAR0 (doorbells at 0x1000 + ...). dstrd: CAP.DSTRD. page_size: CC.MPS page.
- * list_area: list_pages page-aligned pages of PRP lists split evenly between the depth-1
- * trackers (may be NULL/0: transfers then limited to two pages). maptable: NULL = no check.
+ * Create a queue pair over caller-owned memory. depth: 2..IDMA_MAX_DEPTH entries per ring.
+ * sq: depth * 64 bytes, cq: depth * 16 bytes, both aligned to page_size and zeroed by the caller
+ * before the controller sees them. bar0/bar0_size: mapped BAR0; both doorbells of qid
+ * (0x1000 + ... << CAP.DSTRD, §3.1.3) must lie inside it. dstrd: CAP.DSTRD. page_size: CC.MPS
+ * page. list_area: list_pages page-aligned pages of PRP lists split evenly between the depth-1
+ * trackers (may be NULL/0: transfers then limited to two pages). maptable: NULL = no check,
+ * else the queue pair holds a reference to it until idma_qpair_free.
  * Returns NULL on a bad argument or out of memory.
  */
 struct idma_qpair *idma_qpair_new(uint16_t qid, uint32_t depth, void *sq, void *cq,
-                                  volatile uint8_t *bar0, uint32_t dstrd, uint32_t page_size,
-                                  void *list_area, uint32_t list_pages,
-                                  const struct idma_maptable *maptable);
+                                  volatile uint8_t *bar0, uint64_t bar0_size, uint32_t dstrd,
+                                  uint32_t page_size, void *list_area, uint32_t list_pages,
+                                  struct idma_maptable *maptable);
 void idma_qpair_free(struct idma_qpair *q);
 
 /*
- * Submit up to n commands (cmds[i] with data io[i]); CIDs and PRPs are filled in by the engine.
- * Returns how many were queued (< n when fewer trackers are free: retry the rest after polling),
- * or a negative idma_rc when a command in the accepted prefix is refused; then nothing is
- * queued and idma_qpair_bad_index() names the refused command. One SQ doorbell write per call.
+ * Submit up to n commands (cmds[i] with data io[i], arrays of at least n entries); CIDs and
+ * PRPs are filled in by the engine. Returns how many were queued (< n when fewer trackers are
+ * free: retry the rest after polling), or a negative idma_rc when a command in the accepted
+ * prefix is refused; then nothing is queued and idma_qpair_bad_index() names the refused
+ * command. One SQ doorbell write per call. IDMA_EBUSY: another thread is in this queue pair.
  */
 int idma_qpair_submit(struct idma_qpair *q, const struct idma_sqe *cmds,
                       const struct idma_io *io, uint32_t n);
 /* Index in the last submit call of the refused command, or -1. */
 int idma_qpair_bad_index(const struct idma_qpair *q);
 
-/* Reap up to max completions without waiting; one CQ doorbell write if any. Returns count. */
+/* Reap up to max completions into out[max] without waiting; one CQ doorbell write if any.
+ * Consumes at most depth CQEs per call. Returns the count, or IDMA_EBUSY. */
 int idma_qpair_poll(struct idma_qpair *q, struct idma_cpl *out, uint32_t max);
 /*
  * Busy-poll until at least min completions (capped at max and at the commands in flight) or
- * timeout_ns elapsed; polls at least once. Returns the number reaped (may be < min on timeout).
+ * timeout_ns elapsed; polls at least once. Returns the number reaped (may be < min on timeout),
+ * or IDMA_EBUSY.
  */
 int idma_qpair_wait(struct idma_qpair *q, struct idma_cpl *out, uint32_t max, uint32_t min,
                     uint64_t timeout_ns);
@@ -130,7 +142,7 @@ int idma_qpair_wait(struct idma_qpair *q, struct idma_cpl *out, uint32_t max, ui
  * asks for it, or always when mmio_always is set (admin queue: some controllers keep reading
  * its MMIO doorbells). The first SQ doorbell after this call always reaches BAR0 (the EventIdx
  * dword may be stale from a deleted queue). Both NULL: back to MMIO doorbells only.
- * Returns 0 or IDMA_EINVAL.
+ * Returns 0, IDMA_EINVAL or IDMA_EBUSY.
  */
 int idma_qpair_set_shadow(struct idma_qpair *q, uint32_t *shadow_db, uint32_t *eventidx,
                           int mmio_always);
@@ -146,24 +158,36 @@ void idma_qpair_set_cq_batch(struct idma_qpair *q, uint32_t batch);
  * Fast path for reads/writes without per-command structs: n commands of opcode (01h Write,
  * 02h Read, NVM Command Set 1.0 §3.3) of nlb blocks each on nsid; command i reads/writes
  * LBA lbas[i] into buffer buf_base + tags[i] * buf_stride (nlb * lba_size bytes) and carries
- * tags[i]. Same return values and one SQ doorbell as idma_qpair_submit.
+ * tags[i]. lbas and tags hold at least n entries. Same return values and one SQ doorbell as
+ * idma_qpair_submit (EINVAL also for nlb outside 1..65536 or lba_size 0).
  */
 int idma_qpair_submit_rw(struct idma_qpair *q, uint8_t opcode, uint32_t nsid, uint32_t nlb,
                          uint32_t lba_size, const uint64_t *lbas, const uint64_t *tags,
                          uint32_t n, uint64_t buf_base, uint64_t buf_stride);
 /*
  * Like idma_qpair_wait, but stores only tags[i] and status[i] (15-bit status field, 0 = ok)
- * of each completion into caller arrays of max entries. Returns the count.
+ * of each completion into caller arrays of max entries. Returns the count, or IDMA_EBUSY.
  */
 int idma_qpair_wait_tags(struct idma_qpair *q, uint64_t *tags, uint16_t *status, uint32_t max,
                          uint32_t min, uint64_t timeout_ns);
 
 uint32_t idma_qpair_inflight(const struct idma_qpair *q);
 void idma_qpair_get_info(const struct idma_qpair *q, struct idma_qpair_info *out);
-/* Byte offsets of the SQ tail / CQ head doorbells in BAR0 (§3.1.3: 0x1000 + (2y[+1]) stride). */
-uint32_t idma_sq_doorbell_offset(uint16_t qid, uint32_t dstrd);
-uint32_t idma_cq_doorbell_offset(uint16_t qid, uint32_t dstrd);
+/* Byte offsets of the SQ tail / CQ head doorbells in BAR0 (§3.1.3: 0x1000 + (2y[+1]) stride).
+ * 64-bit: with CAP.DSTRD 15 and a large qid the offset does not fit 32 bits. */
+uint64_t idma_sq_doorbell_offset(uint16_t qid, uint32_t dstrd);
+uint64_t idma_cq_doorbell_offset(uint16_t qid, uint32_t dstrd);
 /* CDEF END */
+
+/*
+ * For the worker (C only): hold the queue pair for a whole run. idma_qpair_claim returns 0 or
+ * IDMA_EBUSY; while claimed, use the _claimed variants (the public calls would see it busy).
+ */
+int idma_qpair_claim(struct idma_qpair *q);
+void idma_qpair_release(struct idma_qpair *q);
+int idma_qpair_submit_claimed(struct idma_qpair *q, const struct idma_sqe *cmds,
+                              const struct idma_io *io, uint32_t n);
+int idma_qpair_poll_claimed(struct idma_qpair *q, struct idma_cpl *out, uint32_t max);
 
 /* For the worker (C only): monotonic clock in ns; idma_fast_ns reads it without a system
  * call where it can (calibrated TSC on x86-64; the first call takes 5 ms to calibrate). */

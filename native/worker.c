@@ -31,6 +31,12 @@ void idma_pattern_fill(void *buf, uint64_t lba, uint32_t nlbas, uint32_t lba_siz
             *w++ = seed ^ (lba << 16 | k);
 }
 
+void idma_pattern_poison(void *buf, uint64_t lba, uint32_t nlbas, uint32_t lba_size,
+                         uint64_t seed)
+{
+    idma_pattern_fill(buf, lba, nlbas, lba_size, ~seed);   /* every word: ~expected */
+}
+
 uint32_t idma_pattern_check(const void *buf, uint64_t lba, uint32_t nlbas, uint32_t lba_size,
                             uint64_t seed, uint64_t *first_bad)
 {
@@ -218,6 +224,9 @@ static void queue_io(struct wstate *w, uint32_t i)
     if (!s->is_read && c->verify)
         idma_pattern_fill((void *)(uintptr_t)io->buf, s->lba, c->block_lbas, c->lba_size,
                           c->seed);
+    else if (s->check)                          /* a read that moves nothing must fail */
+        idma_pattern_poison((void *)(uintptr_t)io->buf, s->lba, c->block_lbas, c->lba_size,
+                            c->seed);
     memset(cmd, 0, sizeof(*cmd));
     cmd->cdw0 = s->is_read ? OPC_READ : OPC_WRITE;
     cmd->nsid = c->nsid;
@@ -235,7 +244,7 @@ static int flush_pending(struct wstate *w, uint64_t now)
 
     if (!w->npending)
         return 0;
-    k = idma_qpair_submit(w->q, w->cmds, w->io, w->npending);
+    k = idma_qpair_submit_claimed(w->q, w->cmds, w->io, w->npending);
     if (k < 0)
         return k;
     for (int j = 0; j < k; j++)
@@ -306,7 +315,7 @@ static void publish(struct wstate *w, uint64_t now)
 /* Reap completions and refill the freed slots. Returns how many completed. */
 static uint32_t reap(struct wstate *w, uint64_t *now)
 {
-    int n = idma_qpair_poll(w->q, w->cpl, w->cfg->qd);
+    int n = idma_qpair_poll_claimed(w->q, w->cpl, w->cfg->qd);
 
     if (n <= 0)
         return 0;
@@ -405,7 +414,14 @@ int idma_worker_run(struct idma_qpair *q, const struct idma_worker_cfg *cfg,
         return IDMA_EINVAL;
     memset(res, 0, sizeof(*res));
     res->lat_min_ns = UINT64_MAX;
+    if (q && idma_qpair_claim(q)) {
+        res->rc = IDMA_EBUSY;
+        res->lat_min_ns = 0;
+        return IDMA_EBUSY;
+    }
     if (!valid_cfg(cfg, q, progress)) {
+        if (q)
+            idma_qpair_release(q);
         res->rc = IDMA_EINVAL;
         res->lat_min_ns = 0;
         return IDMA_EINVAL;
@@ -442,6 +458,7 @@ int idma_worker_run(struct idma_qpair *q, const struct idma_worker_cfg *cfg,
     if (progress)
         __atomic_store_n(&progress->running, 0, __ATOMIC_RELEASE);
     free_state(&w);
+    idma_qpair_release(q);
     res->rc = rc;
     return rc;
 }

@@ -68,7 +68,9 @@ struct idma_worker_result {
 };
 
 /*
- * Run the loop until io_count I/Os or duration_ns or progress->stop, then drain.
+ * Run the loop until io_count I/Os or duration_ns or progress->stop, then drain. The worker
+ * holds the queue pair for the whole run (IDMA_EBUSY when another thread is using it).
+ * With verify, every read buffer to be checked is poisoned before its read is submitted.
  * progress may be NULL. Returns 0 or an idma_rc (also stored in res->rc).
  */
 int idma_worker_run(struct idma_qpair *q, const struct idma_worker_cfg *cfg,
@@ -77,6 +79,10 @@ int idma_worker_run(struct idma_qpair *q, const struct idma_worker_cfg *cfg,
 /* Data pattern: each 8-byte word k of LBA lba holds seed ^ (lba << 16 | k). */
 void idma_pattern_fill(void *buf, uint64_t lba, uint32_t nlbas, uint32_t lba_size,
                        uint64_t seed);
+/* Fill buf with the complement of the pattern: no word of it equals the expected data, so a
+ * read that moved no data (or only part of it) into buf fails idma_pattern_check. */
+void idma_pattern_poison(void *buf, uint64_t lba, uint32_t nlbas, uint32_t lba_size,
+                         uint64_t seed);
 /* Number of LBAs in buf that do not hold the pattern; *first_bad (may be NULL) gets the first. */
 uint32_t idma_pattern_check(const void *buf, uint64_t lba, uint32_t nlbas, uint32_t lba_size,
                             uint64_t seed, uint64_t *first_bad);

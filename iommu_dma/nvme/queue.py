@@ -11,8 +11,9 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, NamedTuple, Union
 
+from iommu_dma.errors import ClosedError, IommuDmaError
 from iommu_dma.native import ffi, lib
 from iommu_dma.nvme.sqe import SQE_SIZE, Sqe, Status, decode_status
 
@@ -23,23 +24,64 @@ EALIGN: int = lib.IDMA_EALIGN
 ETOOBIG: int = lib.IDMA_ETOOBIG
 ETIMEDOUT: int = lib.IDMA_ETIMEDOUT
 ENOMEM: int = lib.IDMA_ENOMEM
+EBUSY: int = lib.IDMA_EBUSY
+
+MAX_DEPTH: int = lib.IDMA_MAX_DEPTH         # CID = 4-bit generation << 12 | tracker index
+CID_INDEX_BITS: int = lib.IDMA_CID_INDEX_BITS
 
 _RC_NAMES = {EINVAL: "invalid argument", EUNMAPPED: "data buffer not DMA-mapped",
              EALIGN: "data buffer not dword aligned", ETOOBIG: "transfer too large for PRP list",
-             ETIMEDOUT: "I/O timed out", ENOMEM: "out of memory"}
+             ETIMEDOUT: "I/O timed out", ENOMEM: "out of memory",
+             EBUSY: "queue pair in use by another thread"}
 
 SqeLike = Union[Sqe, bytes, bytearray, memoryview, Any]   # Any: a cffi "struct idma_sqe"
-Command = tuple[SqeLike, int, int, int]                 # (sqe, buffer address, length, tag)
 
 
-class QueueError(OSError):
+class Command(NamedTuple):
+    """One command for QueuePair.submit: the SQE (CID and, with a data buffer, PRP1/PRP2 are
+    filled in by the engine), its data buffer (IOVA = VA; length 0: none, PRPs kept as given),
+    the caller's tag returned in the completion, and a description for messages."""
+
+    sqe: SqeLike
+    addr: int = 0
+    length: int = 0
+    tag: int = 0
+    what: str = ""
+
+
+class QueueError(IommuDmaError):
     """The engine refused a call; .rc is the idma_rc, .index the refused command (or -1)."""
 
-    def __init__(self, rc: int, index: int = -1) -> None:
-        where = f" (command {index})" if index >= 0 else ""
-        super().__init__(f"{_RC_NAMES.get(rc, 'error')}{where} [rc {rc}]")
+    def __init__(self, rc: int, index: int = -1, *, qid: int | None = None) -> None:
         self.rc = rc
         self.index = index
+        self.qid = qid
+        if rc == EBUSY:
+            who = f"queue pair {qid}" if qid is not None else "the queue pair"
+            super().__init__(f"{who} is being used by another thread at the same time; give "
+                             f"each thread its own queue pair or lock around it [rc {rc}]")
+            return
+        where = f" (command {index})" if index >= 0 else ""
+        super().__init__(f"{_RC_NAMES.get(rc, 'error')}{where} [rc {rc}]")
+
+
+class QueueConfigError(IommuDmaError, ValueError):
+    """QueuePair arguments the engine cannot use (the message names the problem)."""
+
+
+def prp_list_pages(max_transfer: int, page_size: int) -> int:
+    """PRP list pages one tracker needs for a transfer of max_transfer bytes starting at any
+    dword-aligned offset (NVMe Base 2.0 §4.1.1): PRP1 covers the rest of the first page, the
+    others are list entries, and each full list page but the last gives its final entry to the
+    pointer to the next list page."""
+    if max_transfer <= 0:
+        return 0
+    data_pages = (page_size - 4 + max_transfer + page_size - 1) // page_size  # worst offset
+    entries = data_pages - 1                    # PRP1 is in the SQE
+    if entries <= 1:
+        return 0                                # PRP2 is a data pointer (or unused)
+    per_page = page_size // 8
+    return (entries - 1 + per_page - 2) // (per_page - 1)
 
 
 @dataclass(frozen=True)
@@ -71,28 +113,76 @@ def _sqe_bytes(sqe: SqeLike) -> bytes:
     return data
 
 
-class QueuePair:
-    """One NVMe submission/completion queue pair over caller-provided DMA memory."""
+def _check_queue_args(qid: int, depth: int, sq_addr: int, cq_addr: int, bar0_size: int,
+                      dstrd: int, page_size: int, list_addr: int, list_pages: int) -> None:
+    """Raise QueueConfigError naming the first argument idma_qpair_new would refuse."""
+    where = f"queue {qid}"
+    if not 0 <= qid <= 0xFFFF:
+        raise QueueConfigError(f"{where}: the queue identifier is 16 bits")
+    if not 2 <= depth <= MAX_DEPTH:
+        raise QueueConfigError(f"{where}: depth {depth} is outside 2..{MAX_DEPTH} (a CID holds "
+                               f"a {CID_INDEX_BITS}-bit tracker index)")
+    if page_size < 4096 or page_size & (page_size - 1):
+        raise QueueConfigError(f"{where}: page size {page_size} is not a power of two >= 4096 "
+                               "(CC.MPS)")
+    if not 0 <= dstrd <= 15:
+        raise QueueConfigError(f"{where}: CAP.DSTRD {dstrd} is outside 0..15")
+    for name, addr in (("SQ", sq_addr), ("CQ", cq_addr), ("PRP list area", list_addr)):
+        if addr % page_size:
+            raise QueueConfigError(f"{where}: {name} at {addr:#x} is not aligned to the "
+                                   f"{page_size}-byte page")
+    if not sq_addr or not cq_addr:
+        raise QueueConfigError(f"{where}: SQ and CQ need memory")
+    doorbell = int(lib.idma_cq_doorbell_offset(qid, dstrd))     # the higher of the two
+    if doorbell + 4 > bar0_size:
+        raise QueueConfigError(f"{where}: doorbell at {doorbell:#x} is beyond the "
+                               f"{bar0_size:#x}-byte BAR0 (CAP.DSTRD={dstrd})")
+    if list_addr and list_pages < depth - 1:
+        raise QueueConfigError(f"{where}: {list_pages} PRP list pages for {depth - 1} "
+                               "trackers (at least one each)")
 
-    def __init__(self, qid: int, depth: int, sq_addr: int, cq_addr: int, bar0_addr: int, *,
-                 dstrd: int = 0, page_size: int = 4096, list_addr: int = 0,
+
+class QueuePair:
+    """One NVMe submission/completion queue pair over caller-provided DMA memory.
+
+    Single owner: one thread at a time may call submit/poll/wait (a second thread entering
+    at the same time gets QueueError with rc EBUSY); share a QueuePair only behind a lock."""
+
+    def __init__(self, qid: int, depth: int, sq_addr: int, cq_addr: int, bar0_addr: int,
+                 bar0_size: int, *, dstrd: int = 0, page_size: int = 4096, list_addr: int = 0,
                  list_pages: int = 0, maptable: Any = None) -> None:
-        """sq_addr/cq_addr: page-aligned zeroed rings of depth entries; bar0_addr: mapped BAR0;
+        """sq_addr/cq_addr: page-aligned zeroed rings of depth entries (2..4096);
+        bar0_addr/bar0_size: mapped BAR0, which must hold this queue's doorbells;
         list_addr: list_pages page-aligned PRP list pages (split between depth-1 trackers);
-        maptable: a `struct idma_maptable *` or None (no mapped-range check)."""
-        self._maptable = maptable           # keep the table alive as long as the queue
+        maptable: a `struct idma_maptable *` or None (no mapped-range check); the queue pair
+        holds a reference to it until close()."""
+        _check_queue_args(qid, depth, sq_addr, cq_addr, bar0_size, dstrd, page_size,
+                          list_addr, list_pages)
         table = maptable if maptable is not None else ffi.NULL
         q = lib.idma_qpair_new(qid, depth, ffi.cast("void *", sq_addr),
                                ffi.cast("void *", cq_addr), ffi.cast("uint8_t *", bar0_addr),
-                               dstrd, page_size, ffi.cast("void *", list_addr), list_pages,
-                               table)
+                               bar0_size, dstrd, page_size, ffi.cast("void *", list_addr),
+                               list_pages, table)
         if q == ffi.NULL:
-            raise ValueError(f"queue {qid}: bad queue arguments (depth {depth}, page size "
-                             f"{page_size}, alignment, or list pages {list_pages})")
+            raise QueueConfigError(f"queue {qid}: the engine refused the queue arguments "
+                                   f"(depth {depth}, page size {page_size}, list pages "
+                                   f"{list_pages}) or is out of memory")
         self._q = ffi.gc(q, lib.idma_qpair_free)
         self.qid = qid
         self.depth = depth
         self._cpl = ffi.new("struct idma_cpl[]", depth)
+
+    def close(self) -> None:
+        """Free the engine state now (drops its maptable reference); the rings and list pages
+        stay the caller's. Further calls on this object fail."""
+        q, self._q = self._q, ffi.NULL
+        if q != ffi.NULL:
+            ffi.release(q)              # runs idma_qpair_free
+
+    def _error(self, rc: int, index: int = -1) -> Exception:
+        if self._q == ffi.NULL:
+            return ClosedError(f"queue pair {self.qid}")
+        return QueueError(rc, index, qid=self.qid)
 
     @property
     def cdata(self) -> Any:
@@ -113,21 +203,21 @@ class QueuePair:
         return {name: int(getattr(out, name)) for name, _ in ffi.typeof(out[0]).fields}
 
     def submit(self, cmds: Sequence[Command]) -> int:
-        """Queue (sqe, buf_addr, length, tag) commands; returns how many were accepted (fewer
-        than given when trackers run out: poll, then resubmit the rest). Raises QueueError
-        when a command is refused (nothing of the call is queued then)."""
+        """Queue Command records; returns how many were accepted (fewer than given when
+        trackers run out: poll, then resubmit the rest). Raises QueueError when a command is
+        refused (nothing of the call is queued then)."""
         n = len(cmds)
         if n == 0:
             return 0
         sqes = ffi.new("struct idma_sqe[]", n)
         ios = ffi.new("struct idma_io[]", n)
         raw = ffi.buffer(sqes)
-        for i, (sqe, buf, length, tag) in enumerate(cmds):
-            raw[i * SQE_SIZE:(i + 1) * SQE_SIZE] = _sqe_bytes(sqe)
-            ios[i].buf, ios[i].len, ios[i].tag = buf, length, tag
+        for i, c in enumerate(cmds):
+            raw[i * SQE_SIZE:(i + 1) * SQE_SIZE] = _sqe_bytes(c.sqe)
+            ios[i].buf, ios[i].len, ios[i].tag = c.addr, c.length, c.tag
         rc = lib.idma_qpair_submit(self._q, sqes, ios, n)
         if rc < 0:
-            raise QueueError(rc, lib.idma_qpair_bad_index(self._q))
+            raise self._error(rc, lib.idma_qpair_bad_index(self._q))
         return int(rc)
 
     def set_shadow(self, shadow_addr: int, eventidx_addr: int, *,
@@ -138,7 +228,7 @@ class QueuePair:
         rc = lib.idma_qpair_set_shadow(self._q, ffi.cast("uint32_t *", shadow_addr),
                                        ffi.cast("uint32_t *", eventidx_addr), int(mmio_always))
         if rc < 0:
-            raise QueueError(rc)
+            raise self._error(rc)
 
     def set_cq_batch(self, batch: int) -> None:
         """Defer CQ head MMIO writes up to batch consumed entries (never letting the
@@ -146,22 +236,25 @@ class QueuePair:
         lib.idma_qpair_set_cq_batch(self._q, batch)
 
     def _completions(self, n: int) -> list[Completion]:
+        if n < 0:
+            raise self._error(n)
         c = self._cpl
         return [Completion(int(c[i].tag), int(c[i].result), int(c[i].cid), int(c[i].status))
                 for i in range(n)]
 
     def poll(self, max_cpl: int | None = None) -> list[Completion]:
         """Reap what has completed, without waiting (GIL released inside)."""
-        m = self.depth if max_cpl is None else min(max_cpl, self.depth)
+        m = self.depth if max_cpl is None else max(0, min(max_cpl, self.depth))
         return self._completions(lib.idma_qpair_poll(self._q, self._cpl, m))
 
     def wait(self, min_cpl: int = 1, timeout: float = 1.0,
              max_cpl: int | None = None) -> list[Completion]:
         """Busy-poll in C (GIL released) until min_cpl completions (capped at the commands in
         flight) or timeout seconds; may return fewer on timeout."""
-        m = self.depth if max_cpl is None else min(max_cpl, self.depth)
-        ns = int(timeout * 1e9) if timeout >= 0 else 2**64 - 1
-        return self._completions(lib.idma_qpair_wait(self._q, self._cpl, m, min_cpl, ns))
+        m = self.depth if max_cpl is None else max(0, min(max_cpl, self.depth))
+        ns = min(int(timeout * 1e9), 2**64 - 1) if timeout >= 0 else 2**64 - 1
+        return self._completions(lib.idma_qpair_wait(self._q, self._cpl, m,
+                                                     max(0, min(min_cpl, m)), ns))
 
     def run(self, cmds: Iterable[Command], timeout: float = 5.0) -> list[Completion]:
         """Submit every command (waiting for trackers as needed) and wait for all of them."""
@@ -207,22 +300,27 @@ class BatchIo:
 
     def submit(self, n: int) -> int:
         """Submit the slots b.tags[:n] with the next n LBAs of b.lbas (wrapping to the start
-        when fewer than n are left). Returns how many were queued."""
+        when fewer than n are left). Returns how many were queued. 0 <= n <= slots."""
+        if not 0 <= n <= self.slots or n > len(self.lbas):
+            raise ValueError(f"BatchIo.submit({n}): n must be within 0..{self.slots} (slots)")
         if self.pos + n > len(self.lbas):
             self.pos = 0
         rc = lib.idma_qpair_submit_rw(self.qpair._q, self.opcode, self.nsid, self.nlb,
                                       self.lba_size, self._lba_p + self.pos, self._tag_p, n,
                                       self.buf_addr, self.stride)
         if rc < 0:
-            raise QueueError(rc, lib.idma_qpair_bad_index(self.qpair._q))
+            raise self.qpair._error(rc, lib.idma_qpair_bad_index(self.qpair._q))
         self.pos += rc
-        return rc
+        return int(rc)
 
     def reap(self, min_cpl: int = 1, timeout: float = 1.0) -> int:
         """Wait (GIL released) for at least min_cpl completions; their tags and statuses are
         in b.tags[:n] and b.status[:n]. Returns n."""
-        return lib.idma_qpair_wait_tags(self.qpair._q, self._tag_p, self._st_p, self.slots,
-                                        min_cpl, int(timeout * 1e9))
+        n = lib.idma_qpair_wait_tags(self.qpair._q, self._tag_p, self._st_p, self.slots,
+                                     max(0, min_cpl), max(0, int(timeout * 1e9)))
+        if n < 0:
+            raise self.qpair._error(n)
+        return int(n)
 
     def errors(self, n: int) -> int:
         """How many of the last n reaped completions carry a non-zero status."""
@@ -324,10 +422,11 @@ def new_progress() -> Any:
 
 def run_worker(qpair: QueuePair, config: WorkerConfig, progress: Any = None) -> WorkerResult:
     """Run the native worker loop on qpair until done (GIL released for the whole run).
-    Raises QueueError for a refused configuration; I/O errors are reported in the result."""
+    Raises QueueError for a refused configuration or a queue pair another thread is using;
+    I/O errors are reported in the result."""
     cfg = _cfg_struct(config)
     res = ffi.new("struct idma_worker_result *")
     rc = lib.idma_worker_run(qpair.cdata, cfg, res, progress if progress is not None else ffi.NULL)
-    if rc == EINVAL:
-        raise QueueError(rc)
+    if rc in (EINVAL, EBUSY):
+        raise qpair._error(rc)
     return _result(res)

@@ -22,6 +22,7 @@ from iommu_dma.nvme.queue import (
     ETIMEDOUT,
     ETOOBIG,
     EUNMAPPED,
+    Command,
     Completion,
     QueueError,
     QueuePair,
@@ -32,6 +33,7 @@ from iommu_dma.nvme.queue import (
 
 PAGE = 4096
 DSTRD = 0
+BAR0_SIZE = 8192
 
 
 class Mem:
@@ -98,10 +100,11 @@ class Rig:
     def __init__(self, depth: int, qid: int = 1, list_pages: int | None = None,
                  maptable: Any = None) -> None:
         self.sq, self.cq = Mem(depth * 64), Mem(max(depth * 16, PAGE))
-        self.bar = Mem(8192)
+        self.bar = Mem(BAR0_SIZE)
         pages = depth - 1 if list_pages is None else list_pages
         self.lists = Mem(max(pages, 1) * PAGE)
-        self.qp = QueuePair(qid, depth, self.sq.addr, self.cq.addr, self.bar.addr, dstrd=DSTRD,
+        self.qp = QueuePair(qid, depth, self.sq.addr, self.cq.addr, self.bar.addr, BAR0_SIZE,
+                            dstrd=DSTRD,
                             list_addr=self.lists.addr if pages else 0, list_pages=pages,
                             maptable=maptable)
         self.dev = FakeDevice(qid, depth, self.sq, self.cq, self.bar)
@@ -121,29 +124,30 @@ def test_doorbell_offsets() -> None:
 
 
 def test_bad_arguments_refused() -> None:
-    sq, cq, bar = Mem(PAGE), Mem(PAGE), Mem(8192)
-    with pytest.raises(ValueError):
-        QueuePair(1, 1, sq.addr, cq.addr, bar.addr)                  # depth < 2
-    with pytest.raises(ValueError):
-        QueuePair(1, 8, sq.addr + 64, cq.addr, bar.addr)             # SQ not page aligned
-    with pytest.raises(ValueError):
-        QueuePair(1, 8, sq.addr, cq.addr, bar.addr, page_size=6000)  # not a power of two
-    with pytest.raises(ValueError):   # fewer list pages than trackers
-        QueuePair(1, 8, sq.addr, cq.addr, bar.addr, list_addr=sq.addr, list_pages=3)
+    sq, cq, bar = Mem(PAGE), Mem(PAGE), Mem(BAR0_SIZE)
+    b, size = bar.addr, BAR0_SIZE
+    with pytest.raises(ValueError, match="depth 1"):
+        QueuePair(1, 1, sq.addr, cq.addr, b, size)
+    with pytest.raises(ValueError, match="SQ at"):
+        QueuePair(1, 8, sq.addr + 64, cq.addr, b, size)
+    with pytest.raises(ValueError, match="page size 6000"):
+        QueuePair(1, 8, sq.addr, cq.addr, b, size, page_size=6000)
+    with pytest.raises(ValueError, match="3 PRP list pages for 7 trackers"):
+        QueuePair(1, 8, sq.addr, cq.addr, b, size, list_addr=sq.addr, list_pages=3)
 
 
 def test_submit_fills_ring_cids_prps_and_rings_once(rig: Rig) -> None:
     d = rig.data.addr
-    cmds = [(S.read(1, 0, 1), d, 512, 100),                 # one page: PRP1 only
-            (S.write(1, 8, 16), d + PAGE, 2 * PAGE, 101),    # two pages: PRP2 is data
-            (S.read(1, 64, 24), d + 4 * PAGE + 0x200, 3 * PAGE, 102),   # a PRP list
-            (S.flush(1), 0, 0, 103)]                         # no data
+    cmds = [Command(S.read(1, 0, 1), d, 512, 100),                 # one page: PRP1 only
+            Command(S.write(1, 8, 16), d + PAGE, 2 * PAGE, 101),    # two pages: PRP2 is data
+            Command(S.read(1, 64, 24), d + 4 * PAGE + 0x200, 3 * PAGE, 102),   # a PRP list
+            Command(S.flush(1), 0, 0, 103)]                         # no data
     assert rig.qp.submit(cmds) == 4
     info = rig.qp.info()
     assert info["sq_doorbells"] == 1 and rig.dev.sq_tail == 4 == info["sq_tail"]
     got = rig.dev.fetch()
     assert [e.opcode for e in got] == [S.OPC_READ, S.OPC_WRITE, S.OPC_READ, S.OPC_FLUSH]
-    assert len({e.cid for e in got}) == 4 and all(e.cid < 15 for e in got)
+    assert len({e.cid for e in got}) == 4 and all(e.cid < 15 for e in got)   # generation 0
     assert (got[0].prp1, got[0].prp2) == (d, 0)
     assert (got[1].prp1, got[1].prp2) == (d + PAGE, d + 2 * PAGE)
     assert got[2].prp1 == d + 4 * PAGE + 0x200
@@ -158,7 +162,7 @@ def test_submit_fills_ring_cids_prps_and_rings_once(rig: Rig) -> None:
 
 def test_poll_returns_tags_results_and_status(rig: Rig) -> None:
     d = rig.data.addr
-    rig.qp.submit([(S.read(1, i, 1), d, 512, 1000 + i) for i in range(3)])
+    rig.qp.submit([Command(S.read(1, i, 1), d, 512, 1000 + i) for i in range(3)])
     got = rig.dev.fetch()
     assert rig.qp.poll() == []                       # nothing posted yet
     err = S.make_status(0x81, S.SCT_MEDIA, dnr=True, more=True)    # unrecovered read error
@@ -179,7 +183,7 @@ def test_poll_returns_tags_results_and_status(rig: Rig) -> None:
 
 
 def test_poll_max_leaves_the_rest(rig: Rig) -> None:
-    rig.qp.submit([(S.flush(1), 0, 0, i) for i in range(5)])
+    rig.qp.submit([Command(S.flush(1), 0, 0, i) for i in range(5)])
     for e in rig.dev.fetch():
         rig.dev.post(e.cid)
     assert [c.tag for c in rig.qp.poll(2)] == [0, 1]
@@ -193,7 +197,7 @@ def test_phase_wraps_over_several_laps() -> None:
     tags: list[int] = []
     next_tag = 0
     for lap in range(7):                         # 7 * 5 = 35 commands over a 4-entry ring
-        batch = [(S.flush(1), 0, 0, next_tag + i) for i in range(5)]
+        batch = [Command(S.flush(1), 0, 0, next_tag + i) for i in range(5)]
         next_tag += 5
         while batch:
             n = r.qp.submit(batch)
@@ -211,7 +215,7 @@ def test_phase_wraps_over_several_laps() -> None:
 
 def test_back_pressure_partial_submit_loses_nothing() -> None:
     r = Rig(depth=8)                             # 7 trackers
-    cmds = [(S.read(1, i, 1), r.data.addr + i * 512, 512, i) for i in range(20)]
+    cmds = [Command(S.read(1, i, 1), r.data.addr + i * 512, 512, i) for i in range(20)]
     assert r.qp.submit(cmds) == 7
     assert r.qp.submit(cmds[7:]) == 0            # full: nothing taken, nothing lost
     assert r.qp.info()["sq_doorbells"] == 1      # a call that queued nothing does not ring
@@ -231,8 +235,8 @@ def test_unmapped_buffer_refused_before_the_device() -> None:
     r = Rig(depth=8, maptable=table)
     d = r.data.addr
     assert lib.idma_maptable_add(table, d, 64 * 1024) == 0
-    good = (S.read(1, 0, 8), d, PAGE, 1)
-    crossing = (S.read(1, 0, 8), d + 60 * 1024, 8 * 1024, 2)   # runs past the mapping
+    good = Command(S.read(1, 0, 8), d, PAGE, 1)
+    crossing = Command(S.read(1, 0, 8), d + 60 * 1024, 8 * 1024, 2)   # runs past the mapping
     with pytest.raises(QueueError) as exc:
         r.qp.submit([good, crossing])
     assert exc.value.rc == EUNMAPPED == lib.IDMA_EUNMAPPED and exc.value.index == 1
@@ -245,17 +249,17 @@ def test_unmapped_buffer_refused_before_the_device() -> None:
 def test_misaligned_and_too_big_refused() -> None:
     r = Rig(depth=4, list_pages=0)               # no PRP lists: at most two pages
     with pytest.raises(QueueError) as exc:
-        r.qp.submit([(S.read(1, 0, 1), r.data.addr + 2, 512, 0)])
+        r.qp.submit([Command(S.read(1, 0, 1), r.data.addr + 2, 512, 0)])
     assert exc.value.rc == EALIGN
     with pytest.raises(QueueError) as exc:
-        r.qp.submit([(S.read(1, 0, 24), r.data.addr, 3 * PAGE, 0)])
+        r.qp.submit([Command(S.read(1, 0, 24), r.data.addr, 3 * PAGE, 0)])
     assert exc.value.rc == ETOOBIG
-    assert r.qp.submit([(S.read(1, 0, 16), r.data.addr, 2 * PAGE, 0)]) == 1
+    assert r.qp.submit([Command(S.read(1, 0, 16), r.data.addr, 2 * PAGE, 0)]) == 1
 
 
 def test_two_mib_transfer_uses_one_list_page(rig: Rig) -> None:
     big = Mem(2 << 20)
-    assert rig.qp.submit([(S.read(1, 0, 512), big.addr, 2 << 20, 7)]) == 1
+    assert rig.qp.submit([Command(S.read(1, 0, 512), big.addr, 2 << 20, 7)]) == 1
     e = rig.dev.fetch()[0]
     assert e.prp1 == big.addr
     entries = struct.unpack("<511Q", rig.dev.sq.read(e.prp2, 511 * 8))
@@ -263,7 +267,7 @@ def test_two_mib_transfer_uses_one_list_page(rig: Rig) -> None:
 
 
 def test_spurious_cid_is_skipped(rig: Rig) -> None:
-    rig.qp.submit([(S.flush(1), 0, 0, 5)])
+    rig.qp.submit([Command(S.flush(1), 0, 0, 5)])
     e = rig.dev.fetch()[0]
     rig.dev.post(14)                             # a CID not in flight
     rig.dev.post(e.cid)
@@ -273,7 +277,7 @@ def test_spurious_cid_is_skipped(rig: Rig) -> None:
 
 def test_wait_times_out_and_caps_min(rig: Rig) -> None:
     assert rig.qp.wait(5, timeout=0.0) == []     # nothing in flight: returns at once
-    rig.qp.submit([(S.flush(1), 0, 0, 1)])
+    rig.qp.submit([Command(S.flush(1), 0, 0, 1)])
     t0 = time.monotonic()
     assert rig.qp.wait(1, timeout=0.05) == []
     assert 0.04 < time.monotonic() - t0 < 1.0
@@ -282,7 +286,7 @@ def test_wait_times_out_and_caps_min(rig: Rig) -> None:
 def test_wait_releases_the_gil(rig: Rig) -> None:
     """A Python thread plays the device while the C busy-wait runs: only possible when
     cffi released the GIL around the call."""
-    rig.qp.submit([(S.flush(1), 0, 0, i) for i in range(4)])
+    rig.qp.submit([Command(S.flush(1), 0, 0, i) for i in range(4)])
 
     def device() -> None:
         time.sleep(0.05)
@@ -309,7 +313,7 @@ def test_run_helper_submits_everything() -> None:
     t = threading.Thread(target=device)
     t.start()
     try:
-        got = r.qp.run([(S.flush(1), 0, 0, i) for i in range(10)], timeout=10)
+        got = r.qp.run([Command(S.flush(1), 0, 0, i) for i in range(10)], timeout=10)
     finally:
         stop.set()
         t.join()
@@ -522,7 +526,7 @@ def test_worker_needs_an_idle_queue_and_times_out_on_a_silent_device() -> None:
     buf = Mem(PAGE)
     cfg = WorkerConfig(nsid=1, lba_size=512, lba_count=8, buf_addr=buf.addr, qd=2,
                        io_count=4, io_timeout=0.05)
-    r.qp.submit([(S.flush(1), 0, 0, 99)])
+    r.qp.submit([Command(S.flush(1), 0, 0, 99)])
     with pytest.raises(QueueError):              # someone else's command is in flight
         run_worker(r.qp, cfg)
     r.dev.post(r.dev.fetch()[0].cid)
@@ -560,16 +564,16 @@ def test_shadow_doorbells_follow_the_eventidx_rule() -> None:
     sh.set_sq_ei(9)                                 # stale EventIdx of an earlier queue
     r.qp.set_shadow(sh.db.addr, sh.ei.addr)
     d = r.data.addr
-    r.qp.submit([(S.read(1, 0, 1), d, 512, 1)])
+    r.qp.submit([Command(S.read(1, 0, 1), d, 512, 1)])
     # the first doorbell after set_shadow always reaches BAR0, the shadow holds the tail too
     assert sh.sq_tail() == 1 == r.dev.sq_tail
     got = r.dev.fetch()
     sh.set_sq_ei(1)                                 # controller saw tail 1 and went idle
-    r.qp.submit([(S.read(1, 1, 1), d, 512, 2)])     # 1 -> 2 passes EventIdx 1: ring
+    r.qp.submit([Command(S.read(1, 1, 1), d, 512, 2)])     # 1 -> 2 passes EventIdx 1: ring
     assert sh.sq_tail() == 2 == r.dev.sq_tail
     got += r.dev.fetch()
     sh.set_sq_ei(5)                                 # controller still busy, will re-read
-    r.qp.submit([(S.read(1, 2, 1), d, 512, 3)])     # 2 -> 3 does not pass 5: shadow only
+    r.qp.submit([Command(S.read(1, 2, 1), d, 512, 3)])     # 2 -> 3 does not pass 5: shadow only
     assert sh.sq_tail() == 3 and r.dev.sq_tail == 2
     info = r.qp.info()
     assert info["shadow"] == 1 and info["sq_doorbells"] == 3 and info["sq_mmio"] == 2
@@ -593,13 +597,13 @@ def test_shadow_need_event_across_the_ring_wrap() -> None:
     r.qp.set_shadow(sh.db.addr, sh.ei.addr)
     d = r.data.addr
     for i in range(3):                              # tail 0 -> 3
-        r.qp.submit([(S.read(1, i, 1), d, 512, i)])
+        r.qp.submit([Command(S.read(1, i, 1), d, 512, i)])
         r.dev.post(r.dev.fetch()[0].cid)
         r.qp.poll()
         sh.set_sq_ei(r.dev.sq_tail)                 # idle controller: EventIdx = seen tail
     before = r.qp.info()["sq_mmio"]
     sh.set_sq_ei(3)
-    r.qp.submit([(S.read(1, 9, 1), d, 512, 9)])     # 3 -> 0 wraps past EventIdx 3: ring
+    r.qp.submit([Command(S.read(1, 9, 1), d, 512, 9)])     # 3 -> 0 wraps past EventIdx 3: ring
     assert r.qp.info()["sq_mmio"] == before + 1 and r.dev.sq_tail == 0
 
 
@@ -613,7 +617,7 @@ def test_shadow_mmio_always_and_bad_pages() -> None:
     r.qp.set_shadow(sh.db.addr, sh.ei.addr, mmio_always=True)
     sh.set_sq_ei(6)
     for i in range(3):
-        r.qp.submit([(S.flush(1), 0, 0, i)])
+        r.qp.submit([Command(S.flush(1), 0, 0, i)])
     assert r.dev.sq_tail == 3 == sh.sq_tail() and r.qp.info()["sq_mmio"] == 3
 
 
@@ -623,7 +627,7 @@ def test_deferred_cq_head_never_lets_the_controller_see_a_full_cq() -> None:
     d = r.data.addr
     done = 0
     for _ in range(20):
-        n = r.qp.submit([(S.read(1, k, 1), d, 512, k) for k in range(3)])
+        n = r.qp.submit([Command(S.read(1, k, 1), d, 512, k) for k in range(3)])
         # controller's view: entries it posted since the last head it was told
         got = r.dev.fetch()
         for e in got:
