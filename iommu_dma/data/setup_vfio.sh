@@ -6,6 +6,7 @@ set -euo pipefail
 PROG=$(basename "$0")
 SYSFS=${SETUP_VFIO_SYSFS:-/sys}       # overridable for tests of the pure logic
 DEV=${SETUP_VFIO_DEV:-/dev}
+PYTHON=${SETUP_VFIO_PYTHON:-python3}  # for the exclusive-open check (bash cannot O_EXCL)
 PCI=$SYSFS/bus/pci/devices
 MEMLOCK_MIN_KIB=$((256 * 1024))       # below this, DMA-heavy work fails to pin memory
 FORCE=0
@@ -20,8 +21,9 @@ usage: $PROG [options] bind [BDF...]    bind NVMe controllers to vfio-pci
                                         (default: every NVMe controller on vfio-pci)
        $PROG status                     table of NVMe controllers and their IOMMU groups
 options:
-  --force          bind a controller even if it holds a mounted filesystem or other users,
-                   or unbind one whose /dev/vfio node is open
+  --force          bind a controller even if one of its block devices is in use (an
+                   exclusive open fails: mounted, swap, dm/md, multipath head), or unbind
+                   one whose /dev/vfio node is open
   --user NAME      give NAME the /dev/vfio/N nodes (chown) and check NAME's memlock limit
   --hugepages N    reserve N 2 MiB hugepages
   -h, --help       this text
@@ -92,28 +94,140 @@ driver $(driver_of "$bdf")); only class 0x0108xx devices are handled"
 
 # ---- who uses a controller -----------------------------------------------------------------
 
-# Block devices (namespaces and their partitions) of an nvme-bound controller.
-block_devices() {
-    local ns p
-    for ns in "$PCI/$1"/nvme/nvme*/nvme*n*; do
-        [[ -e $ns ]] || continue
-        basename "$ns"
-        for p in "$ns"/"$(basename "$ns")"p*; do [[ -e $p ]] && basename "$p"; done
+# The controller's kernel name (nvme3) while it is on the nvme driver.
+ctrl_name() {
+    local c
+    for c in "$PCI/$1"/nvme/nvme*; do
+        [[ -e $c ]] && { basename "$c"; return 0; }
     done
     return 0
 }
 
-# Prints one line per user of the controller's block devices: mounts, swap, holders (dm, md).
-block_users() {
-    local b h
-    for b in $(block_devices "$1"); do
-        awk -v d="$DEV/$b" '$1 == d { print d " is mounted on " $2 }' /proc/mounts
-        awk -v d="$DEV/$b" '$1 == d { print d " is in use as swap" }' /proc/swaps
-        for h in "$SYSFS/class/block/$b/holders"/*; do
-            [[ -e $h ]] && echo "$DEV/$b is held by $(basename "$h")"
-        done
+# Native-multipath heads the controller is a path of: the subsystem's nvmeXnY block devices
+# (/sys/class/nvme-subsystem/nvme-subsysN/nvmeXnY), as sysfs directories.
+multipath_heads() {
+    local ctrl s h
+    ctrl=$(ctrl_name "$1")
+    [[ -n $ctrl ]] || return 0
+    for s in "$SYSFS"/class/nvme-subsystem/nvme-subsys*; do
+        [[ -e $s/$ctrl ]] || continue
+        for h in "$s"/nvme*n*; do [[ -e $h/dev ]] && echo "$h"; done
     done
     return 0
+}
+
+# Every block device of an nvme-bound controller, as sysfs directories: its namespaces (per-path
+# nodes nvmeXcYnZ when multipath is on), their partitions, and the multipath heads above them.
+block_device_dirs() {
+    local ns p
+    for ns in "$PCI/$1"/nvme/nvme*/nvme*n* $(multipath_heads "$1"); do
+        [[ -e $ns/dev ]] || continue
+        echo "$ns"
+        for p in "$ns"/"$(basename "$ns")"p*; do [[ -e $p/dev ]] && echo "$p"; done
+    done
+    return 0
+}
+
+# Block device names (namespaces and their partitions) for the status table.
+block_devices() {
+    local d
+    for d in $(block_device_dirs "$1"); do basename "$d"; done
+    return 0
+}
+
+# Prints one line per busy block device of the controller. A device is busy when an exclusive
+# open fails with EBUSY: the kernel says so whenever it is mounted (through whatever node or
+# name), used as swap, or held by dm/md/another exclusive opener. The lines say why, when
+# /proc/self/mountinfo, /proc/swaps or holders/ tell (they are matched by major:minor).
+# Bash cannot open with O_EXCL, so python3 does it.
+block_users() {
+    local dirs
+    dirs=$(block_device_dirs "$1")
+    [[ -n $dirs ]] || return 0
+    command -v "$PYTHON" >/dev/null ||
+        die "$PYTHON not found; it checks whether $1's block devices are in use (exclusive open)"
+    # shellcheck disable=SC2086
+    "$PYTHON" - "$PROG" "$DEV" $dirs <<'PY'
+import errno, os, stat, sys, tempfile
+
+prog, dev_dir, dirs = sys.argv[1], sys.argv[2], sys.argv[3:]
+
+def mounts():
+    found = {}
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                found.setdefault(fields[2], []).append(fields[4])
+    except OSError:
+        pass
+    return found
+
+def swaps():
+    found = set()
+    try:
+        with open("/proc/swaps") as f:
+            for line in list(f)[1:]:
+                try:
+                    found.add(os.stat(line.split()[0]).st_rdev)
+                except OSError:
+                    pass
+    except OSError:
+        pass
+    return found
+
+def exclusive_open(node):
+    """errno of os.open(node, O_RDONLY|O_EXCL), 0 when it succeeds."""
+    try:
+        os.close(os.open(node, os.O_RDONLY | os.O_EXCL))
+        return 0
+    except OSError as e:
+        return e.errno
+
+where, swapped = mounts(), swaps()
+for d in dirs:
+    name = os.path.basename(d)
+    with open(os.path.join(d, "dev")) as f:
+        majmin = f.read().strip()
+    major, minor = (int(x) for x in majmin.split(":"))
+    rdev = os.makedev(major, minor)
+    node = os.path.join(dev_dir, name)
+    shown = node
+    try:
+        usable = stat.S_ISBLK(os.stat(node).st_mode) and os.stat(node).st_rdev == rdev
+    except OSError:
+        usable = False
+    if usable:
+        err = exclusive_open(node)
+    else:
+        # per-path nodes of a multipath head have no /dev entry: a private node does the open
+        shown = f"{name} ({majmin}, no {node})"
+        with tempfile.TemporaryDirectory() as tmp:
+            private = os.path.join(tmp, name)
+            try:
+                os.mknod(private, 0o600 | stat.S_IFBLK, rdev)
+            except OSError as e:
+                print(f"{prog}: warning: cannot check {shown} (mknod: {e.strerror})",
+                      file=sys.stderr)
+                continue
+            err = exclusive_open(private)
+    if err == 0:
+        continue
+    if err != errno.EBUSY:
+        print(f"{prog}: warning: cannot check {shown} (exclusive open: {os.strerror(err)})",
+              file=sys.stderr)
+        continue
+    why = [f"is mounted on {m}" for m in where.get(majmin, [])]
+    if rdev in swapped:
+        why.append("is in use as swap")
+    holders = os.path.join(d, "holders")
+    if os.path.isdir(holders):
+        why += [f"is held by {h}" for h in sorted(os.listdir(holders))]
+    if not why:
+        why = ["is open exclusively by another user"]
+    for w in why:
+        print(f"{shown} {w}")
+PY
 }
 
 # PIDs with the controller's /dev/vfio/N open.
@@ -168,9 +282,14 @@ bind_one() {
         return 0
     fi
     users=$(block_users "$bdf")
-    if [[ -n $users && $FORCE == 0 ]]; then
-        die "$bdf is in use, refusing to take it from the kernel (use --force to override):
-$users"
+    if [[ -n $users ]]; then
+        if [[ $FORCE == 0 ]]; then
+            die "$bdf is in use, refusing to take it from the kernel: $(echo "$users" | head -n1)
+$users
+Unmount it (umount), swapoff it or stop what holds it, then run bind again; or pass --force to \
+take $bdf anyway (its users lose the device)."
+        fi
+        warn "$bdf is in use, taken anyway (--force): $(echo "$users" | xargs)"
     fi
     check_group_viable "$bdf"
     rebind "$bdf" vfio-pci
@@ -205,7 +324,7 @@ unbind_one() {
 
 give_to_user() {
     local node=$1 limit
-    chown "$USER_NAME" "$node"
+    chown -- "$USER_NAME" "$node"
     note "$node now belongs to $USER_NAME"
     limit=$(su -s /bin/sh "$USER_NAME" -c 'ulimit -l' 2>/dev/null) || limit=unknown
     if [[ $limit != unlimited && ( $limit == unknown || $limit -lt $MEMLOCK_MIN_KIB ) ]]; then
@@ -232,17 +351,21 @@ or short; reserve them at boot with hugepages=$HUGEPAGES)"
 # ---- commands ------------------------------------------------------------------------------
 
 cmd_bind() {
-    local bdfs=("$@") b
+    local bdfs=("$@") b users
     check_iommu
     modprobe vfio-pci 2>/dev/null || [[ -d $SYSFS/bus/pci/drivers/vfio-pci ]] ||
         die "cannot load the vfio-pci module (modprobe vfio-pci failed)"
     if [[ ${#bdfs[@]} -eq 0 ]]; then
         for b in $(nvme_bdfs); do
-            if [[ -n $(block_users "$b") && $FORCE == 0 ]]; then
-                note "skipping $b: in use ($(block_users "$b" | head -n1))"
-            else
-                bdfs+=("$b")
+            if [[ $FORCE == 0 && $(driver_of "$b") != vfio-pci ]]; then
+                users=$(block_users "$b")
+                if [[ -n $users ]]; then
+                    note "skipping $b: in use ($(echo "$users" | head -n1)); unmount it, or \
+name it with --force"
+                    continue
+                fi
             fi
+            bdfs+=("$b")
         done
         [[ ${#bdfs[@]} -gt 0 ]] || die "no NVMe controller is free to bind"
     fi
@@ -283,13 +406,21 @@ cmd_status() {
     return 0
 }
 
+# A user name or numeric uid, never an option: '--user -G' must not pass '-G' on to id/chown/su.
+check_user_name() {
+    [[ -n $1 ]] || die "--user needs a user name"
+    [[ $1 =~ ^[A-Za-z0-9_][A-Za-z0-9_.-]*\$?$ ]] ||
+        die "'$1' is not a user name (--user NAME, e.g. --user alice)"
+}
+
 main() {
     local cmd="" args=()
     while [[ $# -gt 0 ]]; do
         case $1 in
             --force) FORCE=1 ;;
-            --user) [[ $# -ge 2 ]] || die "--user needs a user name"; USER_NAME=$2; shift ;;
-            --user=*) USER_NAME=${1#--user=} ;;
+            --user) [[ $# -ge 2 ]] || die "--user needs a user name"; USER_NAME=$2; shift
+                    check_user_name "$USER_NAME" ;;
+            --user=*) USER_NAME=${1#--user=}; check_user_name "$USER_NAME" ;;
             --hugepages) [[ $# -ge 2 ]] || die "--hugepages needs a count"; HUGEPAGES=$2; shift ;;
             --hugepages=*) HUGEPAGES=${1#--hugepages=} ;;
             -h|--help) usage; exit 0 ;;
@@ -298,7 +429,7 @@ main() {
         esac
         shift
     done
-    if [[ -n $USER_NAME ]] && ! id "$USER_NAME" >/dev/null 2>&1; then
+    if [[ -n $USER_NAME ]] && ! id -- "$USER_NAME" >/dev/null 2>&1; then
         die "no such user '$USER_NAME'"
     fi
     if [[ -n $HUGEPAGES && ! $HUGEPAGES =~ ^[0-9]+$ ]]; then

@@ -32,6 +32,19 @@ class VmError(RuntimeError):
     """The bench guest could not be started or did not finish."""
 
 
+class HostRequirementsError(VmError):
+    """The host lacks what a bench guest needs; `missing` lists every gap at once."""
+
+    def __init__(self, bench: Bench, missing: list[Missing]) -> None:
+        self.missing = missing
+        apt = sorted({m.package for m in missing if m.install.startswith("apt-get")})
+        lines = [f"cannot boot bench {bench.name!r}: the host lacks what a bench guest needs:"]
+        lines += [f"  - {m}" for m in missing]
+        if len(apt) > 1:
+            lines.append(f"all Debian packages at once: apt-get install {' '.join(apt)}")
+        super().__init__("\n".join(lines))
+
+
 @dataclass
 class VmResult:
     returncode: int
@@ -39,16 +52,27 @@ class VmResult:
     seconds: float
 
 
+def kernel_image() -> tuple[Path | None, str]:
+    """(image, "") for the kernel to boot, or (None, what is wrong)."""
+    if os.environ.get(KERNEL_ENV):
+        kernel = Path(os.environ[KERNEL_ENV])
+        if not kernel.is_file():
+            return None, f"{KERNEL_ENV}={kernel} is not a file"
+    else:
+        images = sorted(Path("/boot").glob("vmlinuz-*"), key=lambda p: _version_key(p.name))
+        if not images:
+            return None, "no /boot/vmlinuz-* image"
+        kernel = images[-1]
+    if not os.access(kernel, os.R_OK):
+        return None, f"{kernel} is not readable (run as root or chmod a+r it)"
+    return kernel, ""
+
+
 def find_kernel() -> Path:
     """The kernel image to boot: $IOMMU_DMA_KERNEL, else the newest /boot/vmlinuz-*."""
-    if os.environ.get(KERNEL_ENV):
-        return Path(os.environ[KERNEL_ENV])
-    images = sorted(Path("/boot").glob("vmlinuz-*"), key=lambda p: _version_key(p.name))
-    if not images:
-        raise VmError("no kernel image in /boot; install one: apt-get install linux-image-amd64")
-    kernel = images[-1]
-    if not os.access(kernel, os.R_OK):
-        raise VmError(f"{kernel} is not readable; run as root or chmod a+r it")
+    kernel, problem = kernel_image()
+    if kernel is None:
+        raise VmError(f"{problem}; install one: apt-get install linux-image-amd64")
     return kernel
 
 
@@ -79,6 +103,149 @@ def _tool(name: str) -> str:
     return found
 
 
+# ---- host requirements, checked before every boot ----------------------------------------
+
+QEMU_BINARY = "qemu-system-x86_64"
+# virtme-ng's search order for busybox (virtme.mkinitramfs.find_busybox): the first of these
+# names on PATH or in /usr/local/{bin,sbin}, /usr/{bin,sbin}, /{bin,sbin}; it must be static.
+BUSYBOX_NAMES = ("busybox-static", "busybox.static", "busybox")
+BUSYBOX_DIRS = ("/usr/local/bin", "/usr/local/sbin", "/usr/bin", "/usr/sbin", "/bin", "/sbin")
+# QEMU's own memory (TCG translation cache, device models) and vng on top of the guest's RAM
+MEMORY_MARGIN = 512 << 20
+
+
+@dataclass(frozen=True)
+class Missing:
+    """One unmet host requirement: what, why, the package that provides it, how to install."""
+
+    what: str
+    problem: str
+    package: str
+    install: str
+
+    def __str__(self) -> str:
+        source = f"package {self.package}: " if self.package else ""
+        return f"{self.what}: {self.problem} ({source}{self.install})"
+
+
+def _which(name: str) -> str | None:
+    return shutil.which(name)
+
+
+def _find_busybox() -> str | None:
+    for name in BUSYBOX_NAMES:
+        found = shutil.which(name)
+        if found is not None:
+            return found
+        for d in BUSYBOX_DIRS:
+            path = os.path.join(d, name)
+            if os.path.isfile(path):
+                return path
+    return None
+
+
+def is_static_elf(path: str) -> bool:
+    """True for an ELF executable without a program interpreter (PT_INTERP): what `file`
+    calls "statically linked" or "static-pie linked", the test virtme-ng applies."""
+    import struct
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+            if len(head) < 64 or head[:4] != b"\x7fELF":
+                return False
+            is64, little = head[4] == 2, head[5] == 1
+            end = "<" if little else ">"
+            if is64:
+                phoff, = struct.unpack_from(end + "Q", head, 0x20)
+                phentsize, phnum = struct.unpack_from(end + "HH", head, 0x36)
+            else:
+                phoff, = struct.unpack_from(end + "I", head, 0x1C)
+                phentsize, phnum = struct.unpack_from(end + "HH", head, 0x2A)
+            f.seek(phoff)
+            table = f.read(phentsize * phnum)
+    except OSError:
+        return False
+    pt_interp = 3
+    return all(struct.unpack_from(end + "I", table, i * phentsize)[0] != pt_interp
+               for i in range(phnum))
+
+
+def _mem_available() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _vng() -> str | None:
+    try:
+        return _tool("vng")
+    except VmError:
+        return None
+
+
+@dataclass
+class HostProbes:
+    """How check_host looks at the machine; tests replace single probes."""
+
+    which: Callable[[str], str | None] = _which
+    kernel: Callable[[], tuple[Path | None, str]] = kernel_image
+    busybox: Callable[[], str | None] = _find_busybox
+    is_static: Callable[[str], bool] = is_static_elf
+    vng: Callable[[], str | None] = _vng
+    mem_available: Callable[[], int | None] = _mem_available
+
+
+def host_problems(bench: Bench, probes: HostProbes | None = None) -> list[Missing]:
+    """Everything the host lacks to boot `bench` (empty when it can)."""
+    p = probes or HostProbes()
+    missing: list[Missing] = []
+    if p.which(QEMU_BINARY) is None:
+        missing.append(Missing(f"QEMU ({QEMU_BINARY})", "not found on PATH",
+                               "qemu-system-x86", "apt-get install qemu-system-x86"))
+    kernel, why = p.kernel()
+    if kernel is None:
+        missing.append(Missing("kernel image", why, "linux-image-amd64",
+                               "apt-get install linux-image-amd64, run as root to read "
+                               f"/boot/vmlinuz-*, or set {KERNEL_ENV} to a readable image"))
+    busybox = p.busybox()
+    if busybox is None:
+        missing.append(Missing("statically linked busybox (virtme-ng builds the guest's "
+                               "initramfs from it)", "no busybox found", "busybox-static",
+                               "apt-get install busybox-static"))
+    elif not p.is_static(busybox):
+        missing.append(Missing("statically linked busybox (virtme-ng builds the guest's "
+                               "initramfs from it)",
+                               f"{busybox} is dynamically linked (the plain busybox package "
+                               "is not enough)", "busybox-static",
+                               "apt-get install busybox-static"))
+    if p.which("file") is None:
+        missing.append(Missing("file(1) (virtme-ng uses it to check busybox)",
+                               "not found on PATH", "file", "apt-get install file"))
+    if p.vng() is None:
+        missing.append(Missing("virtme-ng (vng)", "not found in this environment or on PATH",
+                               "", "pip install 'iommu-dma[test]'"))
+    available = p.mem_available()
+    need = bench.memory_bytes + MEMORY_MARGIN
+    if available is not None and available < need:
+        missing.append(Missing(
+            "free memory", f"MemAvailable is {available >> 20} MiB; bench {bench.name!r} needs "
+            f"{bench.memory_bytes >> 20} MiB of guest memory + {MEMORY_MARGIN >> 20} MiB for "
+            "QEMU", "", "stop other guests or memory-hungry processes and retry"))
+    return missing
+
+
+def check_host(bench: Bench, probes: HostProbes | None = None) -> None:
+    """Raise HostRequirementsError naming every missing requirement before anything boots."""
+    missing = host_problems(bench, probes)
+    if missing:
+        raise HostRequirementsError(bench, missing)
+
+
 def guest_script(bench_file: Path, image_dir: Path, command: str, cwd: Path) -> str:
     """The shell text the guest runs: bench environment, then the command."""
     venv_bin = Path(sys.executable).parent
@@ -101,7 +268,7 @@ def vng_command(bench: Bench, work_dir: Path, command: str, cwd: Path) -> list[s
         _tool("vng"), "--run", str(find_kernel()),
         "--force-9p", "--disable-microvm",
         "--memory", bench.memory, "--cpus", str(bench.cpus),
-        "--append=intel_iommu=on iommu=pt",
+        f"--append={bench.kernel_command_line}",
         "--rwdir", str(work_dir),
         f"--qemu-opts={qemu}",
         # The command goes through a script file: --exec text passes through more than one
@@ -137,6 +304,7 @@ def run(
     if work_dir is None:
         with work_directory() as d:
             return run(bench, command, timeout=timeout, on_line=on_line, work_dir=d, cwd=cwd)
+    check_host(bench)
     emit = on_line or (lambda line: print(line, flush=True))
     cmd = vng_command(bench, work_dir, command, cwd or Path.cwd())
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}

@@ -35,3 +35,17 @@ def test_usage_and_unknown_option() -> None:
 def test_hugepages_must_be_a_number() -> None:
     proc = run("--hugepages", "lots", "status")
     assert proc.returncode == 1 and "not 'lots'" in proc.stderr
+
+
+def test_user_option_must_be_a_user_name() -> None:
+    """`--user -G` once passed -G to id (which accepted it) and on to chown/su."""
+    for bad in ("-G", "--all", "a b", "x;y"):
+        proc = run("--user", bad, "status")
+        assert proc.returncode == 1, bad
+        assert f"'{bad}' is not a user name" in proc.stderr
+    proc = run(f"--user={'-G'}", "status")
+    assert proc.returncode == 1 and "'-G' is not a user name" in proc.stderr
+    proc = run("--user=", "status")
+    assert proc.returncode == 1 and "--user needs a user name" in proc.stderr
+    proc = run("--user", "no-such-user-here", "status")
+    assert proc.returncode == 1 and "no such user 'no-such-user-here'" in proc.stderr

@@ -5,13 +5,16 @@ from __future__ import annotations
 import mmap
 import os
 import random
+import stat
 import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from iommu_dma.testing.bench import Bench
-from iommu_dma.testing.guest import PCI_DEVICES, driver_of
+from iommu_dma.testing.guest import PCI_DEVICES, driver_of, multipath_heads
 from tests.conftest import setup_vfio
 
 pytestmark = pytest.mark.iommu_dma_vm
@@ -92,6 +95,7 @@ def test_status_before_binding_shows_kernel_driver(idma_bench: Bench,
         (["bind", "banana"], "'banana' is not a PCI address"),
         (["unbind", "0000:00:1d.7"], "no PCI device 0000:00:1d.7"),
         (["bind", "--user", "no-such-user"], "no such user 'no-such-user'"),
+        (["--user", "-G", "bind"], "'-G' is not a user name"),
         (["frobnicate"], "unknown command 'frobnicate'"),
     ],
 )
@@ -114,6 +118,7 @@ def test_mounted_namespace_is_refused_unless_forced(idma_nvme_bdfs: list[str],
         assert proc.returncode == 1
         assert f"{bdf} is in use" in proc.stderr
         assert f"{dev} is mounted on {tmp_path}" in proc.stderr
+        assert "--force" in proc.stderr and "Unmount" in proc.stderr
         assert driver_of(bdf) == "nvme"
         # without BDFs, the busy controller is skipped rather than taken
         proc = setup_vfio("bind", check=False)
@@ -136,3 +141,102 @@ def test_user_and_hugepages(vfio_bdfs: list[str]) -> None:
     assert "nobody's RLIMIT_MEMLOCK is" in proc.stderr
     assert "memlock unlimited" in proc.stderr
     setup_vfio("--hugepages", "0")
+
+
+# ---- in-use detection by exclusive open, on the "edge" bench's multipath controller [1] -----
+
+@pytest.fixture
+def mounted(tmp_path: Path) -> Iterator[Callable[[Path], Path]]:
+    """mounted(node): a fresh ext4 on node's block device, mounted through node on a
+    directory under /tmp; unmounted after the test (if it still is)."""
+    mounts: list[Path] = []
+
+    def mount(node: Path) -> Path:
+        subprocess.run(["mkfs.ext4", "-q", "-F", str(node)], check=True)
+        where = tmp_path / f"mnt{len(mounts)}"
+        where.mkdir()
+        subprocess.run(["mount", str(node), str(where)], check=True)
+        mounts.append(where)
+        return where
+
+    yield mount
+    for where in mounts:
+        subprocess.run(["umount", str(where)], check=False)
+
+
+def head_node(bdf: str) -> Path:
+    [head] = multipath_heads(bdf)
+    return Path("/dev") / head.name
+
+
+def assert_refused(bdf: str, dev: Path, where: Path) -> None:
+    proc = setup_vfio("bind", bdf, check=False)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"{bdf} is in use" in proc.stderr
+    assert f"{dev} is mounted on {where}" in proc.stderr
+    assert "Unmount it" in proc.stderr and "--force" in proc.stderr
+    assert driver_of(bdf) == "nvme"
+
+
+@pytest.mark.parametrize("idma_bench", ["edge"], indirect=True)
+def test_mounted_multipath_head_is_refused(idma_bench: Bench, idma_nvme_bdfs: list[str],
+                                           mounted: Callable[[Path], Path]) -> None:
+    bdf = idma_nvme_bdfs[1]
+    head = head_node(bdf)
+    # the head is not among the controller's own namespaces (those are hidden paths)
+    assert not list((PCI_DEVICES / bdf / "nvme").glob(f"*/{head.name}"))
+    where = mounted(head)
+    assert_refused(bdf, head, where)
+    # without BDFs, the busy controller is skipped and the free ones are taken
+    proc = setup_vfio("bind", check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert f"skipping {bdf}: in use ({head} is mounted on {where})" in proc.stdout
+    assert driver_of(bdf) == "nvme"
+    assert driver_of(idma_nvme_bdfs[0]) == driver_of(idma_nvme_bdfs[2]) == "vfio-pci"
+    # after unmounting, bind takes it
+    subprocess.run(["umount", str(where)], check=True)
+    setup_vfio("bind", bdf)
+    assert driver_of(bdf) == "vfio-pci"
+
+
+@pytest.mark.parametrize("idma_bench", ["edge"], indirect=True)
+def test_mount_through_a_root_like_node_is_refused(idma_bench: Bench, idma_nvme_bdfs: list[str],
+                                                   mounted: Callable[[Path], Path],
+                                                   tmp_path: Path) -> None:
+    """/proc/mounts names the node the mount used (/dev/root, a private node), not /dev/nvme*:
+    the exclusive open catches it all the same."""
+    bdf = idma_nvme_bdfs[1]
+    head = head_node(bdf)
+    node = tmp_path / "root"
+    os.mknod(node, 0o600 | stat.S_IFBLK, head.stat().st_rdev)
+    where = mounted(node)
+    assert f"{node} {where} " in Path("/proc/mounts").read_text()
+    assert str(head) not in Path("/proc/mounts").read_text()
+    assert_refused(bdf, head, where)
+    subprocess.run(["umount", str(where)], check=True)
+    setup_vfio("bind", bdf)
+    assert driver_of(bdf) == "vfio-pci"
+
+
+@pytest.mark.parametrize("idma_bench", ["edge"], indirect=True)
+def test_held_namespace_without_mount_is_refused(idma_bench: Bench,
+                                                 idma_nvme_bdfs: list[str]) -> None:
+    """Another exclusive opener (no mount, no holder) is found too; --force overrides."""
+    bdf = idma_nvme_bdfs[0]
+    dev = namespace_node(bdf, 1)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import os, sys; os.open(sys.argv[1], os.O_RDONLY | os.O_EXCL);"
+         "print('held', flush=True); sys.stdin.read()", str(dev)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        proc = setup_vfio("bind", bdf, check=False)
+        assert proc.returncode == 1
+        assert f"{dev} is open exclusively by another user" in proc.stderr
+        assert driver_of(bdf) == "nvme"
+        proc = setup_vfio("--force", "bind", bdf)
+        assert "taken anyway (--force)" in proc.stderr
+        assert driver_of(bdf) == "vfio-pci"
+    finally:
+        holder.kill()
+        holder.wait()
