@@ -22,7 +22,7 @@ from array import array
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SETUP = ROOT / "scripts" / "setup_vfio.sh"
+SETUP = ROOT / "iommu_dma" / "data" / "setup_vfio.sh"      # the script the package ships
 
 
 def fio(dev: str, engine: str, qd: int, runtime: float) -> dict[str, float]:
@@ -38,6 +38,8 @@ def ours(ns, qd: int, runtime: float) -> dict[str, float]:
     from iommu_dma.nvme.perf import Workload, run
 
     r = run(ns, Workload(rw="randread", bs=4096, iodepth=qd, runtime=runtime))
+    if r.problems:                      # a timed-out or failing run is no measurement
+        raise SystemExit(f"C worker QD{qd}: {'; '.join(r.problems)}")
     return {"iops": r.iops, "lat_us": r.lat_avg_ns / 1000}
 
 

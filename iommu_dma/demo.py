@@ -120,7 +120,7 @@ def tour() -> None:
 
     bdf = nvme_bdfs()[0]
     step("NVMe controllers, on the kernel nvme driver", cli("list"))
-    step("hand them to vfio-pci (scripts/setup_vfio.sh underneath)", cli("bind"))
+    step("hand them to vfio-pci (the packaged setup_vfio.sh underneath)", cli("bind"))
     step("Identify Controller, from user space", cli("id-ctrl", bdf))
     step("Identify Namespace 1", cli("id-ns", bdf, "-n", "1"))
     data_round_trip(bdf)

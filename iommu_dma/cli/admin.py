@@ -10,9 +10,12 @@ from iommu_dma.cli.common import (
     CliError,
     add_nsid,
     add_output_format,
+    any_nsid_type,
     confirm,
     controller,
+    int_range,
     nonnegative,
+    seconds,
     set_handler,
 )
 from iommu_dma.nvme.namespace import InactiveNamespaceError
@@ -121,18 +124,21 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("-e", "--log-entries", type=nonnegative, default=0,
                    help="entries to fetch (default: all the controller keeps, ELPE+1)")
     p = _parser(sub, common, "get-feature", "Get Features", cmd_get_feature)
-    p.add_argument("-f", "--feature-id", type=nonnegative, required=True,
+    p.add_argument("-f", "--feature-id", type=int_range(0, 0xFF, "a feature ID"), required=True,
                    help="feature identifier, e.g. 7 or 0x07 (Number of Queues)")
-    p.add_argument("-n", "--namespace-id", dest="nsid", type=nonnegative, default=0,
+    p.add_argument("-n", "--namespace-id", dest="nsid", type=any_nsid_type, default=0,
                    help="namespace ID (namespace-specific features)")
     p.add_argument("-s", "--sel", type=nonnegative, default=0,
                    help="0 current, 1 default, 2 saved, 3 supported capabilities")
-    p.add_argument("--cdw11", type=nonnegative, default=0, help="command dword 11")
+    p.add_argument("--cdw11", type=int_range(0, 0xFFFF_FFFF, "a 32-bit dword"), default=0,
+                   help="command dword 11")
     p = _parser(sub, common, "format", "Format NVM (destroys the namespace's data)", cmd_format)
     add_nsid(p)
     p.add_argument("-l", "--lbaf", type=nonnegative, required=True,
                    help="LBA format index (see id-ns)")
     p.add_argument("--ses", type=nonnegative, default=0, choices=(0, 1, 2),
                    help="secure erase: 0 none, 1 user data, 2 cryptographic")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait (default 120)")
+    p.add_argument("--timeout", type=seconds(), default=120.0,
+                   help="seconds to wait for the Format to complete (default 120; more than 0: "
+                        "a Format is never abandoned)")
     p.add_argument("--force", action="store_true", help="do not ask for confirmation")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 from collections.abc import Iterator
@@ -17,8 +18,19 @@ if TYPE_CHECKING:
     from iommu_dma.nvme.namespace import Namespace
 
 PROG = "iommu-dma"
+NSID_MAX = 0xFFFF_FFFF          # NSIDs are 32-bit; 0xFFFFFFFF is the broadcast value
+WEEK = 7 * 24 * 3600
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 _SHIFTS = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}
+# The library's hints name the setup script of the source tree (`scripts/setup_vfio.sh bind
+# BDF`); the CLI user runs `iommu-dma bind BDF`, which runs the packaged copy of that script.
+_SCRIPT_HINT = re.compile(r"(?:[\w./-]*/)?setup_vfio\.sh (?=bind|unbind|--user|--force)")
+_SCRIPT_STATUS = re.compile(r"(?:[\w./-]*/)?setup_vfio\.sh status")
+
+
+def cli_hints(text: str) -> str:
+    """text with the setup script's commands written as the CLI's (`iommu-dma bind BDF`)."""
+    return _SCRIPT_STATUS.sub(f"{PROG} list", _SCRIPT_HINT.sub(f"{PROG} ", text))
 
 
 class CliError(IommuDmaError):
@@ -50,13 +62,49 @@ def positive(text: str) -> int:
     return value
 
 
+def int_range(low: int, high: int, what: str = "") -> Any:
+    """An argparse type: an integer (decimal or 0x...) in low..high."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 0)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not low <= value <= high:
+            limit = f"{low}..{high}" if high < 1 << 20 else f"{low}..{high:#x}"
+            raise argparse.ArgumentTypeError(f"{text} is out of range: {what or 'the value'} "
+                                             f"must be in {limit}")
+        return value
+    parse.__name__ = what or "integer"            # argparse names the type in its messages
+    return parse
+
+
+nsid_type = int_range(1, NSID_MAX, "a namespace ID (NSID)")
+any_nsid_type = int_range(0, NSID_MAX, "a namespace ID (0 = none)")
+
+
+def seconds(low_exclusive: float = 0.0, high: float = WEEK) -> Any:
+    """An argparse type: a finite number of seconds, > low_exclusive and <= high."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+        if not math.isfinite(value) or not low_exclusive < value <= high:
+            raise argparse.ArgumentTypeError(
+                f"{text} seconds: give a finite number above {low_exclusive:g} and at most "
+                f"{high:g} ({high / 86400:g} days)")
+        return value
+    parse.__name__ = "seconds"
+    return parse
+
+
 def add_output_format(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output-format", choices=("normal", "json"), default="normal",
                         help="normal (human) or json output (default: normal)")
 
 
 def add_nsid(parser: argparse.ArgumentParser, required: bool = True) -> None:
-    parser.add_argument("-n", "--namespace-id", dest="nsid", type=positive, required=required,
+    parser.add_argument("-n", "--namespace-id", dest="nsid", type=nsid_type, required=required,
                         default=None if required else 1, help="namespace ID")
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import iommu_dma
 from iommu_dma.cli import output
-from iommu_dma.cli.common import PROG, CliError, add_output_format, set_handler
+from iommu_dma.cli.common import PROG, CliError, add_output_format, cli_hints, set_handler
 from iommu_dma.discovery import PCI_DEVICES, VFIO_DRIVER, PciInfo, list_nvme, normalize_bdf
 from iommu_dma.errors import IommuDmaError
 
@@ -103,7 +103,7 @@ def from_vfio(info: PciInfo) -> ControllerInfo:
                 idn = ctrl.identify_namespace(nsid)
                 c.namespaces.append(NamespaceInfo(nsid, idn.nsze, idn.lba_size))
     except IommuDmaError as e:
-        c.error = str(e)
+        c.error = cli_hints(str(e))
     return c
 
 
@@ -158,11 +158,23 @@ def setup_command(action: str, args: argparse.Namespace) -> list[str]:
     return cmd + [action, *(normalize_bdf(b) for b in args.bdfs)]
 
 
+def script_text(text: str) -> str:
+    """The setup script's messages as the CLI's: `setup_vfio.sh: ...` -> `iommu-dma: ...`,
+    and its hints (`setup_vfio.sh bind`, `setup_vfio.sh status`) as iommu-dma commands."""
+    name = SETUP_SCRIPT.name
+    text = text.replace(f"{name} status", f"{PROG} list")
+    return text.replace(f"{name}: ", f"{PROG}: ").replace(f"{name} ", f"{PROG} ")
+
+
 def run_setup(action: str, args: argparse.Namespace) -> int:
     if not SETUP_SCRIPT.is_file():
-        raise CliError(f"{SETUP_SCRIPT} is missing; it ships with the source tree")
-    proc = subprocess.run(setup_command(action, args), stderr=subprocess.PIPE, text=True)
-    sys.stderr.write(proc.stderr.replace(f"{SETUP_SCRIPT.name}: ", f"{PROG}: "))
+        raise CliError(f"{SETUP_SCRIPT} is missing: the iommu-dma installation is incomplete; "
+                       "reinstall the package")
+    proc = subprocess.run(setup_command(action, args), capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL)
+    sys.stdout.write(script_text(proc.stdout))
+    sys.stdout.flush()
+    sys.stderr.write(script_text(proc.stderr))
     return proc.returncode
 
 
@@ -183,9 +195,10 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     for name, func, what in (("bind", cmd_bind, "bind controllers to vfio-pci"),
                              ("unbind", cmd_unbind, "give controllers back to the nvme driver")):
         p = sub.add_parser(name, parents=[common], help=what,
-                           description=f"{what[0].upper()}{what[1:]} (runs "
-                                       f"scripts/setup_vfio.sh {name}; needs root). Without a "
-                                       "BDF: every NVMe controller that qualifies.")
+                           description=f"{what[0].upper()}{what[1:]} (runs the "
+                                       f"setup_vfio.sh shipped in the package: {name}; needs "
+                                       "root). Without a BDF: every NVMe controller that "
+                                       "qualifies.")
         p.add_argument("bdfs", nargs="*", metavar="BDF", help="PCI address, e.g. 0000:00:04.0")
         p.add_argument("--user", metavar="NAME", help="give NAME the /dev/vfio/N nodes")
         p.add_argument("--force", action="store_true",

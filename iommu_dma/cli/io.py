@@ -2,12 +2,18 @@
 
 Unlike nvme-cli, whose -c/--block-count is 0's based (NLB), --block-count here is a natural
 count: `--block-count 8` moves 8 blocks.
+
+Data moves CHUNK bytes at a time: a file's last partial block is zero-padded; data from stdin
+(`--data -`) is streamed and must be a whole number of blocks.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import stat
 import sys
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from iommu_dma.cli import output
@@ -33,6 +39,9 @@ def check_range(ns: Namespace, start: int, count: int) -> None:
     """Refuse LBAs outside the namespace before sending anything."""
     if count < 1:
         raise CliError("--block-count must be at least 1")
+    if start >= ns.blocks:
+        raise CliError(f"--start-block {start} is past the end of namespace {ns.nsid} "
+                       f"(LBAs 0..{ns.blocks - 1}, {ns.lba_size}-byte blocks)")
     if start + count > ns.blocks:
         raise CliError(f"LBA out of range: blocks {start}..{start + count - 1} do not fit "
                        f"namespace {ns.nsid} (LBAs 0..{ns.blocks - 1}, {ns.lba_size}-byte "
@@ -45,30 +54,101 @@ def chunks(ns: Namespace, start: int, count: int) -> list[tuple[int, int]]:
     return [(lba, min(step, start + count - lba)) for lba in range(start, start + count, step)]
 
 
-def payload_pieces(ns: Namespace, start: int, blocks: int,
-                   payload: bytes) -> list[tuple[int, int, bytes]]:
-    """(lba, blocks, bytes) of payload in chunks(): what write and compare send per call."""
-    return [(lba, n, payload[(lba - start) * ns.lba_size:(lba - start + n) * ns.lba_size])
-            for lba, n in chunks(ns, start, blocks)]
+def read_full(f: BinaryIO, size: int) -> bytes:
+    """Up to size bytes of f: fewer only at the end of the data (pipes return short reads)."""
+    parts, got = [], 0
+    while got < size:
+        part = f.read(size - got)
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
 
 
-def read_file(path: str) -> bytes:
-    if path == "-":
-        return sys.stdin.buffer.read()
-    with open(path, "rb") as f:
-        return f.read()
+class Source:
+    """The data of write/compare, read CHUNK by CHUNK (never all at once). A regular file's
+    size is known up front: its partial last block is zero-padded (with a note). A stream
+    (`-` = stdin, a pipe) must hold whole blocks."""
 
+    def __init__(self, path: str) -> None:
+        self.path = path
+        if path == "-":
+            self.name, self.file, self.size = "stdin", sys.stdin.buffer, None
+            return
+        self.name = path
+        self.file = open(path, "rb")  # noqa: SIM115 - closed by close()
+        st = os.fstat(self.file.fileno())
+        self.size = st.st_size if stat.S_ISREG(st.st_mode) else None
 
-def padded(data: bytes, lba_size: int, count: int | None, path: str) -> tuple[bytes, int]:
-    """data cut or zero-padded to whole blocks (count of them when given); (bytes, blocks)."""
-    if not data:
-        raise CliError(f"{path}: the file is empty; nothing to write")
-    blocks = count if count is not None else -(-len(data) // lba_size)
-    want = blocks * lba_size
-    if len(data) < want:
-        sys.stderr.write(f"note: {path} holds {len(data)} bytes; the last block is zero-padded "
-                         f"to {want} bytes ({blocks} blocks of {lba_size})\n")
-    return data[:want].ljust(want, b"\0"), blocks
+    def close(self) -> None:
+        if self.file is not sys.stdin.buffer:
+            self.file.close()
+
+    def __enter__(self) -> Source:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def plan(self, ns: Namespace, start: int, count: int | None) -> int | None:
+        """Check the arguments against ns before reading anything: the number of blocks to
+        move (None: a stream without --block-count, as many as it holds)."""
+        if self.size == 0:
+            raise CliError(f"{self.name}: the file is empty; no data")
+        if start >= ns.blocks:
+            check_range(ns, start, 1)
+        if self.size is None:
+            if count is not None:
+                check_range(ns, start, count)
+            return count
+        blocks = count if count is not None else -(-self.size // ns.lba_size)
+        check_range(ns, start, blocks)
+        want = blocks * ns.lba_size
+        if self.size < want:
+            sys.stderr.write(f"note: {self.name} holds {self.size} bytes; the last block is "
+                             f"zero-padded to {want} bytes ({blocks} blocks of "
+                             f"{ns.lba_size})\n")
+        return blocks
+
+    def pieces(self, ns: Namespace, start: int, blocks: int | None,
+               verb: str = "written") -> Iterator[tuple[int, int, bytes]]:
+        """(lba, blocks, bytes) in pieces of at most CHUNK bytes, each read when needed (verb:
+        what the caller did with the pieces taken so far, for the error messages)."""
+        lba_size, step = ns.lba_size, max(1, CHUNK // ns.lba_size)
+        lba, end = start, (start + blocks if blocks is not None else ns.blocks)
+        while lba < end or (blocks is None and lba == end):
+            n = min(step, end - lba) if lba < end else 1
+            data = read_full(self.file, n * lba_size)
+            if self.size is not None:                  # a file: pad its last block
+                yield lba, n, data.ljust(n * lba_size, b"\0")
+                lba += n
+                continue
+            done = f"; LBAs {start}..{lba - 1} were already {verb}" if lba > start else ""
+            if not data:
+                if lba == start:
+                    raise CliError(f"{self.name} is empty; no data")
+                if blocks is not None:
+                    raise CliError(f"{self.name} ended after {lba - start} blocks; "
+                                   f"--block-count asked for {blocks}{done}")
+                return
+            if lba >= end:
+                raise CliError(f"{self.name} holds more than the {ns.blocks - start} blocks "
+                               f"from LBA {start} to the end of namespace {ns.nsid}{done}")
+            whole, rest = divmod(len(data), lba_size)
+            if rest:
+                raise CliError(f"{self.name}: data read from a stream must be a whole number "
+                               f"of {lba_size}-byte blocks; it ends with {rest} bytes of a "
+                               f"block (pad it, or give a file: a file's last block is "
+                               f"zero-padded){done}")
+            yield lba, whole, data
+            lba += whole
+            if whole < n:
+                if blocks is not None:
+                    raise CliError(f"{self.name} ended after {lba - start} blocks; "
+                                   f"--block-count asked for {blocks}; LBAs "
+                                   f"{start}..{lba - 1} were already {verb}")
+                return
 
 
 def _report(args: argparse.Namespace, op: str, ns: Namespace, start: int, blocks: int) -> None:
@@ -103,12 +183,12 @@ def cmd_read(args: argparse.Namespace) -> int:
 
 
 def cmd_write(args: argparse.Namespace) -> int:
-    data = read_file(args.data)
-    with namespace(args.bdf, args.nsid) as ns:
-        payload, blocks = padded(data, ns.lba_size, args.block_count, args.data)
-        check_range(ns, args.start_block, blocks)
-        for lba, _, piece in payload_pieces(ns, args.start_block, blocks, payload):
+    with Source(args.data) as src, namespace(args.bdf, args.nsid) as ns:
+        planned = src.plan(ns, args.start_block, args.block_count)
+        blocks = 0
+        for lba, n, piece in src.pieces(ns, args.start_block, planned):
             ns.write(lba, piece)
+            blocks += n
         ns.flush()
         _report(args, "write", ns, args.start_block, blocks)
     return 0
@@ -122,14 +202,14 @@ def _equal(ns: Namespace, lba: int, data: bytes) -> bool:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    data = read_file(args.data)
-    with namespace(args.bdf, args.nsid) as ns:
-        payload, blocks = padded(data, ns.lba_size, args.block_count, args.data)
-        check_range(ns, args.start_block, blocks)
-        for lba, n, piece in payload_pieces(ns, args.start_block, blocks, payload):
+    with Source(args.data) as src, namespace(args.bdf, args.nsid) as ns:
+        planned = src.plan(ns, args.start_block, args.block_count)
+        blocks = 0
+        for lba, n, piece in src.pieces(ns, args.start_block, planned, "compared"):
             if not _equal(ns, lba, piece):
                 raise CliError(f"Compare Failure: LBAs {lba}..{lba + n - 1} of namespace "
-                               f"{ns.nsid} differ from {args.data}")
+                               f"{ns.nsid} differ from {src.name}")
+            blocks += n
         _report(args, "compare", ns, args.start_block, blocks)
     return 0
 
@@ -155,9 +235,11 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p = _parser(sub, common, "write", "Write blocks from a file", cmd_write)
     p.add_argument("-c", "--block-count", type=positive, default=None, help=COUNT_HELP +
                    " (default: the file's size rounded up to whole blocks, zero-padded)")
-    p.add_argument("-d", "--data", metavar="FILE", required=True, help="data to write (- = stdin)")
+    p.add_argument("-d", "--data", metavar="FILE", required=True,
+                   help="data to write (- = stdin, streamed: whole blocks only)")
     p = _parser(sub, common, "compare", "Compare blocks with a file (exit 1 if they differ)",
                 cmd_compare)
     p.add_argument("-c", "--block-count", type=positive, default=None, help=COUNT_HELP +
                    " (default: the file's size rounded up to whole blocks, zero-padded)")
-    p.add_argument("-d", "--data", metavar="FILE", required=True, help="expected data (- = stdin)")
+    p.add_argument("-d", "--data", metavar="FILE", required=True,
+                   help="expected data (- = stdin, streamed: whole blocks only)")

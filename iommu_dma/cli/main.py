@@ -12,7 +12,7 @@ import traceback
 from collections.abc import Sequence
 
 from iommu_dma.cli import admin, devices, io, perf, vmcmd
-from iommu_dma.cli.common import PROG
+from iommu_dma.cli.common import PROG, cli_hints
 from iommu_dma.errors import IommuDmaError
 
 EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
@@ -39,11 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def describe(exc: BaseException) -> str:
-    """One line for the user: the error's own text (file errors: 'path: reason')."""
+    """One line for the user: the error's own text (file errors: 'path: reason'), with the
+    library's binding hints written as `iommu-dma bind BDF`."""
     if isinstance(exc, OSError) and exc.strerror and not isinstance(exc, IommuDmaError):
         name = f"{exc.filename}: " if exc.filename is not None else ""
         return f"{name}{exc.strerror}"
-    return str(exc) or type(exc).__name__
+    text = " ".join((str(exc) or type(exc).__name__).split())     # one line
+    return cli_hints(text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -58,6 +60,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         sys.stderr.write(f"{PROG}: error: {describe(e)}\n")
+        return EXIT_FAILURE
+    except Exception as e:                      # a bug: still one line, the traceback on --debug
+        if args.debug:
+            traceback.print_exc()
+        sys.stderr.write(f"{PROG}: error: internal error ({type(e).__name__}: {describe(e)}); "
+                         "run again with --debug for the traceback and report it\n")
         return EXIT_FAILURE
 
 

@@ -10,18 +10,21 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from iommu_dma.cli import output
 from iommu_dma.cli.common import (
+    CliError,
     add_nsid,
     add_output_format,
     confirm,
+    int_range,
     namespace,
     parse_size,
     positive,
+    seconds,
     set_handler,
 )
 
 if TYPE_CHECKING:
     from iommu_dma.nvme.namespace import Namespace
-    from iommu_dma.nvme.perf import PerfRun, Workload
+    from iommu_dma.nvme.perf import PerfResult, PerfRun, Workload
 
 RW_CHOICES = ("read", "write", "randread", "randwrite", "rw", "randrw")
 WRITES = {"write", "randwrite", "rw", "randrw"}
@@ -100,6 +103,12 @@ def cmd_perf(args: argparse.Namespace) -> int:
             result = PerfRun(ns, w).wait(live)
         finally:
             live.close()
+    return report(args, w, result)
+
+
+def report(args: argparse.Namespace, w: Workload, result: PerfResult) -> int:
+    """Print the result (table or JSON); CliError saying why when it cannot be trusted (a job
+    timed out or failed, I/O errors, verify failures), even though some I/O finished."""
     data = {"workload": {"rw": w.rw, "bs": w.bs, "iodepth": w.iodepth, "numjobs": w.numjobs,
                          "runtime": w.runtime, "read_pct": w.read_pct(), "offset": w.offset,
                          "size": w.size, "verify": w.verify}, **result.to_dict()}
@@ -107,9 +116,11 @@ def cmd_perf(args: argparse.Namespace) -> int:
         output.emit_json(data)
     else:
         output.print_lines(output.perf_lines(data))
-        if result.errors or result.verify_failures:
-            print(f"errors: {result.errors}, verify failures: {result.verify_failures}")
-    return 1 if result.errors or result.verify_failures else 0
+    sys.stdout.flush()
+    if result.problems:
+        raise CliError(f"perf: {'; '.join(result.problems)} (so its figures cannot be "
+                       "trusted)")
+    return 0
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -120,11 +131,13 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("bdf", metavar="BDF", help="controller on vfio-pci, e.g. 0000:00:04.0")
     add_nsid(p)
     p.add_argument("--rw", choices=RW_CHOICES, default="randread", help="default randread")
-    p.add_argument("--rwmixread", type=int, default=None,
+    p.add_argument("--rwmixread", type=int_range(0, 100, "a percentage"), default=None,
                    help="percentage of reads for rw/randrw (default 50)")
     p.add_argument("--bs", type=parse_size, default=4096, help="block size, e.g. 4k, 128k, 1m")
-    p.add_argument("--iodepth", type=positive, default=1, help="I/Os in flight per job")
-    p.add_argument("--runtime", type=float, default=5.0, help="seconds (default 5)")
+    p.add_argument("--iodepth", type=positive, default=1,
+                   help="I/Os in flight per job (at most the controller's queue size - 1)")
+    p.add_argument("--runtime", type=seconds(), default=5.0,
+                   help="seconds (default 5; at most a week)")
     p.add_argument("--numjobs", type=positive, default=1, help="jobs (one queue pair each)")
     p.add_argument("--size", type=parse_size, default=0,
                    help="bytes of the namespace to use from --offset (default: to the end)")

@@ -7,7 +7,7 @@ import shlex
 import sys
 from typing import Any
 
-from iommu_dma.cli.common import CliError, set_handler
+from iommu_dma.cli.common import CliError, seconds, set_handler
 
 TIMEOUT_EXIT = 124
 
@@ -41,7 +41,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                                    "it as root, exit with its status (124: guest timed out).")
     p.add_argument("--bench", default="default",
                    help=f"bench configuration: {', '.join(sorted(BENCHES))} (default: default)")
-    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+    p.add_argument("--timeout", type=seconds(), default=DEFAULT_TIMEOUT,
                    help=f"seconds before the guest is killed (default {DEFAULT_TIMEOUT:g})")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND...",
                    help="command and its arguments")

@@ -6,6 +6,7 @@ a caller can watch live progress from Python.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -14,12 +15,20 @@ from typing import TYPE_CHECKING, Any
 
 from iommu_dma.errors import IommuDmaError
 from iommu_dma.native import ffi, lib
-from iommu_dma.nvme.queue import WorkerConfig, WorkerResult, new_progress, run_worker
+from iommu_dma.nvme.queue import (
+    ETIMEDOUT,
+    QueueError,
+    WorkerConfig,
+    WorkerResult,
+    new_progress,
+    run_worker,
+)
 from iommu_dma.nvme.status import NvmeError
 
 if TYPE_CHECKING:
     from iommu_dma.nvme.namespace import Namespace
 
+MAX_RUNTIME = 7 * 24 * 3600.0       # seconds: a week
 RW_MODES = {  # fio --rw name -> (random, default read percentage)
     "read": (False, 100), "write": (False, 0), "randread": (True, 100),
     "randwrite": (True, 0), "rw": (False, 50), "randrw": (True, 50),
@@ -63,6 +72,13 @@ class PerfResult:
     lat_p999_ns: int
     lat_max_ns: int
     jobs: list[WorkerResult] = field(default_factory=list)
+    timed_out: bool = False
+    problems: list[str] = field(default_factory=list)   # why the figures cannot be trusted
+
+    @property
+    def ok(self) -> bool:
+        """No job timed out or failed, no I/O error, no verify failure."""
+        return not self.problems
 
     @property
     def iops(self) -> float:
@@ -75,7 +91,8 @@ class PerfResult:
     def to_dict(self) -> dict[str, Any]:
         return {"iops": round(self.iops, 1), "mb_per_s": round(self.mbps, 2), "ios": self.ios,
                 "bytes": self.bytes, "seconds": round(self.seconds, 3), "errors": self.errors,
-                "verify_failures": self.verify_failures,
+                "verify_failures": self.verify_failures, "timed_out": self.timed_out,
+                "ok": self.ok, "problems": list(self.problems),
                 "lat_ns": {"avg": round(self.lat_avg_ns), "p50": self.lat_p50_ns,
                            "p99": self.lat_p99_ns, "p99.9": self.lat_p999_ns,
                            "max": self.lat_max_ns}}
@@ -95,6 +112,14 @@ def check_workload(ns: Namespace, w: Workload) -> tuple[int, int, int]:
         raise ValueError(f"--rwmixread {w.rwmixread} is not a percentage")
     if w.iodepth < 1 or w.numjobs < 1:
         raise ValueError("--iodepth and --numjobs must be at least 1")
+    depth = max_iodepth(ns)
+    if w.iodepth > depth:
+        raise ValueError(f"--iodepth {w.iodepth} is more than the controller's queues allow: "
+                         f"at most {depth} (CAP.MQES: {depth + 1} entries per queue, one kept "
+                         "empty)")
+    if not math.isfinite(w.runtime) or not 0 <= w.runtime <= MAX_RUNTIME:
+        raise ValueError(f"--runtime {w.runtime}: give a finite number of seconds, at most "
+                         f"{MAX_RUNTIME:g} (a week)")
     if w.runtime <= 0 and w.ios <= 0:
         raise ValueError("give a --runtime or a number of I/Os")
     start = w.offset // ns.lba_size
@@ -104,6 +129,12 @@ def check_workload(ns: Namespace, w: Workload) -> tuple[int, int, int]:
         raise ValueError(f"--offset {w.offset} --size {w.size} do not fit namespace {ns.nsid} "
                          f"({ns.capacity} bytes)")
     return block, start, count
+
+
+def max_iodepth(ns: Namespace) -> int:
+    """The deepest --iodepth one I/O queue of ns's controller takes: CAP.MQES entries, one of
+    which a full queue keeps empty."""
+    return int(ns.ctrl.cap.mqes) - 1
 
 
 class PerfRun:
@@ -120,6 +151,7 @@ class PerfRun:
         self.buffers = [ctrl.alloc(w.iodepth * w.bs) for _ in range(w.numjobs)]
         self.progress = [new_progress() for _ in range(w.numjobs)]
         self.results: list[WorkerResult | None] = [None] * w.numjobs
+        self.failures: list[BaseException | None] = [None] * w.numjobs
         self.threads = [threading.Thread(target=self._job, args=(i, block, start, count),
                                          daemon=True) for i in range(w.numjobs)]
         self.started = time.monotonic()
@@ -133,7 +165,10 @@ class PerfRun:
                            qd=w.iodepth, read_pct=w.read_pct(), random=RW_MODES[w.rw][0],
                            verify=w.verify, duration=w.runtime, io_count=w.ios,
                            seed=w.seed + i)
-        self.results[i] = run_worker(self.queues[i].qpair, cfg, self.progress[i])
+        try:
+            self.results[i] = run_worker(self.queues[i].qpair, cfg, self.progress[i])
+        except BaseException as e:              # re-raised by wait(), not printed by threading
+            self.failures[i] = e
 
     def running(self) -> bool:
         return any(t.is_alive() for t in self.threads)
@@ -159,6 +194,9 @@ class PerfRun:
                 t.join()
         finally:
             self._release()
+        failed = next((e for e in self.failures if e is not None), None)
+        if failed is not None:
+            raise failed
         return combine([r for r in self.results if r is not None])
 
     def _release(self) -> None:
@@ -170,24 +208,54 @@ class PerfRun:
             b.free()
 
 
+def _first_error(r: WorkerResult) -> NvmeError:
+    return NvmeError(r.first_error_status,
+                     f"opcode {r.first_error_opcode:#04x} LBA {r.first_error_lba}")
+
+
+def problems(results: list[WorkerResult]) -> list[str]:
+    """Why the combined figures cannot be trusted, one phrase each (empty when clean): a job
+    that timed out or failed, I/O errors, verify failures."""
+    out = []
+    for i, r in enumerate(results):
+        job = f"job {i}" if len(results) > 1 else "the I/O worker"
+        if r.timed_out or r.rc == ETIMEDOUT:
+            out.append(f"{job} timed out waiting for a completion after {r.ios} I/Os (the "
+                       "controller stopped answering; unbind and bind it to reset it)")
+        elif r.rc != 0:
+            out.append(f"{job} stopped with an error after {r.ios} I/Os: {QueueError(r.rc)}")
+    errors = sum(r.errors for r in results)
+    if errors:
+        first = next(r for r in results if r.errors)
+        out.append(f"{errors} I/O error(s), the first: {_first_error(first)}")
+    failures = sum(r.verify_failures for r in results)
+    if failures:
+        first = next(r for r in results if r.verify_failures)
+        out.append(f"{failures} verify failure(s): data read back differs from what was "
+                   f"written (first at LBA {first.first_verify_lba})")
+    return out
+
+
 def combine(results: list[WorkerResult]) -> PerfResult:
+    """The jobs' results as one. Raises when no I/O finished at all (nothing to report);
+    otherwise the result's `problems` say what went wrong (timeouts, worker failures, I/O
+    errors, verify failures), and `ok` is False."""
     if not results:
         raise IommuDmaError("no job finished")
-    for r in results:
-        if r.rc != 0 and r.ios == 0:
-            raise IommuDmaError(f"the I/O worker failed (rc {r.rc})")
+    found = problems(results)
+    ios = sum(r.ios for r in results)
+    if ios == 0:
+        first_error = next((r for r in results if r.errors), None)
+        if first_error is not None:
+            raise _first_error(first_error)
+        if found:
+            raise IommuDmaError(f"no I/O completed: {'; '.join(found)}")
     hist = ffi.new("uint64_t[]", lib.IDMA_HIST_BUCKETS)
     for r in results:
         for low, n in r.hist.items():
             hist[lib.idma_hist_bucket(low)] += n
-    ios = sum(r.ios for r in results)
     lat_max = max(r.lat_max_ns for r in results)
     avg = sum(r.lat_avg_ns * r.ios for r in results) / ios if ios else 0.0
-    first_error = next((r for r in results if r.errors), None)
-    if first_error is not None and ios == 0:
-        raise NvmeError(first_error.first_error_status,
-                        f"opcode {first_error.first_error_opcode:#04x} LBA "
-                        f"{first_error.first_error_lba}")
     return PerfResult(
         ios=ios, bytes=sum(r.bytes for r in results),
         seconds=max(r.elapsed_ns for r in results) / 1e9,
@@ -196,7 +264,8 @@ def combine(results: list[WorkerResult]) -> PerfResult:
         lat_p50_ns=int(lib.idma_hist_percentile(hist, 50.0, lat_max)),
         lat_p99_ns=int(lib.idma_hist_percentile(hist, 99.0, lat_max)),
         lat_p999_ns=int(lib.idma_hist_percentile(hist, 99.9, lat_max)),
-        lat_max_ns=lat_max, jobs=results)
+        lat_max_ns=lat_max, jobs=results,
+        timed_out=any(r.timed_out or r.rc == ETIMEDOUT for r in results), problems=found)
 
 
 def run(ns: Namespace, w: Workload,

@@ -102,14 +102,18 @@ def test_list_bind_unbind(cli: Cli, idma_bench: Bench, idma_nvme_bdfs: list[str]
     bdf = idma_nvme_bdfs[0]
     _check_list(cli, idma_bench, idma_nvme_bdfs, "nvme")
     cli.fails("id-ctrl", bdf, message=f"`iommu-dma bind {bdf}`")
-    out = cli.ok("bind", bdf).text
-    assert f"{bdf} bound to vfio-pci" in out and driver_of(bdf) == "vfio-pci"
+    r = cli.ok("bind", bdf)
+    # the packaged setup_vfio.sh speaks as the CLI
+    assert f"iommu-dma: {bdf} bound to vfio-pci" in r.text and driver_of(bdf) == "vfio-pci"
+    assert "setup_vfio" not in r.text + r.err
     try:
         _check_list(cli, idma_bench, idma_nvme_bdfs, "vfio-pci")
     finally:
-        out = cli.ok("unbind", bdf).text
-    assert "given back to the kernel nvme driver" in out and driver_of(bdf) == "nvme"
-    cli.fails("bind", "0000:00:1d.7", message="no PCI device 0000:00:1d.7")
+        r = cli.ok("unbind", bdf)
+    assert f"iommu-dma: {bdf} given back to the kernel nvme driver" in r.text
+    assert driver_of(bdf) == "nvme" and "setup_vfio" not in r.text + r.err
+    r = cli.fails("bind", "0000:00:1d.7", message="no PCI device 0000:00:1d.7")
+    assert "setup_vfio" not in r.err and "'iommu-dma list'" in r.err
 
 
 # ---- admin commands -------------------------------------------------------------------------
@@ -242,6 +246,29 @@ def test_io_errors(cli: Cli, idma_bench: Bench, vfio_bdfs: list[str], tmp_path: 
     cli.fails("read", bdf, message="the following arguments are required: -n", rc=2)
 
 
+def test_write_streams_stdin(cli: Cli, idma_bench: Bench, vfio_bdfs: list[str],
+                             idma_bench_images: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bdf = vfio_bdfs[0]
+    lba = idma_bench.controllers[0].namespaces[0].lba_size
+    data = os.urandom(3 * (4 << 20) // 2)           # 1.5 CHUNKs: whole blocks, two pieces
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
+    r = cli.ok("write", bdf, "-n", 1, "-s", 3, "-d", "-")
+    assert f"write: Success ({len(data) // lba} blocks of {lba} bytes at LBA 3)" in r.text
+    assert image_bytes(idma_bench_images, 0, 1, 3 * lba, len(data)) == data
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
+    assert "compare: Success" in cli.ok("compare", bdf, "-n", 1, "-s", 3, "-d", "-").text
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(bytes(lba + 1))))
+    cli.fails("write", bdf, "-n", 1, "-d", "-",
+              message=f"stdin: data read from a stream must be a whole number of {lba}-byte "
+                      "blocks")
+    blocks = idma_bench.controllers[0].namespaces[0].blocks
+    cli.fails("write", bdf, "-n", 1, "-s", blocks, "-d", "-",
+              message=f"--start-block {blocks} is past the end of namespace 1")
+    cli.fails("read", bdf, "-n", 1, "-s", 1 << 64, message="is past the end of namespace 1")
+    cli.fails("read", bdf, "-n", 1 << 32, message="must be in 1..0xffffffff", rc=2)
+
+
 # ---- perf -----------------------------------------------------------------------------------
 
 def test_perf(cli: Cli, vfio_bdfs: list[str], tmp_path: Path) -> None:
@@ -267,3 +294,35 @@ def test_perf(cli: Cli, vfio_bdfs: list[str], tmp_path: Path) -> None:
     assert j["workload"]["read_pct"] == 70 and j["ios"] > 0
     cli.fails("perf", bdf, "-n", 1, "--bs", "1m", "--runtime", 1, message="MDTS")
     cli.fails("perf", bdf, "-n", 1, "--size", "1g", "--runtime", 1, message="do not fit")
+
+
+def test_perf_refuses_an_iodepth_deeper_than_the_queues(cli: Cli, vfio_bdfs: list[str]) -> None:
+    bdf = vfio_bdfs[0]
+    j = cli.ok("perf", bdf, "-n", 1, "--iodepth", 4, "--runtime", "0.5", "-o", "json").json()
+    assert j["ok"] is True and j["problems"] == [] and j["timed_out"] is False
+    r = cli.fails("perf", bdf, "-n", 1, "--iodepth", 100000, "--runtime", 1,
+                  message="--iodepth 100000 is more than the controller's queues allow: at most")
+    assert "CAP.MQES" in r.err and r.out == b""
+    cli.fails("perf", bdf, "-n", 1, "--runtime", "inf", message="finite number", rc=2)
+
+
+def test_perf_fails_when_the_worker_times_out(cli: Cli, vfio_bdfs: list[str],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker whose I/O timeout is shorter than the device's latency gives up (rc
+    ETIMEDOUT): perf says so and exits 1 even though some I/O may have finished."""
+    from dataclasses import replace
+
+    from iommu_dma.nvme import perf
+
+    real = perf.run_worker
+
+    def impatient(qpair: Any, config: Any, progress: Any = None) -> Any:
+        return real(qpair, replace(config, io_timeout=20e-6, spin_only=True), progress)
+
+    monkeypatch.setattr(perf, "run_worker", impatient)
+    bdf = vfio_bdfs[0]
+    r = cli.fails("perf", bdf, "-n", 1, "--iodepth", 8, "--runtime", 1, message="timed out")
+    assert r.err.splitlines()[-1].startswith("iommu-dma: error: ")
+    monkeypatch.setattr(perf, "run_worker", real)
+    # the controller still works afterwards
+    assert cli.ok("perf", bdf, "-n", 1, "--runtime", "0.5", "-o", "json").json()["ok"] is True
