@@ -26,10 +26,13 @@ _SHIFTS = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}
 # BDF`); the CLI user runs `iommu-dma bind BDF`, which runs the packaged copy of that script.
 _SCRIPT_HINT = re.compile(r"(?:[\w./-]*/)?setup_vfio\.sh (?=bind|unbind|--user|--force)")
 _SCRIPT_STATUS = re.compile(r"(?:[\w./-]*/)?setup_vfio\.sh status")
+_SCRIPT_FALLBACK = re.compile(r" \(or `(?:[\w./-]*/)?setup_vfio\.sh [^`]*`\)")
 
 
 def cli_hints(text: str) -> str:
-    """text with the setup script's commands written as the CLI's (`iommu-dma bind BDF`)."""
+    """text with the setup script's commands written as the CLI's (`iommu-dma bind BDF`); a
+    "(or `scripts/setup_vfio.sh ...`)" alternative after the CLI's own command is dropped."""
+    text = _SCRIPT_FALLBACK.sub("", text)
     return _SCRIPT_STATUS.sub(f"{PROG} list", _SCRIPT_HINT.sub(f"{PROG} ", text))
 
 

@@ -342,6 +342,10 @@ def test_binding_hints_name_the_cli() -> None:
     assert "`iommu-dma bind --user NAME BDF`" in text and "setup_vfio" not in text
     text = describe(GroupNotViableError(3, [("0000:00:04.1", "e1000e")]))
     assert "`iommu-dma bind BDF`" in text and "setup_vfio" not in text
+    # the library may name both; the CLI shows its own command once
+    assert describe(ValueError("run `iommu-dma bind 0000:00:04.0` first (or "
+                               "`scripts/setup_vfio.sh bind 0000:00:04.0`)")) == \
+        "run `iommu-dma bind 0000:00:04.0` first"
 
 
 def test_setup_script_messages_are_shown_as_the_cli() -> None:
