@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from bisect import bisect_right, insort
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
@@ -28,7 +29,7 @@ from iommu_dma.errors import (
     PermissionDeniedError,
     VfioError,
 )
-from iommu_dma.memory import check_memlock
+from iommu_dma.memlock import check_memlock
 from iommu_dma.native import ffi, lib
 
 CONTAINER_PATH = "/dev/vfio/vfio"
@@ -55,9 +56,19 @@ def parse_group(target: int | str) -> int | None:
 
 
 class Container:
-    """/dev/vfio/vfio with groups attached, the TYPE1v2 IOMMU and IOVA = VA mappings."""
+    """/dev/vfio/vfio with groups attached, the TYPE1v2 IOMMU and IOVA = VA mappings.
+
+    Threads: the native engine releases the GIL, so threads may map, unmap and allocate at the
+    same time. One re-entrant lock guards the groups, the mapping refcounts, the native maptable
+    and the IOMMU info; these are safe to call from several threads: attach, group_fd, groups,
+    refresh_info, check_range, map, unmap, is_mapped, mapping_count, mapped_bytes, dma_avail,
+    page_size, add_dependent, remove_dependent and close (after close, the others raise
+    ClosedError). The native queue engine reads `maptable` without this lock: a buffer must
+    not be unmapped while a command that uses it may still be submitted.
+    """
 
     def __init__(self, path: str = CONTAINER_PATH) -> None:
+        self._lock = threading.RLock()
         self.fd = self._open(path)
         self._groups: dict[int, int] = {}                 # group number -> group fd
         self._maps: dict[int, list[int]] = {}             # start -> [length, refcount]
@@ -73,6 +84,7 @@ class Container:
         if self.maptable == ffi.NULL:
             os.close(self.fd)
             raise MemoryError("idma_maptable_new failed")
+        self._closing = False
         self.closed = False
 
     @staticmethod
@@ -112,23 +124,30 @@ class Container:
 
     def add_dependent(self, obj: _Closable) -> None:
         """obj (a device, an allocator) is closed before the container releases groups."""
-        self._dependents.append(obj)
+        with self._lock:
+            self._dependents.append(obj)
 
     def remove_dependent(self, obj: _Closable) -> None:
-        if obj in self._dependents:
-            self._dependents.remove(obj)
+        with self._lock:
+            if obj in self._dependents:
+                self._dependents.remove(obj)
 
     def close(self) -> None:
-        """Close dependents, release every mapping, detach every group, close every fd."""
-        if self.closed:
-            return
-        first: BaseException | None = None
-        for dep in reversed(list(self._dependents)):
-            try:
-                dep.close()
-            except Exception as e:    # keep releasing; report the first failure at the end
-                first = first or e
-        self._dependents.clear()
+        """Close dependents, release every mapping, detach every group, close every fd.
+
+        Dependents are closed without holding the lock (they take their own locks and call
+        back into unmap/remove_dependent), so no lock-order inversion can deadlock."""
+        with self._lock:
+            if self.closed or self._closing:
+                return
+            self._closing = True
+            dependents = list(reversed(self._dependents))
+        first = _close_all(dependents)
+        with self._lock:
+            self._dependents.clear()
+            self._release(first)
+
+    def _release(self, first: BaseException | None) -> None:
         try:
             self._unmap_everything()
         except VfioError as e:
@@ -161,27 +180,32 @@ class Container:
 
     @property
     def groups(self) -> list[int]:
-        return sorted(self._groups)
+        with self._lock:
+            return sorted(self._groups)
 
     def group_fd(self, group: int) -> int:
-        self._check_open()
-        if group not in self._groups:
-            raise IommuDmaError(f"IOMMU group {group} is not attached to this container")
-        return self._groups[group]
+        with self._lock:
+            self._check_open()
+            if group not in self._groups:
+                raise IommuDmaError(f"IOMMU group {group} is not attached to this container")
+            return self._groups[group]
 
     def attach(self, *targets: int | str) -> list[int]:
         """Attach groups, given as numbers, '/dev/vfio/N' or device BDFs; returns the groups.
         A group already attached is not attached again."""
         self._check_open()
-        out = []
-        for target in targets:
-            group = parse_group(target)
-            if group is None:
-                group = self._group_of_bdf(str(target))
-            if group not in self._groups:
-                self._attach_group(group)
-            out.append(group)
-        return out
+        groups = [self._group_of(target) for target in targets]   # sysfs only: no lock needed
+        with self._lock:
+            self._check_open()
+            for group in groups:
+                if group not in self._groups:
+                    self._attach_group(group)
+        return groups
+
+    @classmethod
+    def _group_of(cls, target: int | str) -> int:
+        group = parse_group(target)
+        return cls._group_of_bdf(str(target)) if group is None else group
 
     @staticmethod
     def _group_of_bdf(bdf: str) -> int:
@@ -216,12 +240,13 @@ class Container:
 
     def refresh_info(self) -> vfio.IommuInfo:
         """Re-read page sizes, IOVA ranges and the mapping budget (they change per group)."""
-        self._check_open()
-        info = vfio.iommu_get_info(self.fd)
-        self.page_sizes = info.page_sizes
-        self.iova_ranges = info.iova_ranges or ((0, (1 << 64) - 1),)
-        self._avail_base, self._maps_at_base = info.dma_avail, len(self._maps)
-        return info
+        with self._lock:
+            self._check_open()
+            info = vfio.iommu_get_info(self.fd)
+            self.page_sizes = info.page_sizes
+            self.iova_ranges = info.iova_ranges or ((0, (1 << 64) - 1),)
+            self._avail_base, self._maps_at_base = info.dma_avail, len(self._maps)
+            return info
 
     # ---- mappings ----------------------------------------------------------------------------
 
@@ -232,36 +257,44 @@ class Container:
 
     @property
     def mapping_count(self) -> int:
-        return len(self._maps)
+        with self._lock:
+            return len(self._maps)
 
     @property
     def mapped_bytes(self) -> int:
-        return sum(length for length, _ in self._maps.values())
+        with self._lock:
+            return sum(length for length, _ in self._maps.values())
 
     @property
     def dma_avail(self) -> int | None:
         """How many more mappings the kernel allows (dma_entry_limit budget), if reported."""
-        if self._avail_base is None:
-            return None
-        return self._avail_base - (len(self._maps) - self._maps_at_base)
+        with self._lock:
+            if self._avail_base is None:
+                return None
+            return self._avail_base - (len(self._maps) - self._maps_at_base)
 
     def check_range(self, va: int, length: int, op: str = "VFIO_IOMMU_MAP_DMA") -> None:
         """Alignment and aperture checks of a would-be IOVA = VA mapping."""
-        page = self.page_size
-        if va % page:
-            raise AlignmentError("address", va, page, op)
-        if length <= 0 or length % page:
-            raise AlignmentError("length", length, page, op)
-        if not self._groups:
-            raise IommuDmaError("attach a group before mapping (the IOMMU is set on attach)")
-        if not within_ranges(self.iova_ranges, va, length):
-            raise OutsideApertureError(va, length, self.iova_ranges, op)
+        with self._lock:
+            page = self.page_size
+            if va % page:
+                raise AlignmentError("address", va, page, op)
+            if length <= 0 or length % page:
+                raise AlignmentError("length", length, page, op)
+            if not self._groups:
+                raise IommuDmaError("attach a group before mapping (the IOMMU is set on attach)")
+            if not within_ranges(self.iova_ranges, va, length):
+                raise OutsideApertureError(va, length, self.iova_ranges, op)
 
     def map(self, va: int, length: int) -> None:
         """Map [va, va+length) at IOVA = va for device read and write. Parts already mapped
         are shared (refcounted); each map() needs one unmap() with the same arguments."""
-        self._check_open()
-        self.check_range(va, length)
+        with self._lock:
+            self._check_open()
+            self.check_range(va, length)
+            self._map(va, length)
+
+    def _map(self, va: int, length: int) -> None:
         covered = self._overlapping(va, va + length)
         gaps = self._gaps(va, va + length, covered)
         self._check_budget(len(gaps))
@@ -283,7 +316,11 @@ class Container:
 
     def unmap(self, va: int, length: int) -> None:
         """Undo one map(va, length); mappings nobody else uses are unmapped."""
-        self._check_open()
+        with self._lock:
+            self._check_open()
+            self._unmap(va, length)
+
+    def _unmap(self, va: int, length: int) -> None:
         stack = self._requests.get((va, length))
         if not stack:
             raise IommuDmaError(f"[{va:#x}, +{length:#x}) was not mapped by map()")
@@ -297,8 +334,9 @@ class Container:
 
     def is_mapped(self, va: int, length: int) -> bool:
         """Every byte of [va, va+length) is mapped (native lookup, cheap)."""
-        self._check_open()
-        return bool(lib.idma_maptable_contains(self.maptable, va, length))
+        with self._lock:
+            self._check_open()
+            return bool(lib.idma_maptable_contains(self.maptable, va, length))
 
     def _record(self, start: int, length: int) -> None:
         if lib.idma_maptable_add(self.maptable, start, length) != 0:
@@ -339,6 +377,17 @@ class Container:
             raise VfioError("VFIO_IOMMU_MAP_DMA", errno.ENOSPC,
                             f"{new} more mappings needed but only {avail} are left "
                             "(vfio_iommu_type1.dma_entry_limit); map larger chunks")
+
+
+def _close_all(objs: Iterable[_Closable]) -> BaseException | None:
+    """Close each; keep going past failures and return the first one."""
+    first: BaseException | None = None
+    for obj in objs:
+        try:
+            obj.close()
+        except Exception as e:
+            first = first or e
+    return first
 
 
 def _open_group(path: str, group: int) -> int:

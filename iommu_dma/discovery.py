@@ -41,10 +41,6 @@ class PciInfo:
     def is_nvme(self) -> bool:
         return self.class_code >> 8 == NVME_CLASS
 
-    @property
-    def bound_to_vfio(self) -> bool:
-        return self.driver == VFIO_DRIVER
-
 
 def normalize_bdf(bdf: str) -> str:
     """'00:09.0' or '0000:00:09.0' -> '0000:00:09.0'; ValueError-derived error otherwise."""

@@ -9,9 +9,27 @@ from __future__ import annotations
 
 import errno as _errno
 import os
+import re
 from collections.abc import Iterable, Sequence
 
+CLI = "iommu-dma"
 SETUP_SCRIPT = "scripts/setup_vfio.sh"
+
+
+def bind_hint(args: str, then: str = "") -> str:
+    """The command that binds to vfio-pci: the CLI first, the script it wraps as the fallback,
+    e.g. "`iommu-dma bind BDF` first (or `scripts/setup_vfio.sh bind BDF`)" for then="first"."""
+    cli = f"`{CLI} bind {args}` {then}".rstrip()
+    return f"{cli} (or `{SETUP_SCRIPT} bind {args}`)"
+
+
+_SCRIPT_FALLBACK = re.compile(r" \(or `" + re.escape(SETUP_SCRIPT) + r" [^`]*`\)")
+
+
+def without_script_fallback(text: str) -> str:
+    """text with the "(or `scripts/setup_vfio.sh ...`)" alternatives removed (for the CLI,
+    whose own command is already named first)."""
+    return _SCRIPT_FALLBACK.sub("", text)
 
 
 class IommuDmaError(Exception):
@@ -51,7 +69,7 @@ class NotBoundError(VfioError):
         self.driver = driver
         current = f"bound to {driver!r}" if driver else "not bound to any driver"
         super().__init__(op, None, f"{bdf} is {current}, not vfio-pci; "
-                                   f"run `{SETUP_SCRIPT} bind {bdf}` first")
+                                   f"run {bind_hint(bdf, 'first')}")
 
 
 class GroupNotViableError(VfioError):
@@ -64,7 +82,7 @@ class GroupNotViableError(VfioError):
         super().__init__("VFIO_GROUP_GET_STATUS", None,
                          f"IOMMU group {group} is not viable: every device in it must be bound to "
                          f"vfio-pci or to no driver; members: {listed}; bind them with "
-                         f"`{SETUP_SCRIPT} bind BDF` or unbind them")
+                         f"{bind_hint('BDF')} or unbind them")
 
 
 class PermissionDeniedError(VfioError):
@@ -74,7 +92,7 @@ class PermissionDeniedError(VfioError):
         self.path = path
         super().__init__(op, _errno.EACCES,
                          f"{path} is not accessible to this user; give it to your user with "
-                         f"`{SETUP_SCRIPT} bind --user NAME BDF` or run as root")
+                         f"{bind_hint('--user NAME BDF')} or run as root")
 
 
 class DeviceBusyError(VfioError):

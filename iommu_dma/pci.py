@@ -10,25 +10,23 @@ from typing import TYPE_CHECKING
 from iommu_dma import vfio
 from iommu_dma.discovery import VFIO_DRIVER, PciInfo, find
 from iommu_dma.errors import ClosedError, NoIommuError, NotBoundError, VfioError
-from iommu_dma.memory import (
+from iommu_dma.libc import (
     MAP_ANONYMOUS,
     MAP_FIXED,
     MAP_NORESERVE,
     MAP_PRIVATE,
-    PAGE,
+    MAP_SHARED,
+    PAGE_SIZE,
     PROT_NONE,
     PROT_READ,
     PROT_WRITE,
+    eventfd,
     mmap_at,
     munmap,
 )
 
 if TYPE_CHECKING:
     from iommu_dma.container import Container
-
-MAP_SHARED = 0x01
-EFD_CLOEXEC = 0o2000000
-EFD_NONBLOCK = 0o4000
 
 # PCI Local Bus spec, type 0 configuration header
 PCI_VENDOR_ID = 0x00
@@ -38,23 +36,26 @@ PCI_COMMAND_MEMORY = 1 << 1
 PCI_COMMAND_MASTER = 1 << 2      # bus master enable: the device may issue DMA
 PCI_CLASS_REVISION = 0x08
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.eventfd.argtypes = [ctypes.c_uint, ctypes.c_int]
 
-
-def eventfd(nonblocking: bool = False) -> int:
-    fd = _libc.eventfd(0, EFD_CLOEXEC | (EFD_NONBLOCK if nonblocking else 0))
-    if fd < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"eventfd: {os.strerror(err)}")
-    return fd
+def mapped_prefix(areas: tuple[tuple[int, int], ...], bar_size: int) -> int:
+    """Bytes of the BAR mapped without a hole from offset 0: the contiguous run of mmap'd
+    (offset, size) areas that starts at 0, capped at the BAR's size (0 if none starts at 0)."""
+    end = 0
+    for off, size in sorted(areas):
+        if off > end:
+            break
+        end = max(end, off + size)
+    return min(end, bar_size)
 
 
 class PciDevice:
     """A device of `container` (its group is attached on open), by BDF.
 
-    BAR0 is mmap'd whole at `bar0_addr` (an integer pointer for native code); read32/write32/
-    read64/write64 access its registers. Config space goes through region 7 (pread/pwrite).
+    BAR0 is mmap'd at `bar0_addr` (an integer pointer for native code); `bar0_size` is how many
+    bytes from there are really mapped and part of the BAR, and read32/write32/read64/write64
+    refuse any register offset beyond it (a device may report a doorbell stride or a register
+    layout that points past its BAR; nothing computed from device data is trusted unchecked).
+    Config space goes through region 7 (pread/pwrite).
     """
 
     def __init__(self, container: Container, bdf: str, *, nvme: bool = True) -> None:
@@ -67,7 +68,8 @@ class PciDevice:
         self.closed = False
         self.msix_fds: list[int] = []
         self.bar0_addr = 0
-        self.bar0_size = 0
+        self.bar0_size = 0               # accessible bytes from bar0_addr (see _map_bar0)
+        self._bar0_reserved = 0          # length of the address range reserved for BAR0
         try:
             self.device_info = vfio.device_get_info(self.fd)
             self.config_region = vfio.device_get_region_info(self.fd,
@@ -106,8 +108,8 @@ class PciDevice:
         if self.msix_fds:
             self.disable_msix()
         if self.bar0_addr:
-            munmap(self.bar0_addr, self.bar0_size)
-            self.bar0_addr = 0
+            munmap(self.bar0_addr, self._bar0_reserved)
+            self.bar0_addr = self.bar0_size = 0
         os.close(self.fd)
         self.closed = True
         self.container.remove_dependent(self)
@@ -122,22 +124,26 @@ class PciDevice:
         if region.size == 0 or not areas:
             raise VfioError("mmap BAR0", errno.EINVAL, f"{self.bdf}: BAR0 (size "
                             f"{region.size:#x}) is not mmap-able")
-        self.bar0_size = -(-region.size // PAGE) * PAGE
-        base = mmap_at(0, self.bar0_size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE)
+        reserved = -(-region.size // PAGE_SIZE) * PAGE_SIZE
+        base = mmap_at(0, reserved, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE)
         try:
             for off, size in areas:
+                if off < 0 or size <= 0 or off + size > reserved:
+                    raise OSError(errno.EINVAL, f"sparse area [{off:#x}, +{size:#x}) lies "
+                                                f"outside the {region.size:#x}-byte BAR")
                 mmap_at(base + off, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED,
                         self.fd, region.offset + off)
         except OSError as e:
-            munmap(base, self.bar0_size)
+            munmap(base, reserved)
             raise VfioError("mmap BAR0", e.errno, str(e)) from None
-        self.bar0_addr = base
+        self.bar0_addr, self._bar0_reserved = base, reserved
+        self.bar0_size = mapped_prefix(areas, region.size)
 
     def _reg(self, offset: int, width: int) -> int:
         self._check_open()
-        if offset < 0 or offset % width or offset + width > self.bar0.size:
+        if offset < 0 or offset % width or offset + width > self.bar0_size:
             raise ValueError(f"BAR0 offset {offset:#x} (width {width}) is outside the "
-                             f"{self.bar0.size:#x}-byte BAR or unaligned")
+                             f"{self.bar0_size:#x} mapped bytes of the BAR or unaligned")
         return self.bar0_addr + offset
 
     def read32(self, offset: int) -> int:

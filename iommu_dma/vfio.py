@@ -10,8 +10,16 @@ import ctypes
 import errno
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, TypeVar, Union
 
-from iommu_dma.errors import DeviceBusyError, MemlockError, NoIommuError, VfioError
+from iommu_dma import libc
+from iommu_dma.errors import DeviceBusyError, NoIommuError, VfioError
+from iommu_dma.memlock import memlock_error
+
+if TYPE_CHECKING:
+    CBytes = ctypes.Array[ctypes.c_ubyte]       # a raw ioctl buffer (struct + trailing data)
+    # What an ioctl argument may be: a value, or a ctypes object passed by address.
+    IoctlArg = Union[int, ctypes.Structure, ctypes.c_int32, CBytes, ctypes.Array[ctypes.c_char]]
 
 # vfio.h: all ioctls are _IO(VFIO_TYPE=';', VFIO_BASE=100 + n); arguments travel by pointer.
 VFIO_TYPE = ord(";")
@@ -165,11 +173,9 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     )
 }
 
-# ---- the ioctl call ------------------------------------------------------------------------
+_S = TypeVar("_S", bound=ctypes.Structure)
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
-_libc.ioctl.restype = ctypes.c_int
+# ---- the ioctl call ------------------------------------------------------------------------
 
 # Hints per (operation, errno): what the failure usually means and what to do.
 _HINTS: dict[tuple[str, int], str] = {
@@ -199,52 +205,40 @@ _HINTS: dict[tuple[str, int], str] = {
 }
 
 
-def ioctl(fd: int, request: int, arg: object, op: str) -> int:
+def ioctl(fd: int, request: int, arg: IoctlArg, op: str) -> int:
     """ioctl(fd, request, arg) -> its non-negative return value; VfioError on failure.
 
     arg is an int (passed by value) or a ctypes object/buffer (passed by address).
     """
-    if isinstance(arg, int):
-        ptr: int | None = arg
-    else:
-        ptr = ctypes.addressof(arg)  # type: ignore[arg-type]
-    ret = _libc.ioctl(fd, request, ptr)
-    if ret < 0:
-        raise _error(op, ctypes.get_errno())
-    return ret
+    value = arg if isinstance(arg, int) else ctypes.addressof(arg)
+    try:
+        return libc.ioctl(fd, request, value)
+    except OSError as e:
+        raise _error(op, e.errno or errno.EIO) from None
 
 
 def _error(op: str, err: int) -> VfioError:
     if err == errno.EBUSY and op in ("VFIO_GROUP_SET_CONTAINER", "VFIO_GROUP_GET_DEVICE_FD"):
         return DeviceBusyError(None, op)
     if err == errno.ENOMEM and op == "VFIO_IOMMU_MAP_DMA":
-        return _memlock_error(err)
+        return memlock_error(err, op)
     if err == errno.ENODEV and op in ("VFIO_SET_IOMMU", "VFIO_CHECK_EXTENSION"):
         return NoIommuError(op, "no VFIO IOMMU driver", err)
     return VfioError(op, err, _HINTS.get((op, err), ""))
 
 
-def _memlock_error(err: int) -> MemlockError:
-    import resource
-
-    from iommu_dma.memory import locked_bytes  # late: memory imports this module
-
-    limit = resource.getrlimit(resource.RLIMIT_MEMLOCK)[0]
-    return MemlockError(limit, locked_bytes(), None, err)
-
-
-def _buffer(size: int) -> ctypes.Array:
+def _buffer(size: int) -> CBytes:
     return (ctypes.c_ubyte * size)()
 
 
-def _struct_at(buf: ctypes.Array, offset: int, cls: type[ctypes.Structure]) -> ctypes.Structure:
+def _struct_at(buf: CBytes, offset: int, cls: type[_S]) -> _S:
     if offset + ctypes.sizeof(cls) > len(buf):
         raise VfioError("parse capability chain", errno.EOVERFLOW,
                         f"capability at {offset} runs past the {len(buf)}-byte buffer")
     return cls.from_buffer(buf, offset)
 
 
-def capabilities(buf: ctypes.Array, first: int) -> dict[int, int]:
+def capabilities(buf: CBytes, first: int) -> dict[int, int]:
     """Walk a capability chain ({u16 id, u16 version, u32 next}, offsets from the struct start):
     {cap id: offset}."""
     caps: dict[int, int] = {}
@@ -257,7 +251,7 @@ def capabilities(buf: ctypes.Array, first: int) -> dict[int, int]:
 
 
 def _info_with_caps(fd: int, request: int, cls: type[ctypes.Structure], op: str,
-                    **fields: int) -> ctypes.Array:
+                    **fields: int) -> CBytes:
     """GET_INFO-style call: once with the bare struct, again with argsz as the kernel raised it
     (vfio.h: an undersized buffer gets argsz updated and no error)."""
     size = ctypes.sizeof(cls)
@@ -306,7 +300,7 @@ def iommu_get_info(container_fd: int) -> IommuInfo:
                      _iova_ranges(buf, caps), _dma_avail(buf, caps))
 
 
-def _iova_ranges(buf: ctypes.Array, caps: dict[int, int]) -> tuple[tuple[int, int], ...]:
+def _iova_ranges(buf: CBytes, caps: dict[int, int]) -> tuple[tuple[int, int], ...]:
     off = caps.get(VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE)
     if off is None:
         return ()
@@ -320,7 +314,7 @@ def _iova_ranges(buf: ctypes.Array, caps: dict[int, int]) -> tuple[tuple[int, in
     return tuple(out)
 
 
-def _dma_avail(buf: ctypes.Array, caps: dict[int, int]) -> int | None:
+def _dma_avail(buf: CBytes, caps: dict[int, int]) -> int | None:
     off = caps.get(VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL)
     if off is None:
         return None
@@ -421,7 +415,7 @@ def device_get_region_info(device_fd: int, index: int) -> RegionInfo:
                       tuple(sorted(caps)))
 
 
-def _sparse_areas(buf: ctypes.Array, caps: dict[int, int]) -> tuple[tuple[int, int], ...]:
+def _sparse_areas(buf: CBytes, caps: dict[int, int]) -> tuple[tuple[int, int], ...]:
     off = caps.get(VFIO_REGION_INFO_CAP_SPARSE_MMAP)
     if off is None:
         return ()

@@ -1,4 +1,4 @@
-"""Shadow doorbells: the Doorbell Buffer Config admin command (NVMe Base 2.0 §5.8).
+"""Shadow doorbells: the Doorbell Buffer Config admin command (NVMe Base 2.0 §5.11).
 
 The host gives the controller two pages: the Shadow Doorbell buffer (PRP1), where it writes
 SQ tails and CQ heads at the doorbell offsets (dword 2y: SQ y tail, 2y+1: CQ y head, stride
@@ -12,18 +12,17 @@ from __future__ import annotations
 import ctypes
 
 from iommu_dma.memory import DmaAllocator, DmaBuffer
+from iommu_dma.nvme.constants import ADM_DOORBELL_BUFFER_CONFIG, OACS_DBBUF
 from iommu_dma.nvme.sqe import Sqe
-
-ADM_DOORBELL_BUFFER_CONFIG = 0x7C
-OACS_DBBUF = 1 << 8                     # Identify Controller OACS bit 8 (§5.17.2.1)
 
 
 def supported(oacs: int) -> bool:
+    """Identify Controller OACS bit 8: the controller implements Doorbell Buffer Config."""
     return bool(oacs & OACS_DBBUF)
 
 
 def config_sqe(shadow_iova: int, eventidx_iova: int) -> Sqe:
-    """Doorbell Buffer Config (§5.8): PRP1 = shadow doorbell page, PRP2 = EventIdx page.
+    """Doorbell Buffer Config (§5.11): PRP1 = shadow doorbell page, PRP2 = EventIdx page.
     The engine copies PRP1/PRP2 of a command sent without a data buffer unchanged."""
     return Sqe(ADM_DOORBELL_BUFFER_CONFIG, prp1=shadow_iova, prp2=eventidx_iova)
 

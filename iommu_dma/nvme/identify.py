@@ -1,7 +1,8 @@
 """Parsed Identify data and log pages, each keeping its raw bytes.
 
 Offsets are from NVMe Base 2.0 §5.17.2 (Identify Controller, Identify Namespace) and §5.16.1
-(Error Information, SMART / Health Information, Firmware Slot Information log pages).
+(Error Information, SMART / Health Information, Firmware Slot Information log pages). The
+data comes from the device: values that would index or size something are checked here.
 """
 
 from __future__ import annotations
@@ -10,10 +11,14 @@ import struct
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-IDENTIFY_SIZE = 4096
-SMART_SIZE = 512
-FW_SLOT_SIZE = 512
-ERROR_ENTRY_SIZE = 64
+from iommu_dma.nvme.constants import ONCS_COMPARE
+
+IDENTIFY_SIZE = 4096                 # every Identify data structure (Base §5.17)
+SMART_SIZE = 512                     # LID_SMART log page (Base §5.16.1)
+FW_SLOT_SIZE = 512                   # LID_FW_SLOT log page
+ERROR_ENTRY_SIZE = 64                # one LID_ERROR entry
+MAX_LBA_FORMATS = 64                 # NLBAF is 0's based, at most 63 (Base §5.17.2, NVM CS)
+MIN_LBADS = 9                        # LBADS: 2^9 = 512 bytes is the smallest LBA data size
 
 
 def _u(raw: bytes, offset: int, size: int) -> int:
@@ -94,6 +99,18 @@ class IdentifyController(_Parsed):
     def version(self) -> str:
         return _version(self.ver)
 
+    def admin_supported(self, oacs_bit: int) -> bool:
+        """An optional admin command is supported: OACS_* bit of constants (bytes 257:256)."""
+        return bool(self.oacs & oacs_bit)
+
+    def nvm_supported(self, oncs_bit: int) -> bool:
+        """An optional NVM command or feature is supported: ONCS_* bit (bytes 521:520)."""
+        return bool(self.oncs & oncs_bit)
+
+    @property
+    def compare_supported(self) -> bool:
+        return self.nvm_supported(ONCS_COMPARE)
+
     def max_transfer(self, page_size: int) -> int | None:
         """MDTS in bytes (a power of two of CAP.MPSMIN pages); None when unlimited (0)."""
         return None if self.mdts == 0 else page_size << self.mdts
@@ -132,7 +149,7 @@ class IdentifyNamespace(_Parsed):
     @classmethod
     def parse(cls, raw: bytes) -> IdentifyNamespace:
         raw = bytes(raw[:IDENTIFY_SIZE])
-        nlbaf = raw[25]
+        nlbaf = min(raw[25], MAX_LBA_FORMATS - 1)
         formats = []
         for i in range(nlbaf + 1):                      # NLBAF is a 0's based count
             dw = _u(raw, 128 + 4 * i, 4)
@@ -150,12 +167,26 @@ class IdentifyNamespace(_Parsed):
         return (self.flbas & 0xF) | ((self.flbas >> 5) & 0x3) << 4
 
     @property
+    def current_format(self) -> LbaFormat:
+        """The LBA format in use (FLBAS); ValueError when the device reports an impossible one
+        (an index past NLBAF, or a data size below 512 bytes or above 2^31)."""
+        index = self.format_index
+        if index >= len(self.lbaf):
+            raise ValueError(f"FLBAS selects LBA format {index}, but NLBAF lists only "
+                             f"{len(self.lbaf)}")
+        fmt = self.lbaf[index]
+        if not MIN_LBADS <= fmt.lbads < 32:
+            raise ValueError(f"LBA format {index} has LBADS {fmt.lbads} (data size 2^LBADS "
+                             "must be at least 512 bytes)")
+        return fmt
+
+    @property
     def lba_size(self) -> int:
-        return self.lbaf[self.format_index].size
+        return self.current_format.size
 
     @property
     def metadata_size(self) -> int:
-        return self.lbaf[self.format_index].ms
+        return self.current_format.ms
 
     @property
     def active(self) -> bool:

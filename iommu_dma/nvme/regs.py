@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 CAP, VS, INTMS, INTMC, CC, CSTS, NSSR, AQA, ASQ, ACQ = (
     0x00, 0x08, 0x0C, 0x10, 0x14, 0x1C, 0x20, 0x24, 0x28, 0x30)
-DOORBELLS = 0x1000
 
 CC_EN = 1 << 0
 CC_CSS_NVM = 0 << 4
@@ -69,7 +68,3 @@ def cc_value(page_size: int) -> int:
 def aqa_value(asq_entries: int, acq_entries: int) -> int:
     """AQA: 0's based admin queue sizes, ACQS 27:16 and ASQS 11:0 (§3.1.4.8)."""
     return (acq_entries - 1) << 16 | (asq_entries - 1)
-
-
-def version_string(vs: int) -> str:
-    return f"{vs >> 16}.{(vs >> 8) & 0xFF}.{vs & 0xFF}"

@@ -1,40 +1,53 @@
-"""64-byte NVMe Submission Queue Entries and 15-bit status decoding (pure Python).
+"""64-byte NVMe Submission Queue Entries (pure Python).
 
 Layouts: NVMe Base 2.0 §4.2 (common SQE), §5 (admin commands) and NVM Command Set 1.0 §3
 (I/O commands). Builders leave the CID and the data pointer (PRP1/PRP2) at zero: the queue
 engine assigns the CID and builds PRPs from the data buffer handed with the command.
 Counts given to builders are natural numbers; the 0's based fields are derived here.
+Opcodes and other numbers come from iommu_dma.nvme.constants; status decoding lives in
+iommu_dma.nvme.status (Status, decode_status, make_status and status_from_dw3 are
+re-exported here for existing callers).
 """
 
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from iommu_dma.nvme.constants import (
+    ADM_CREATE_IO_CQ,
+    ADM_CREATE_IO_SQ,
+    ADM_DELETE_IO_CQ,
+    ADM_DELETE_IO_SQ,
+    ADM_FORMAT_NVM,
+    ADM_GET_FEATURES,
+    ADM_GET_LOG_PAGE,
+    ADM_IDENTIFY,
+    ADM_SET_FEATURES,
+    DSM_AD,
+    DSM_IDR,
+    DSM_IDW,
+    DSM_MAX_RANGES,
+    MAX_NLB,
+    NSID_ALL,
+    OPC_COMPARE,
+    OPC_DSM,
+    OPC_FLUSH,
+    OPC_READ,
+    OPC_VERIFY,
+    OPC_WRITE,
+    OPC_WRITE_ZEROES,
+    SEL_CURRENT,
+)
+from iommu_dma.nvme.constants import SCT_MEDIA as SCT_MEDIA
+from iommu_dma.nvme.status import Status as Status
+from iommu_dma.nvme.status import decode_status as decode_status
+from iommu_dma.nvme.status import make_status as make_status
+from iommu_dma.nvme.status import status_from_dw3 as status_from_dw3
 
 SQE_SIZE = 64
 _SQE = struct.Struct("<4I3Q6I")     # CDW0, NSID, CDW2, CDW3, MPTR, PRP1, PRP2, CDW10..CDW15
-
-# NVM Command Set I/O opcodes (NVM Command Set 1.0 §3).
-OPC_FLUSH = 0x00
-OPC_WRITE = 0x01
-OPC_READ = 0x02
-OPC_COMPARE = 0x05
-OPC_WRITE_ZEROES = 0x08
-OPC_DSM = 0x09
-OPC_VERIFY = 0x0C
-
-# Admin opcodes (NVMe Base 2.0 §5, Figure 138).
-ADM_DELETE_IO_SQ = 0x00
-ADM_CREATE_IO_SQ = 0x01
-ADM_GET_LOG_PAGE = 0x02
-ADM_DELETE_IO_CQ = 0x04
-ADM_CREATE_IO_CQ = 0x05
-ADM_IDENTIFY = 0x06
-ADM_SET_FEATURES = 0x09
-ADM_GET_FEATURES = 0x0A
-ADM_FORMAT_NVM = 0x80
-
-NSID_ALL = 0xFFFFFFFF
 
 
 @dataclass
@@ -76,8 +89,8 @@ class Sqe:
     def unpack(cls, data: bytes) -> Sqe:
         if len(data) != SQE_SIZE:
             raise ValueError(f"an SQE is {SQE_SIZE} bytes, got {len(data)}")
-        cdw0, nsid, cdw2, cdw3, mptr, prp1, prp2, *cdws = _SQE.unpack(data)
-        return cls(cdw0 & 0xFF, nsid, cdw2, cdw3, mptr, prp1, prp2, *cdws,
+        cdw0, nsid, cdw2, cdw3, mptr, prp1, prp2, c10, c11, c12, c13, c14, c15 = _SQE.unpack(data)
+        return cls(cdw0 & 0xFF, nsid, cdw2, cdw3, mptr, prp1, prp2, c10, c11, c12, c13, c14, c15,
                    fuse=(cdw0 >> 8) & 0x3, psdt=(cdw0 >> 14) & 0x3, cid=cdw0 >> 16)
 
 
@@ -88,8 +101,8 @@ def _check(name: str, value: int, bits: int, low: int = 0) -> int:
 
 
 def _nlb(nlb: int) -> int:
-    """CDW12 15:0: number of logical blocks, 0's based (NVM Command Set 1.0 §3.3)."""
-    return _check("nlb", nlb, 16, low=1) - 1
+    """CDW12 15:0: number of logical blocks, 0's based (1..MAX_NLB; NVM Command Set 1.0 §3)."""
+    return _check("nlb", nlb, MAX_NLB.bit_length() - 1, low=1) - 1
 
 
 def _slba(sqe: Sqe, slba: int) -> Sqe:
@@ -152,27 +165,27 @@ def verify(nsid: int, slba: int, nlb: int, *, fua: bool = False, lr: bool = Fals
     return _slba(sqe, slba)
 
 
-# Dataset Management CDW11 attributes (NVM Command Set 1.0 §3.3.3).
-DSM_IDR = 1 << 0        # integral dataset for read
-DSM_IDW = 1 << 1        # integral dataset for write
-DSM_AD = 1 << 2         # deallocate
-
-
 def dataset_management(nsid: int, nr: int, *, deallocate: bool = False, idr: bool = False,
                        idw: bool = False) -> Sqe:
     """Dataset Management 09h: CDW10 NR 7:0 (ranges, 0's based); CDW11 IDR/IDW/AD.
     The data buffer holds `nr` 16-byte ranges (see dsm_ranges)."""
     attrs = (DSM_AD if deallocate else 0) | (DSM_IDR if idr else 0) | (DSM_IDW if idw else 0)
-    return Sqe(OPC_DSM, nsid, cdw10=_check("nr", nr, 8, low=1) - 1, cdw11=attrs)
+    nr_bits = DSM_MAX_RANGES.bit_length() - 1
+    return Sqe(OPC_DSM, nsid, cdw10=_check("nr", nr, nr_bits, low=1) - 1, cdw11=attrs)
 
 
-def dsm_ranges(ranges: list[tuple[int, int]] | list[tuple[int, int, int]]) -> bytes:
-    """Pack DSM ranges (slba, nlb[, context attributes]): CATTR u32, NLB u32, SLBA u64."""
+def dsm_ranges(ranges: Sequence[tuple[int, ...]]) -> bytes:
+    """Pack DSM ranges, each (slba, nlb) or (slba, nlb, context attributes), as 16-byte
+    entries CATTR u32, NLB u32, SLBA u64 (NVM Command Set 1.0 §3, DSM range)."""
+    if not 1 <= len(ranges) <= DSM_MAX_RANGES:
+        raise ValueError(f"DSM takes 1..{DSM_MAX_RANGES} ranges, not {len(ranges)}")
     out = bytearray()
     for r in ranges:
-        slba, nlb = r[0], r[1]
-        cattr = r[2] if len(r) > 2 else 0
-        out += struct.pack("<IIQ", cattr, _check("nlb", nlb, 32), _check("slba", slba, 64))
+        if len(r) not in (2, 3):
+            raise ValueError(f"a DSM range is (slba, nlb[, cattr]), not {r!r}")
+        slba, nlb, cattr = r[0], r[1], r[2] if len(r) == 3 else 0
+        out += struct.pack("<IIQ", _check("cattr", cattr, 32), _check("nlb", nlb, 32),
+                           _check("slba", slba, 64))
     return bytes(out)
 
 
@@ -212,10 +225,6 @@ def set_features(fid: int, cdw11: int = 0, *, nsid: int = 0, save: bool = False,
     return Sqe(ADM_SET_FEATURES, nsid, cdw10=_check("fid", fid, 8) | int(save) << 31,
                cdw11=_check("cdw11", cdw11, 32), cdw12=cdw12, cdw13=cdw13,
                cdw14=_check("uuid_index", uuid_index, 7), cdw15=cdw15)
-
-
-# Get Features SEL values (NVMe Base 2.0 §5.15, CDW10 10:8).
-SEL_CURRENT, SEL_DEFAULT, SEL_SAVED, SEL_CAPABILITIES = 0, 1, 2, 3
 
 
 def get_features(fid: int, *, sel: int = SEL_CURRENT, nsid: int = 0, cdw11: int = 0,
@@ -262,57 +271,3 @@ def format_nvm(nsid: int, lbaf: int, *, ses: int = 0, pi: int = 0, pil: bool = F
     return Sqe(ADM_FORMAT_NVM, nsid,
                cdw10=((lbaf & 0xF) | int(mset) << 4 | _check("pi", pi, 3) << 5 | int(pil) << 8
                       | _check("ses", ses, 3) << 9 | (lbaf >> 4) << 12))
-
-
-# ---- status (NVMe Base 2.0 §4.6.1: 15-bit Status field, CQE DW3 31:17) ----
-
-SCT_GENERIC = 0
-SCT_COMMAND_SPECIFIC = 1
-SCT_MEDIA = 2
-SCT_PATH = 3
-SCT_VENDOR = 7
-
-
-@dataclass(frozen=True)
-class Status:
-    """Decoded Status field: SC 7:0, SCT 10:8, CRD 12:11, More 13, DNR 14."""
-
-    raw: int
-    sc: int = field(init=False)
-    sct: int = field(init=False)
-    crd: int = field(init=False)
-    more: bool = field(init=False)
-    dnr: bool = field(init=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "sc", self.raw & 0xFF)
-        object.__setattr__(self, "sct", (self.raw >> 8) & 0x7)
-        object.__setattr__(self, "crd", (self.raw >> 11) & 0x3)
-        object.__setattr__(self, "more", bool(self.raw >> 13 & 1))
-        object.__setattr__(self, "dnr", bool(self.raw >> 14 & 1))
-
-    @property
-    def ok(self) -> bool:
-        """Successful Completion: SCT 0, SC 0 (CRD/More/DNR do not make a failure)."""
-        return self.sc == 0 and self.sct == 0
-
-    def __str__(self) -> str:
-        flags = "".join(f" {n}" for n, on in (("MORE", self.more), ("DNR", self.dnr)) if on)
-        return f"SCT {self.sct:#x} SC {self.sc:#04x} CRD {self.crd}{flags}"
-
-
-def decode_status(status: int) -> Status:
-    """Decode the 15-bit status field (as in idma_cpl.status)."""
-    return Status(_check("status", status, 15))
-
-
-def status_from_dw3(dw3: int) -> Status:
-    """Decode the status of a raw CQE DW3 (CID 15:0, phase 16, status 31:17)."""
-    return Status((dw3 >> 17) & 0x7FFF)
-
-
-def make_status(sc: int, sct: int = 0, *, crd: int = 0, more: bool = False,
-                dnr: bool = False) -> int:
-    """Compose a 15-bit status field (handy for tests and simulated completions)."""
-    return (_check("sc", sc, 8) | _check("sct", sct, 3) << 8 | _check("crd", crd, 2) << 11
-            | int(more) << 13 | int(dnr) << 14)

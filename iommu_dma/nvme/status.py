@@ -1,24 +1,90 @@
-"""NVMe completion status names and the NvmeError family.
+"""NVMe completion status: decoding of the 15-bit Status field, the spec's names, the retry
+rule, and the NvmeError family.
 
-Names follow the NVMe Base Specification 2.0 (Figures "Generic Command Status Values",
+Names follow the NVMe Base Specification 2.0 (§4.6.1.2, figures "Generic Command Status Values",
 "Command Specific Status Values", "Media and Data Integrity Errors", "Path Related Status")
-and the NVM Command Set Specification 1.0 for the I/O-command values.
+and the NVM Command Set Specification 1.0 for the I/O-command values (80h-BFh).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from iommu_dma.errors import IommuDmaError
-from iommu_dma.nvme.sqe import Status, decode_status
+from iommu_dma.nvme.constants import (
+    SC_FORMAT_IN_PROGRESS,
+    SC_INTERNAL_PATH_ERROR,
+    SC_NS_NOT_READY,
+    SCT_CMD_SPECIFIC,
+    SCT_GENERIC,
+    SCT_MEDIA,
+    SCT_PATH,
+    SCT_VENDOR,
+)
 
-SCT_GENERIC, SCT_COMMAND_SPECIFIC, SCT_MEDIA, SCT_PATH, SCT_VENDOR = 0, 1, 2, 3, 7
+__all__ = [
+    "RETRYABLE", "SCT_CMD_SPECIFIC", "SCT_GENERIC", "SCT_MEDIA", "SCT_PATH", "SCT_VENDOR",
+    "NvmeError", "NvmeTimeoutError", "Status", "decode_status", "is_retryable", "make_status",
+    "status_from_dw3", "status_name",
+]
 
-SCT_NAMES = {
-    SCT_GENERIC: "Generic Command Status",
-    SCT_COMMAND_SPECIFIC: "Command Specific Status",
-    SCT_MEDIA: "Media and Data Integrity Errors",
-    SCT_PATH: "Path Related Status",
-    SCT_VENDOR: "Vendor Specific",
-}
+STATUS_BITS = 15                     # CQE DW3 31:17 (Base §4.6.1)
+
+
+# ---- the Status field (Base §4.6.1: SC 7:0, SCT 10:8, CRD 12:11, More 13, DNR 14) ------------
+
+@dataclass(frozen=True)
+class Status:
+    """Decoded Status field: SC 7:0, SCT 10:8, CRD 12:11, More 13, DNR 14."""
+
+    raw: int
+    sc: int = field(init=False)
+    sct: int = field(init=False)
+    crd: int = field(init=False)
+    more: bool = field(init=False)
+    dnr: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sc", self.raw & 0xFF)
+        object.__setattr__(self, "sct", (self.raw >> 8) & 0x7)
+        object.__setattr__(self, "crd", (self.raw >> 11) & 0x3)
+        object.__setattr__(self, "more", bool(self.raw >> 13 & 1))
+        object.__setattr__(self, "dnr", bool(self.raw >> 14 & 1))
+
+    @property
+    def ok(self) -> bool:
+        """Successful Completion: SCT 0, SC 0 (CRD/More/DNR do not make a failure)."""
+        return self.sc == 0 and self.sct == SCT_GENERIC
+
+    def __str__(self) -> str:
+        flags = "".join(f" {n}" for n, on in (("MORE", self.more), ("DNR", self.dnr)) if on)
+        return f"SCT {self.sct:#x} SC {self.sc:#04x} CRD {self.crd}{flags}"
+
+
+def _field(name: str, value: int, bits: int) -> int:
+    if not 0 <= value < 1 << bits:
+        raise ValueError(f"{name}={value} out of range [0, {(1 << bits) - 1}]")
+    return value
+
+
+def decode_status(status: int) -> Status:
+    """Decode the 15-bit status field (as in idma_cpl.status)."""
+    return Status(_field("status", status, STATUS_BITS))
+
+
+def status_from_dw3(dw3: int) -> Status:
+    """Decode the status of a raw CQE DW3 (CID 15:0, phase 16, status 31:17)."""
+    return Status((dw3 >> 17) & 0x7FFF)
+
+
+def make_status(sc: int, sct: int = SCT_GENERIC, *, crd: int = 0, more: bool = False,
+                dnr: bool = False) -> int:
+    """Compose a 15-bit status field (handy for tests and simulated completions)."""
+    return (_field("sc", sc, 8) | _field("sct", sct, 3) << 8 | _field("crd", crd, 2) << 11
+            | int(more) << 13 | int(dnr) << 14)
+
+
+# ---- names (Base §4.6.1.2) -------------------------------------------------------------------
 
 _GENERIC = {
     0x00: "Successful Completion", 0x01: "Invalid Command Opcode",
@@ -85,12 +151,13 @@ _PATH = {
     0x71: "Command Aborted By Host",
 }
 
-_NAMES = {SCT_GENERIC: _GENERIC, SCT_COMMAND_SPECIFIC: _COMMAND_SPECIFIC,
+_NAMES = {SCT_GENERIC: _GENERIC, SCT_CMD_SPECIFIC: _COMMAND_SPECIFIC,
           SCT_MEDIA: _MEDIA, SCT_PATH: _PATH}
 
-# Transient statuses worth retrying, and only while DNR is clear (Base 2.0 §4.6.1.2: DNR set
+# Transient statuses worth retrying, and only while DNR is clear (Base 2.0 §4.6.1: DNR set
 # means the same command is expected to fail again).
-RETRYABLE = {(SCT_GENERIC, 0x82), (SCT_GENERIC, 0x84), (SCT_PATH, 0x00)}
+RETRYABLE = {(SCT_GENERIC, SC_NS_NOT_READY), (SCT_GENERIC, SC_FORMAT_IN_PROGRESS),
+             (SCT_PATH, SC_INTERNAL_PATH_ERROR)}
 
 
 def status_name(sct: int, sc: int) -> str:

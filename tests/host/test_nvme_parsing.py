@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import struct
 
+import pytest
+
+from iommu_dma.nvme.constants import OACS_DBBUF, OACS_FORMAT_NVM, ONCS_COMPARE, ONCS_DSM
 from iommu_dma.nvme.identify import (
     FirmwareSlotLog,
     IdentifyController,
@@ -12,8 +15,13 @@ from iommu_dma.nvme.identify import (
     parse_error_log,
     parse_ns_list,
 )
-from iommu_dma.nvme.sqe import decode_status, make_status
-from iommu_dma.nvme.status import NvmeError, is_retryable, status_name
+from iommu_dma.nvme.status import (
+    NvmeError,
+    decode_status,
+    is_retryable,
+    make_status,
+    status_name,
+)
 
 
 def test_identify_controller_fields() -> None:
@@ -35,6 +43,16 @@ def test_identify_controller_fields() -> None:
     assert ctrl.to_dict()["sn"] == "IDMA0001" and "raw" not in ctrl.to_dict()
 
 
+def test_identify_controller_optional_commands() -> None:
+    raw = bytearray(4096)
+    struct.pack_into("<H", raw, 256, OACS_DBBUF | OACS_FORMAT_NVM)
+    struct.pack_into("<H", raw, 520, ONCS_COMPARE)
+    ctrl = IdentifyController.parse(bytes(raw))
+    assert ctrl.admin_supported(OACS_DBBUF) and ctrl.admin_supported(OACS_FORMAT_NVM)
+    assert ctrl.compare_supported and not ctrl.nvm_supported(ONCS_DSM)
+    assert not IdentifyController.parse(bytes(4096)).compare_supported
+
+
 def test_identify_namespace_formats() -> None:
     raw = bytearray(4096)
     struct.pack_into("<QQQ", raw, 0, 16384, 16384, 100)
@@ -46,6 +64,22 @@ def test_identify_namespace_formats() -> None:
     assert ns.lba_size == 4096 and ns.metadata_size == 8 and ns.active
     assert [f.size for f in ns.lbaf] == [512, 4096]
     assert not IdentifyNamespace.parse(bytes(4096)).active
+
+
+def test_identify_namespace_distrusts_the_device() -> None:
+    raw = bytearray(4096)
+    struct.pack_into("<Q", raw, 0, 8)
+    raw[25] = 255                        # more formats than the spec allows: 64 read
+    assert len(IdentifyNamespace.parse(bytes(raw)).lbaf) == 64
+    raw[25] = 0
+    raw[26] = 3                          # FLBAS selects a format NLBAF does not list
+    struct.pack_into("<I", raw, 128, 12 << 16)
+    with pytest.raises(ValueError, match="LBA format 3"):
+        _ = IdentifyNamespace.parse(bytes(raw)).lba_size
+    raw[26] = 0
+    struct.pack_into("<I", raw, 128, 40 << 16)     # a 2^40-byte block
+    with pytest.raises(ValueError, match="LBADS 40"):
+        _ = IdentifyNamespace.parse(bytes(raw)).lba_size
 
 
 def test_smart_error_and_firmware_logs() -> None:

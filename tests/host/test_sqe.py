@@ -7,7 +7,9 @@ import struct
 import pytest
 
 from iommu_dma.native import ffi
+from iommu_dma.nvme import constants as C
 from iommu_dma.nvme import sqe as S
+from iommu_dma.nvme import status
 
 
 def dwords(e: S.Sqe) -> tuple[int, ...]:
@@ -93,7 +95,7 @@ def test_identify_and_get_log_page() -> None:
 def test_features() -> None:
     d = dwords(S.set_features(0x07, (63 << 16) | 63, save=True))     # number of queues
     assert d[0] == 0x09 and d[10] == 0x07 | 1 << 31 and d[11] == 63 << 16 | 63
-    d = dwords(S.get_features(0x07, sel=S.SEL_SAVED))
+    d = dwords(S.get_features(C.FID_NUMBER_OF_QUEUES, sel=C.SEL_SAVED))
     assert d[0] == 0x0A and d[10] == 0x07 | 2 << 8
 
 
@@ -118,13 +120,52 @@ def test_format_nvm() -> None:
 
 
 def test_status_decoding() -> None:
-    raw = S.make_status(0x81, S.SCT_MEDIA, crd=2, more=True, dnr=True)
+    raw = status.make_status(C.SC_UNRECOVERED_READ_ERROR, C.SCT_MEDIA, crd=2, more=True,
+                             dnr=True)
     assert raw == 0x81 | 2 << 8 | 2 << 11 | 1 << 13 | 1 << 14
-    st = S.decode_status(raw)
+    st = status.decode_status(raw)
     assert (st.sc, st.sct, st.crd, st.more, st.dnr, st.ok) == (0x81, 2, 2, True, True, False)
     assert str(st) == "SCT 0x2 SC 0x81 CRD 2 MORE DNR"
-    assert S.decode_status(0).ok and S.decode_status(1 << 13).ok    # More alone is success
+    assert status.decode_status(0).ok and status.decode_status(1 << 13).ok   # More: success
     dw3 = 0x1234 | 1 << 16 | raw << 17
-    assert S.status_from_dw3(dw3) == st
+    assert status.status_from_dw3(dw3) == st
     with pytest.raises(ValueError):
-        S.decode_status(1 << 15)
+        status.decode_status(1 << 15)
+    with pytest.raises(ValueError):
+        status.make_status(0x100)
+
+
+def test_sqe_keeps_the_status_names_callers_import() -> None:
+    """nvme/queue.py and the engine tests import these from sqe: the same objects."""
+    assert (S.Status, S.decode_status, S.make_status, S.status_from_dw3) == (
+        status.Status, status.decode_status, status.make_status, status.status_from_dw3)
+    assert S.SCT_MEDIA == status.SCT_MEDIA == C.SCT_MEDIA == 2
+    assert (S.OPC_READ, S.OPC_WRITE, S.OPC_FLUSH, S.NSID_ALL) == (
+        C.OPC_READ, C.OPC_WRITE, C.OPC_FLUSH, C.NSID_ALL)
+
+
+def test_constants_table() -> None:
+    """Values from the spec's tables; the names other modules import."""
+    assert (C.CNS_NAMESPACE, C.CNS_CONTROLLER, C.CNS_ACTIVE_NS_LIST) == (0x00, 0x01, 0x02)
+    assert (C.LID_ERROR, C.LID_SMART, C.LID_FW_SLOT) == (0x01, 0x02, 0x03)
+    assert C.FID_NUMBER_OF_QUEUES == 0x07
+    assert (C.SCT_GENERIC, C.SCT_CMD_SPECIFIC, C.SCT_MEDIA, C.SCT_PATH) == (0, 1, 2, 3)
+    assert C.SC_COMPARE_FAILURE == 0x85
+    assert (C.MAX_NLB, C.DSM_MAX_RANGES) == (1 << 16, 256)
+    assert (C.OACS_DBBUF, C.ONCS_COMPARE) == (1 << 8, 1 << 0)
+    assert status.status_name(C.SCT_MEDIA, C.SC_COMPARE_FAILURE) == "Compare Failure"
+    assert status.status_name(C.SCT_GENERIC, C.SC_LBA_OUT_OF_RANGE) == "LBA Out of Range"
+    assert status.status_name(C.SCT_CMD_SPECIFIC, C.SC_INVALID_LOG_PAGE) == "Invalid Log Page"
+    # every number of one family is distinct (a copy-paste slip would collide)
+    for prefix in ("ADM_", "OPC_", "CNS_", "LID_", "FID_", "OACS_", "ONCS_"):
+        values = [v for k, v in vars(C).items() if k.startswith(prefix)]
+        assert len(values) == len(set(values)) > 1, prefix
+
+
+def test_builders_use_the_limits() -> None:
+    assert dwords(S.read(1, 0, C.MAX_NLB))[12] & 0xFFFF == 0xFFFF
+    assert dwords(S.dataset_management(1, C.DSM_MAX_RANGES))[10] == 0xFF
+    with pytest.raises(ValueError):
+        S.write(1, 0, C.MAX_NLB + 1)
+    with pytest.raises(ValueError):
+        S.dataset_management(1, 0)

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import os
+import resource
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from iommu_dma import vfio
+from iommu_dma import libc, memlock, vfio
 from iommu_dma.container import parse_group, within_ranges
 from iommu_dma.discovery import BadAddressError, normalize_bdf
 from iommu_dma.errors import (
@@ -26,8 +29,10 @@ from iommu_dma.errors import (
     PermissionDeniedError,
     UnknownDeviceError,
     VfioError,
+    without_script_fallback,
 )
 from iommu_dma.memory import MSI_WINDOW, free_intervals, place_window
+from iommu_dma.pci import mapped_prefix
 
 AW48 = [(0, 0xFEDFFFFF), (0xFEF00000, 0xFFFFFFFFFFFF)]   # bench-facts.md
 AW39 = [(0, 0xFEDFFFFF), (0xFEF00000, 0x7FFFFFFFFF)]
@@ -170,12 +175,18 @@ def test_vfio_error_message_and_fields() -> None:
 
 
 def test_specific_error_messages() -> None:
-    assert "run `scripts/setup_vfio.sh bind 0000:00:09.0`" in str(
-        NotBoundError("0000:00:09.0", "nvme"))
+    unbound = str(NotBoundError("0000:00:09.0", "nvme"))
+    assert ("run `iommu-dma bind 0000:00:09.0` first (or `scripts/setup_vfio.sh bind "
+            "0000:00:09.0`)") in unbound
+    assert without_script_fallback(unbound).endswith("run `iommu-dma bind 0000:00:09.0` first")
     assert "bound to 'nvme'" in str(NotBoundError("0000:00:09.0", "nvme"))
     msg = str(GroupNotViableError(5, [("0000:00:09.0", "vfio-pci"), ("0000:00:09.1", "ahci")]))
-    assert "0000:00:09.1 (ahci)" in msg and "group 5" in msg
-    assert "setup_vfio.sh bind --user NAME" in str(PermissionDeniedError("/dev/vfio/9"))
+    assert "0000:00:09.1 (ahci)" in msg and "group 5" in msg and "`iommu-dma bind BDF`" in msg
+    denied = str(PermissionDeniedError("/dev/vfio/9"))
+    assert "`iommu-dma bind --user NAME BDF`" in denied
+    assert "setup_vfio.sh bind --user NAME" in denied
+    assert "setup_vfio" not in without_script_fallback(denied)
+    assert "setup_vfio" not in without_script_fallback(msg)
     busy = DeviceBusyError("/dev/vfio/9")
     assert busy.errno == errno.EBUSY and "another process" in str(busy)
     out = OutsideApertureError(0x7F0000000000, 0x1000, AW39)
@@ -188,3 +199,89 @@ def test_specific_error_messages() -> None:
     assert str(ClosedError("Container")) == "Container is closed"
     assert "no PCI device 0000:00:1d.7" in str(UnknownDeviceError("0000:00:1d.7"))
     assert "class 0x010601" in str(NotNvmeError("0000:00:1f.2", 0x010601))
+
+
+# ---- libc, memlock, BAR0 bounds ----------------------------------------------------------------
+
+
+def test_mmap_at_places_and_refuses_overlap() -> None:
+    size = 4 * libc.PAGE_SIZE
+    anon = libc.MAP_PRIVATE | libc.MAP_ANONYMOUS
+    base = libc.mmap_at(0, size, libc.PROT_NONE, anon | libc.MAP_NORESERVE)
+    try:
+        got = libc.mmap_at(base, libc.PAGE_SIZE, libc.PROT_READ | libc.PROT_WRITE,
+                           anon | libc.MAP_FIXED)
+        assert got == base
+        ctypes.c_uint64.from_address(base).value = 0x1122334455667788
+        libc.madvise(base, libc.PAGE_SIZE, libc.MADV_DONTFORK)
+        with pytest.raises(OSError) as e:
+            libc.mmap_at(base, libc.PAGE_SIZE, libc.PROT_NONE, anon | libc.MAP_FIXED_NOREPLACE)
+        assert e.value.errno == errno.EEXIST
+    finally:
+        libc.munmap(base, size)
+    with pytest.raises(OSError) as e:
+        libc.madvise(base, libc.PAGE_SIZE, libc.MADV_DONTFORK)     # no longer mapped
+    assert e.value.errno == errno.ENOMEM
+
+
+def test_eventfd_counts() -> None:
+    fd = libc.eventfd(nonblocking=True)
+    try:
+        with pytest.raises(BlockingIOError):
+            os.read(fd, 8)
+        os.write(fd, (3).to_bytes(8, "little"))
+        assert int.from_bytes(os.read(fd, 8), "little") == 3
+        assert os.get_inheritable(fd) is False                      # EFD_CLOEXEC
+    finally:
+        os.close(fd)
+
+
+def test_sigmask_blocks_and_restores() -> None:
+    block = libc.sigset(without=())
+    full = libc.sigset(full=True, without=(signal.SIGSEGV, signal.SIGBUS))
+    assert block.raw != full.raw
+    old = libc.sigset()
+    libc.pthread_sigmask(libc.SIG_BLOCK, full, old)
+    try:
+        now = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        assert signal.SIGUSR1 in now and signal.SIGSEGV not in now
+    finally:
+        libc.pthread_sigmask(libc.SIG_SETMASK, old)
+    assert signal.SIGUSR1 not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    with pytest.raises(OSError):
+        libc.pthread_sigmask(99, full)
+
+
+def test_ioctl_errors_are_typed() -> None:
+    with pytest.raises(OSError) as e:
+        libc.ioctl(-1, vfio.VFIO_GET_API_VERSION, 0)
+    assert e.value.errno == errno.EBADF
+    with pytest.raises(VfioError) as v:
+        vfio.get_api_version(-1)
+    assert (v.value.op, v.value.errno) == ("VFIO_GET_API_VERSION", errno.EBADF)
+    assert isinstance(vfio._error("VFIO_IOMMU_MAP_DMA", errno.ENOMEM), MemlockError)
+    assert isinstance(vfio._error("VFIO_GROUP_GET_DEVICE_FD", errno.EBUSY), DeviceBusyError)
+    assert "dma_entry_limit" in vfio._error("VFIO_IOMMU_MAP_DMA", errno.ENOSPC).hint
+
+
+def test_check_memlock(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert memlock.locked_bytes() >= 0
+    memlock.check_memlock(0)                       # nothing to pin: never an error
+    monkeypatch.setattr(memlock, "has_ipc_lock", lambda: False)
+    monkeypatch.setattr(memlock, "memlock_limit", lambda: 64 << 10)
+    with pytest.raises(MemlockError) as e:
+        memlock.check_memlock(2 << 20)
+    assert (e.value.limit, e.value.needed) == (64 << 10, 2 << 20)
+    monkeypatch.setattr(memlock, "memlock_limit", lambda: resource.RLIM_INFINITY)
+    memlock.check_memlock(1 << 40)
+    monkeypatch.setattr(memlock, "has_ipc_lock", lambda: True)
+    monkeypatch.setattr(memlock, "memlock_limit", lambda: 0)
+    memlock.check_memlock(1 << 40)
+
+
+def test_bar0_mapped_prefix() -> None:
+    assert mapped_prefix(((0, 0x4000),), 0x4000) == 0x4000
+    assert mapped_prefix(((0, 0x2000), (0x3000, 0x1000)), 0x4000) == 0x2000   # hole at 0x2000
+    assert mapped_prefix(((0x2000, 0x2000), (0, 0x2000)), 0x4000) == 0x4000   # any order
+    assert mapped_prefix(((0x1000, 0x1000),), 0x4000) == 0                    # none at 0
+    assert mapped_prefix(((0, 0x1000),), 0x100) == 0x100                      # BAR < a page
