@@ -19,6 +19,7 @@ ROOT = NATIVE.parent
 CDEF = re.compile(r"/\* CDEF BEGIN \*/(.*?)/\* CDEF END \*/", re.S)
 CFLAGS = ["-Wall", "-Wextra", "-std=gnu11"]
 SANITIZE = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=all"]
+ASAN_CFLAGS = ["-g", "-O1", "-fno-wrapv"]     # Python's -fwrapv would hide signed overflow
 
 
 def _headers() -> list[pathlib.Path]:
@@ -38,7 +39,7 @@ def make_builder(module: str = "iommu_dma._native", *, asan: bool = False) -> FF
     (cffi compiles it from inside its tmpdir; setuptools wants the relative ones)."""
     builder = FFI()
     builder.cdef(_cdef_text())
-    flags = CFLAGS + (SANITIZE + ["-g", "-O1"] if asan else ["-O2"])
+    flags = CFLAGS + (SANITIZE + ASAN_CFLAGS if asan else ["-O2"])
 
     def path(p: pathlib.Path) -> str:
         return str(p if asan else p.relative_to(ROOT))
@@ -62,6 +63,8 @@ def build_asan() -> pathlib.Path:
     """Compile iommu_dma._native_asan into iommu_dma/ (object files in build/asan)."""
     tmp = ROOT / "build" / "asan"
     tmp.mkdir(parents=True, exist_ok=True)
+    for old in tmp.rglob("_native_asan*.so"):  # distutils compares whole-second mtimes:
+        old.unlink()                            # always rebuild
     built = pathlib.Path(make_builder("iommu_dma._native_asan", asan=True)
                          .compile(tmpdir=str(tmp), verbose=False))
     target = ROOT / "iommu_dma" / built.name

@@ -177,6 +177,11 @@ void idma_qpair_get_info(const struct idma_qpair *q, struct idma_qpair_info *out
  * 64-bit: with CAP.DSTRD 15 and a large qid the offset does not fit 32 bits. */
 uint64_t idma_sq_doorbell_offset(uint16_t qid, uint32_t dstrd);
 uint64_t idma_cq_doorbell_offset(uint16_t qid, uint32_t dstrd);
+/* Monotonic clock in ns; idma_fast_ns reads it without a system call where it can
+ * (calibrated TSC on x86-64; the first call in the process takes 5 ms to calibrate, once,
+ * under pthread_once, whichever threads call it first). */
+uint64_t idma_now_ns(void);
+uint64_t idma_fast_ns(void);
 /* CDEF END */
 
 /*
@@ -188,10 +193,5 @@ void idma_qpair_release(struct idma_qpair *q);
 int idma_qpair_submit_claimed(struct idma_qpair *q, const struct idma_sqe *cmds,
                               const struct idma_io *io, uint32_t n);
 int idma_qpair_poll_claimed(struct idma_qpair *q, struct idma_cpl *out, uint32_t max);
-
-/* For the worker (C only): monotonic clock in ns; idma_fast_ns reads it without a system
- * call where it can (calibrated TSC on x86-64; the first call takes 5 ms to calibrate). */
-uint64_t idma_now_ns(void);
-uint64_t idma_fast_ns(void);
 
 #endif

@@ -256,6 +256,36 @@ class QueuePair:
         return self._completions(lib.idma_qpair_wait(self._q, self._cpl, m,
                                                      max(0, min(min_cpl, m)), ns))
 
+    # Reaping that survives an exception raised between the engine call and its use (Ctrl-C's
+    # KeyboardInterrupt arrives exactly there when it came during the wait): the engine writes
+    # completions into `reaped`, whose entries hold tag 0 when free (tags start at 1), so what
+    # was reaped can always be found again: the entries with a non-zero tag form a prefix.
+
+    @property
+    def reaped(self) -> Any:
+        """The `struct idma_cpl[depth]` reap_into/wait_into fill (tag 0 = free entry)."""
+        return self._cpl
+
+    def reap_into(self) -> int:
+        """Reap what has completed into `reaped`; the count. Call only when `reaped` is free."""
+        if self._q == ffi.NULL:
+            raise self._error(0)
+        n = lib.idma_qpair_poll(self._q, self._cpl, self.depth)
+        if n < 0:
+            raise self._error(n)
+        return int(n)
+
+    def wait_into(self, min_cpl: int, timeout: float) -> int:
+        """Like wait(), into `reaped`; the count."""
+        if self._q == ffi.NULL:
+            raise self._error(0)
+        ns = min(int(timeout * 1e9), 2**64 - 1) if timeout >= 0 else 2**64 - 1
+        n = lib.idma_qpair_wait(self._q, self._cpl, self.depth,
+                                max(0, min(min_cpl, self.depth)), ns)
+        if n < 0:
+            raise self._error(n)
+        return int(n)
+
     def run(self, cmds: Iterable[Command], timeout: float = 5.0) -> list[Completion]:
         """Submit every command (waiting for trackers as needed) and wait for all of them."""
         todo = list(cmds)
