@@ -63,8 +63,10 @@ class Container:
     and the IOMMU info; these are safe to call from several threads: attach, group_fd, groups,
     refresh_info, check_range, map, unmap, is_mapped, mapping_count, mapped_bytes, dma_avail,
     page_size, add_dependent, remove_dependent and close (after close, the others raise
-    ClosedError). The native queue engine reads `maptable` without this lock: a buffer must
-    not be unmapped while a command that uses it may still be submitted.
+    ClosedError). The queue engine's lookups in `maptable` do not take this lock: the native
+    table has its own reader/writer lock (native/maptable.c). Refcounts say who mapped what,
+    not whether the device still uses it: unmapping memory of a command in flight is the
+    caller's error to avoid (the allocator quarantines such buffers).
     """
 
     def __init__(self, path: str = CONTAINER_PATH) -> None:

@@ -9,12 +9,16 @@ import resource
 import shutil
 import signal
 import subprocess
+import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from iommu_dma import container as container_module
 from iommu_dma import libc, memlock, vfio
-from iommu_dma.container import parse_group, within_ranges
+from iommu_dma.container import Container, parse_group, within_ranges
 from iommu_dma.discovery import BadAddressError, normalize_bdf
 from iommu_dma.errors import (
     AlignmentError,
@@ -285,3 +289,86 @@ def test_bar0_mapped_prefix() -> None:
     assert mapped_prefix(((0x2000, 0x2000), (0, 0x2000)), 0x4000) == 0x4000   # any order
     assert mapped_prefix(((0x1000, 0x1000),), 0x4000) == 0                    # none at 0
     assert mapped_prefix(((0, 0x1000),), 0x100) == 0x100                      # BAR < a page
+
+
+# ---- Container bookkeeping under threads (a fake kernel stands in for the VFIO ioctls) ---------
+
+
+class FakeIommu:
+    """The type1 rules the container relies on: no overlapping mappings, whole unmaps only."""
+
+    def __init__(self) -> None:
+        self.maps: dict[int, int] = {}
+        self.lock = threading.Lock()
+
+    def map_dma(self, fd: int, vaddr: int, iova: int, size: int) -> None:
+        with self.lock:
+            if any(s < iova + size and iova < s + n for s, n in self.maps.items()):
+                raise VfioError("VFIO_IOMMU_MAP_DMA", errno.EEXIST)
+            self.maps[iova] = size
+
+    def unmap_dma(self, fd: int, iova: int, size: int, flags: int = 0) -> int:
+        with self.lock:
+            if self.maps.get(iova) != size:
+                raise VfioError("VFIO_IOMMU_UNMAP_DMA", errno.EINVAL)
+            del self.maps[iova]
+        return size
+
+
+@pytest.fixture
+def fake_container(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Container, FakeIommu]]:
+    iommu = FakeIommu()
+    monkeypatch.setattr(Container, "_open", staticmethod(lambda path: os.open(os.devnull, 0)))
+    monkeypatch.setattr(vfio, "iommu_map_dma", iommu.map_dma)
+    monkeypatch.setattr(vfio, "iommu_unmap_dma", iommu.unmap_dma)
+    monkeypatch.setattr(vfio, "group_unset_container", lambda fd: None)
+    monkeypatch.setattr(container_module, "check_memlock", lambda extra: None)
+    c = Container()
+    c._groups[1] = os.open(os.devnull, 0)
+    c.iova_ranges, c.page_sizes = ((0, (1 << 48) - 1),), 0x1000
+    yield c, iommu
+    c.close()
+
+
+def test_container_refcounts_shared_mappings(fake_container: tuple[Container, FakeIommu]) -> None:
+    c, iommu = fake_container
+    c.map(0x10000, 0x4000)
+    c.map(0x12000, 0x4000)                 # overlaps: only the new part is mapped
+    assert iommu.maps == {0x10000: 0x4000, 0x14000: 0x2000}
+    assert c.is_mapped(0x10000, 0x6000) and not c.is_mapped(0x10000, 0x7000)
+    c.unmap(0x10000, 0x4000)               # still used by the second request
+    assert iommu.maps == {0x10000: 0x4000, 0x14000: 0x2000}
+    c.unmap(0x12000, 0x4000)
+    assert iommu.maps == {} and c.mapping_count == 0
+    with pytest.raises(IommuDmaError, match="was not mapped"):
+        c.unmap(0x12000, 0x4000)
+
+
+def test_container_map_unmap_from_threads(fake_container: tuple[Container, FakeIommu]) -> None:
+    """Overlapping map/unmap from several threads: the kernel never sees an overlap or a
+    partial unmap, and everything is released at the end."""
+    c, iommu = fake_container
+    errors: list[BaseException] = []
+
+    def worker(seed: int) -> None:
+        try:
+            for i in range(300):
+                va = 0x100000 + ((seed * 7 + i) % 16) * 0x1000
+                c.map(va, 0x3000)
+                assert c.is_mapped(va, 0x3000)
+                c.unmap(va, 0x3000)
+        except BaseException as e:
+            errors.append(e)
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)            # switch threads as often as possible
+    try:
+        threads = [threading.Thread(target=worker, args=(n,)) for n in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(old)
+    assert errors == []
+    assert iommu.maps == {} and c.mapping_count == 0 and c.mapped_bytes == 0
