@@ -61,9 +61,9 @@ class PciDevice:
     def __init__(self, container: Container, bdf: str, *, nvme: bool = True) -> None:
         self.info: PciInfo = find(bdf, nvme=nvme)
         self.bdf = self.info.bdf
-        self._check_bindable(self.info)
+        group = self._bindable_group(self.info)
         self.container = container
-        group = container.attach(self.info.iommu_group)[0]  # type: ignore[arg-type]
+        container.attach(group)
         self.fd = vfio.group_get_device_fd(container.group_fd(group), self.bdf)
         self.closed = False
         self.msix_fds: list[int] = []
@@ -82,12 +82,14 @@ class PciDevice:
         container.add_dependent(self)
 
     @staticmethod
-    def _check_bindable(info: PciInfo) -> None:
+    def _bindable_group(info: PciInfo) -> int:
+        """The device's IOMMU group, when the device is bound to vfio-pci."""
         if info.iommu_group is None:
             raise NoIommuError("open device", f"{info.bdf} has no IOMMU group (boot with "
                                               "intel_iommu=on)")
         if info.driver != VFIO_DRIVER:
             raise NotBoundError(info.bdf, info.driver)
+        return info.iommu_group
 
     # ---- lifetime ------------------------------------------------------------------------
 

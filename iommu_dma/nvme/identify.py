@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from iommu_dma.nvme.constants import ONCS_COMPARE
 
@@ -34,11 +34,14 @@ def _version(vs: int) -> str:
 
 
 class _Parsed:
+    """Base of the parsed structures (each a frozen dataclass keeping its raw bytes)."""
+
+    __dataclass_fields__: ClassVar[dict[str, Any]]
     raw: bytes
 
     def to_dict(self) -> dict[str, Any]:
         """Fields as plain data (for JSON output); raw bytes left out."""
-        return {k: v for k, v in asdict(self).items() if k != "raw"}  # type: ignore[call-overload]
+        return {k: v for k, v in asdict(self).items() if k != "raw"}
 
 
 @dataclass(frozen=True)
