@@ -52,3 +52,15 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info iommu_dma/_native*.so iommu_dma/_native.c
+
+# The host tests against the engine built with AddressSanitizer + UBSan (iommu_dma._native_asan).
+# PYTHONMALLOC=malloc: Python's own buffers (cffi arrays handed to the engine) get redzones too;
+# --capture=sys: a sanitizer report (written to fd 2, then abort) reaches the terminal.
+.PHONY: test-asan
+test-asan: setup
+	$(PY) native/build.py --asan
+	LD_PRELOAD=$$(gcc -print-file-name=libasan.so) PYTHONMALLOC=malloc \
+	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
+	UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+	IOMMU_DMA_NATIVE=asan $(VENV)/bin/pytest -q -p no:cacheprovider --capture=sys tests/host \
+	    -m "not iommu_dma_vm"
