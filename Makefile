@@ -6,7 +6,7 @@ DEB_PACKAGES := qemu-system-x86 linux-image-amd64 fio python3-venv python3-dev g
                 linux-libc-dev e2fsprogs util-linux kmod pciutils busybox-static
 NATIVE_SOURCES := $(wildcard native/*.c native/*.h native/*.py) setup.py pyproject.toml
 
-.PHONY: all setup deps venv demo test test-host test-vm lint bench clean
+.PHONY: all setup deps venv demo test test-host test-vm lint wheelhouse bench clean
 
 all: test
 
@@ -34,8 +34,8 @@ $(VENV)/.installed: $(NATIVE_SOURCES)
 demo: setup
 	$(PY) -m iommu_dma.demo
 
-test: setup
-	$(VENV)/bin/ruff check .
+# Every test: lint (ruff, mypy), the engine under ASan+UBSan, host and VM tests.
+test: lint test-asan wheelhouse
 	$(VENV)/bin/pytest -ra
 
 test-host: setup
@@ -46,6 +46,16 @@ test-vm: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+# The package as users get it: our wheel and its dependencies' wheels (the wheel VM test
+# installs from here into a fresh virtualenv outside the checkout).
+wheelhouse: build/wheelhouse/.built
+
+build/wheelhouse/.built: $(NATIVE_SOURCES) $(wildcard iommu_dma/*.py iommu_dma/*/*.py iommu_dma/data/*)
+	rm -rf build/wheelhouse
+	$(PY) -m pip wheel -q . -w build/wheelhouse
+	touch $@
 
 bench: setup
 	$(PY) -m benchmarks.randread

@@ -6,31 +6,50 @@ therefore reserves a PROT_NONE virtual window at an address chosen inside the co
 IOVA ranges (MAP_FIXED_NOREPLACE, clear of the MSI window and of existing mappings), backs it
 in 2 MiB chunks (hugepages when the pool has them) and maps each backed run into the container
 as ONE VFIO mapping, far below the 65535-mapping budget (vfio_iommu_type1.dma_entry_limit).
-Buffers are carved from the window and are themselves ctypes arrays: `memoryview(buf)` is
-zero-copy.
+Buffers are carved from the window; `buf.view` is a zero-copy memoryview of one.
+
+Ownership: memory a submitted command points at belongs to the device until the command's
+completion is reaped, its queue is deleted or the controller disabled. The queues tell the
+allocator (device_acquire); a buffer freed meanwhile is quarantined, not reused.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
-import functools
-import os
-import resource
+import threading
 import weakref
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from iommu_dma.errors import (
     AlignmentError,
     ClosedError,
     IommuDmaError,
-    MemlockError,
     OutsideApertureError,
     VfioError,
 )
+from iommu_dma.libc import (
+    MADV_DONTFORK,
+    MAP_ANONYMOUS,
+    MAP_FIXED,
+    MAP_FIXED_NOREPLACE,
+    MAP_HUGETLB,
+    MAP_NORESERVE,
+    MAP_POPULATE,
+    MAP_PRIVATE,
+    PROT_NONE,
+    PROT_READ,
+    PROT_WRITE,
+    madvise,
+    mmap_at,
+    munmap,
+)
+from iommu_dma.memlock import check_memlock
 
 if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
+
     from iommu_dma.container import Container
 
 PAGE = 4096
@@ -41,77 +60,6 @@ PREFERRED_CEILING = 1 << 39          # inside every IOMMU of >= 39 address bits
 DEFAULT_FLOOR = 1 << 32              # keep clear of the program, its heap and low mmaps
 GUARD = 1 << 30                      # distance kept from existing mappings (heap/stack growth)
 DEFAULT_WINDOW = 16 << 30            # virtual only (PROT_NONE) until backed
-
-# <sys/mman.h> on Linux x86-64
-PROT_NONE, PROT_READ, PROT_WRITE = 0, 1, 2
-MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS = 0x02, 0x10, 0x20
-MAP_NORESERVE, MAP_POPULATE, MAP_HUGETLB = 0x4000, 0x8000, 0x40000
-MAP_FIXED_NOREPLACE = 0x100000       # Linux 4.17+: fail with EEXIST instead of replacing
-MADV_DONTFORK = 10                   # a fork must not turn pinned DMA pages copy-on-write
-MAP_FAILED = ctypes.c_void_p(-1).value
-CAP_IPC_LOCK = 14                    # capabilities(7): exempt from RLIMIT_MEMLOCK
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                       ctypes.c_int, ctypes.c_long]
-_libc.mmap.restype = ctypes.c_void_p
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-
-
-# ---- libc mmap with fixed addresses (Python's mmap module cannot place a mapping) ------------
-
-def mmap_at(addr: int, length: int, prot: int, flags: int, fd: int = -1, offset: int = 0) -> int:
-    """mmap(2); OSError on failure. With MAP_FIXED_NOREPLACE, a kernel that ignores the flag
-    (< 4.17, treated as a hint) and places elsewhere also counts as EEXIST."""
-    got = _libc.mmap(addr or None, length, prot, flags, fd, offset)
-    if got is None or got == MAP_FAILED:
-        err = ctypes.get_errno()
-        raise OSError(err, f"mmap({addr:#x}, {length:#x}): {os.strerror(err)}")
-    if flags & (MAP_FIXED | MAP_FIXED_NOREPLACE) and got != addr:
-        _libc.munmap(got, length)
-        raise OSError(errno.EEXIST, f"mmap placed {length:#x} bytes at {got:#x}, not {addr:#x}")
-    return int(got)
-
-
-def munmap(addr: int, length: int) -> None:
-    _libc.munmap(addr, length)
-
-
-# ---- RLIMIT_MEMLOCK ----------------------------------------------------------------------------
-
-def _status_field(name: str) -> str:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(name + ":"):
-                return line.split(":", 1)[1].strip()
-    return ""
-
-
-def locked_bytes() -> int:
-    """mm->locked_vm (VmLck): where VFIO type1 accounts pinned pages."""
-    text = _status_field("VmLck")
-    return int(text.split()[0]) * 1024 if text else 0
-
-
-def has_ipc_lock() -> bool:
-    """CAP_IPC_LOCK in the effective set: the kernel then skips the memlock limit."""
-    eff = _status_field("CapEff")
-    return bool(eff) and bool(int(eff, 16) >> CAP_IPC_LOCK & 1)
-
-
-def check_memlock(extra: int) -> None:
-    """MemlockError when pinning `extra` more bytes would exceed RLIMIT_MEMLOCK (the same rule
-    the kernel's vfio_iommu_type1 applies; it answers only ENOMEM)."""
-    if extra <= 0 or has_ipc_lock():
-        return
-    limit = resource.getrlimit(resource.RLIMIT_MEMLOCK)[0]
-    if limit == resource.RLIM_INFINITY:
-        return
-    locked = locked_bytes()
-    if locked + extra > limit:
-        raise MemlockError(limit, locked, extra)
-
 
 # ---- window placement (pure logic) -------------------------------------------------------
 
@@ -168,43 +116,91 @@ def place_window(ranges: Sequence[tuple[int, int]], size: int, align: int,
 
 # ---- the allocator -------------------------------------------------------------------------
 
-class DmaBuffer:
-    """A DMA buffer: a ctypes c_ubyte array at `addr` (so memoryview(buf) is zero-copy), with
-    `iova == addr`. Give it back with free() (or DmaAllocator.free)."""
+class BufferFreedError(IommuDmaError, ValueError):
+    """A freed DmaBuffer was used (for I/O, or its view asked for)."""
 
-    _allocator: DmaAllocator
-    _window: _Window
-    _span: int
-    _freed: bool
+
+class DmaBuffer:
+    """A DMA buffer: `size` bytes at `addr`, with `iova == addr` (IOVA = VA).
+
+    `view` is a zero-copy memoryview of it; `bytes(buf)` copies it. Give it back with free()
+    or use it as a context manager. A buffer that a submitted command points at belongs to
+    the device: freeing it then only quarantines its range, which goes back to the pool when
+    the command's completion is reaped (or its queue is deleted / the controller disabled).
+    """
+
+    __slots__ = ("_addr", "_size", "_span", "_window", "_allocator", "_mem", "_freed",
+                 "_leases", "__weakref__")
+
+    def __init__(self, allocator: DmaAllocator, window: _Window, addr: int, size: int,
+                 span: int) -> None:
+        self._allocator = allocator
+        self._window = window
+        self._addr = addr
+        self._size = size
+        self._span = span
+        self._mem = (ctypes.c_ubyte * size).from_address(addr)
+        self._freed = False
+        # weak references to the queues' leases: commands submitted pointing here and not
+        # yet done (see DmaAllocator.device_acquire)
+        self._leases: list[weakref.ref[object]] = []
 
     @property
     def addr(self) -> int:
-        return ctypes.addressof(self)  # type: ignore[arg-type]
+        return self._addr
 
     @property
     def iova(self) -> int:
-        return self.addr               # IOVA = VA by construction
+        return self._addr             # IOVA = VA by construction
 
     @property
     def size(self) -> int:
-        return ctypes.sizeof(self)     # type: ignore[arg-type]
+        return self._size
+
+    @property
+    def freed(self) -> bool:
+        return self._freed
+
+    @property
+    def device_owned(self) -> bool:
+        """True while a submitted command that points at this buffer has not completed."""
+        return any(r() is not None for r in self._leases)
+
+    def check_usable(self) -> None:
+        """BufferFreedError after free(); ClosedError once its allocator is closed."""
+        if self._freed:
+            raise BufferFreedError(f"{self!r} was freed; allocate a new buffer")
+        if self._allocator.closed:
+            raise ClosedError(f"the DmaAllocator of {self!r}")
 
     @property
     def view(self) -> memoryview:
-        """Zero-copy byte view (format 'B': item and slice assignment work; memoryview(buf)
-        itself has ctypes' '<B' format, which memoryview can read but not assign to)."""
-        return memoryview(self).cast("B")  # type: ignore[arg-type]
+        """Zero-copy byte view (format 'B': item and slice assignment work)."""
+        self.check_usable()
+        return memoryview(self._mem).cast("B")
+
+    def __buffer__(self, flags: int) -> memoryview:   # PEP 688 (Python 3.12+): memoryview(buf)
+        return self.view
+
+    def __bytes__(self) -> bytes:
+        self.check_usable()
+        return bytes(self._mem)
+
+    def __len__(self) -> int:
+        return self._size
 
     def free(self) -> None:
         self._allocator.free(self)
 
+    def __enter__(self) -> DmaBuffer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._freed:
+            self.free()
+
     def __repr__(self) -> str:
-        return f"<DmaBuffer addr={self.addr:#x} size={self.size:#x}>"
-
-
-@functools.lru_cache(maxsize=512)
-def _buffer_type(size: int) -> type:
-    return type("DmaBuffer", (DmaBuffer, ctypes.c_ubyte * size), {})
+        return f"<DmaBuffer addr={self._addr:#x} size={self._size:#x}>"
 
 
 class _Window:
@@ -242,7 +238,8 @@ class _Window:
 class Registration:
     """External memory mapped into the container at IOVA = its address."""
 
-    def __init__(self, obj: object, export: ctypes.Array, addr: int, size: int) -> None:
+    def __init__(self, obj: object, export: ctypes.Array[ctypes.c_ubyte], addr: int,
+                 size: int) -> None:
         self.obj, self._export, self.addr, self.size = obj, export, addr, size
 
     @property
@@ -273,6 +270,10 @@ class DmaAllocator:
         self.windows: list[_Window] = []
         self._chunk_maps: list[tuple[int, int]] = []
         self._registrations: list[Registration] = []
+        self._quarantine: set[DmaBuffer] = set()
+        # One lock for windows, backing, quarantine and registrations: the engine releases the
+        # GIL, and several threads may allocate, free and register at once.
+        self._lock = threading.RLock()
         self.closed = False
         container.add_dependent(self)
 
@@ -290,6 +291,10 @@ class DmaAllocator:
         self.container._check_open()
 
     def close(self) -> None:
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
         if self.closed:
             return
         self.closed = True
@@ -300,6 +305,7 @@ class DmaAllocator:
                 self.container.unmap(start, length)
             self.container.remove_dependent(self)
         self._registrations.clear()
+        self._quarantine.clear()      # unmapped from the IOMMU above: the device cannot reach it
         self._chunk_maps.clear()
         self.windows.clear()
 
@@ -311,32 +317,64 @@ class DmaAllocator:
 
     def alloc(self, size: int, align: int = PAGE) -> DmaBuffer:
         """A zeroed-on-first-use buffer of `size` bytes at an `align`-aligned address (any power
-        of two); its pages are pinned and mapped before it is returned."""
-        self._check_open()
+        of two); its pages are pinned and mapped before it is returned. Thread-safe."""
         if size <= 0:
             raise ValueError(f"size must be positive, not {size}")
         if align <= 0 or align & (align - 1):
             raise ValueError(f"alignment {align:#x} is not a power of two")
         span = -(-size // PAGE) * PAGE
-        window, start = self._carve(span, max(align, PAGE))
-        try:
-            self._back(window, start, span)
-        except BaseException:
-            window.give(start, span)
-            raise
-        buf = _buffer_type(size).from_address(start)
-        buf._allocator, buf._window, buf._span, buf._freed = self, window, span, False
-        return buf
+        with self._lock:
+            self._check_open()
+            if self._quarantine:
+                self._sweep()
+            window, start = self._carve(span, max(align, PAGE))
+            try:
+                self._back(window, start, span)
+            except BaseException:
+                window.give(start, span)
+                raise
+        return DmaBuffer(self, window, start, size, span)
 
     def free(self, buf: DmaBuffer) -> None:
-        """Give buf's range back for reuse (it stays backed and mapped until close())."""
+        """Give buf's range back for reuse (it stays backed and mapped until close()). While a
+        submitted command still points at buf, the range is quarantined instead and comes back
+        when that command's completion is reaped. Thread-safe."""
         if buf._allocator is not self:
             raise IommuDmaError(f"{buf!r} belongs to another allocator")
-        if buf._freed:
-            raise IommuDmaError(f"{buf!r} was already freed")
-        buf._freed = True
-        if not self.closed:
-            buf._window.give(buf.addr, buf._span)
+        with self._lock:
+            if buf._freed:
+                raise BufferFreedError(f"{buf!r} was already freed")
+            buf._freed = True
+            if buf.device_owned:
+                self._quarantine.add(buf)
+            elif not self.closed:
+                buf._window.give(buf._addr, buf._span)
+
+    # -- device ownership (used by the queues: NVMe commands in flight) --
+
+    def device_acquire(self, buf: DmaBuffer, lease: object) -> None:
+        """Commands pointing at buf are about to be submitted: buf belongs to the device for
+        as long as `lease` (an object the queue keeps with those commands) is alive. Nothing
+        is counted: ownership is derived from live leases, so no interruption can end it early
+        (a lease dies only when the queue drops its last command)."""
+        with self._lock:
+            buf.check_usable()
+            buf._leases = [r for r in buf._leases if r() is not None]
+            buf._leases.append(weakref.ref(lease))
+
+    def _sweep(self) -> None:
+        """Give back quarantined buffers the device no longer owns (lock held)."""
+        for buf in [b for b in self._quarantine if not b.device_owned]:
+            self._quarantine.discard(buf)
+            if not self.closed:
+                buf._window.give(buf._addr, buf._span)
+
+    @property
+    def quarantined_bytes(self) -> int:
+        """Bytes of freed buffers still owned by the device (not reusable yet)."""
+        with self._lock:
+            self._sweep()
+            return sum(b._span for b in self._quarantine)
 
     def _carve(self, span: int, align: int) -> tuple[_Window, int]:
         for w in self.windows:
@@ -402,7 +440,7 @@ class DmaAllocator:
         if self.use_hugepages:
             try:
                 mmap_at(addr, length, rw, flags | MAP_HUGETLB)
-                _libc.madvise(addr, length, MADV_DONTFORK)
+                madvise(addr, length, MADV_DONTFORK)
                 return True
             except OSError:
                 self.use_hugepages = False       # pool empty or absent: stop asking
@@ -410,7 +448,7 @@ class DmaAllocator:
             mmap_at(addr, length, rw, flags)
         except OSError as e:
             raise VfioError("mmap DMA memory", e.errno, f"cannot back {length:#x} bytes") from None
-        _libc.madvise(addr, length, MADV_DONTFORK)
+        madvise(addr, length, MADV_DONTFORK)
         return False
 
     @staticmethod
@@ -420,9 +458,14 @@ class DmaAllocator:
 
     # -- external memory --
 
-    def register(self, obj: Any) -> Registration:
+    def register(self, obj: WriteableBuffer) -> Registration:
         """Map a writable, page-aligned buffer-protocol object (mmap, numpy array, ...) at
-        IOVA = its address. While registered, the object cannot be resized or closed."""
+        IOVA = its address. While registered, the object cannot be resized or closed.
+        Unregister it only when no command in flight points at it. Thread-safe."""
+        with self._lock:
+            return self._register(obj)
+
+    def _register(self, obj: WriteableBuffer) -> Registration:
         self._check_open()
         with memoryview(obj) as mv:
             if mv.readonly:
@@ -444,6 +487,10 @@ class DmaAllocator:
         return reg
 
     def unregister(self, reg: Registration) -> None:
+        with self._lock:
+            self._unregister(reg)
+
+    def _unregister(self, reg: Registration) -> None:
         self._check_open()
         if reg not in self._registrations:
             raise IommuDmaError(f"{reg!r} is not registered with this allocator")

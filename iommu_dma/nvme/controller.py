@@ -8,14 +8,25 @@
 
 from __future__ import annotations
 
+import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
 from iommu_dma.container import Container
 from iommu_dma.errors import ClosedError, IommuDmaError
 from iommu_dma.memory import DmaAllocator, DmaBuffer
 from iommu_dma.nvme import dbbuf, regs, sqe
+from iommu_dma.nvme.constants import (
+    CNS_ACTIVE_NS_LIST,
+    CNS_CONTROLLER,
+    CNS_NAMESPACE,
+    FID_NUMBER_OF_QUEUES,
+    LID_ERROR,
+    LID_FW_SLOT,
+    LID_SMART,
+)
 from iommu_dma.nvme.identify import (
+    ErrorLogEntry,
     FirmwareSlotLog,
     IdentifyController,
     IdentifyNamespace,
@@ -24,13 +35,18 @@ from iommu_dma.nvme.identify import (
     parse_ns_list,
 )
 from iommu_dma.nvme.ioqueue import IoQueue
+from iommu_dma.nvme.status import NvmeError
 from iommu_dma.pci import PciDevice
+
+if TYPE_CHECKING:
+    from iommu_dma.nvme.namespace import Namespace
 
 ADMIN_DEPTH = 32
 ADMIN_TIMEOUT = 10.0
-FID_NUMBER_OF_QUEUES = 0x07
-LID_ERROR, LID_SMART, LID_FW_SLOT = 0x01, 0x02, 0x03
-CNS_NAMESPACE, CNS_CONTROLLER, CNS_ACTIVE_NS_LIST = 0x00, 0x01, 0x02
+MAX_QUEUE_DEPTH = 4096       # the engine's CIDs hold a 12-bit tracker index
+WANTED_IO_QUEUES = 64
+ADMIN_MAX_TRANSFER = 2 << 20
+MAX_TRANSFER_CAP = 4 << 20   # when MDTS is 0 (unlimited) or larger: PRP lists per tracker
 
 
 class ControllerError(IommuDmaError):
@@ -39,7 +55,13 @@ class ControllerError(IommuDmaError):
 
 class Controller:
     """One NVMe controller behind VFIO. Open with Controller.open(bdf); close() (or the context
-    manager) deletes the I/O queues, shuts the controller down and releases everything."""
+    manager) deletes the I/O queues, shuts the controller down and releases everything.
+
+    Thread-safe: admin commands, queue creation/deletion, namespace lookup and close() may be
+    called from any thread. After close() every object derived from the controller (queues,
+    requests, namespaces, and buffers of an allocator it owns) raises ClosedError; requests
+    still pending at close fail with ClosedError.
+    """
 
     # Use shadow doorbells (Doorbell Buffer Config, §5.8) when OACS bit 8 says they exist.
     use_shadow_doorbells = True
@@ -51,19 +73,34 @@ class Controller:
         self.container = container
         self.allocator = allocator
         self._owns_container = owns_container
+        self._lock = threading.RLock()
         self.closed = False
         self.cap = regs.Capabilities(pci.read64(regs.CAP))
-        self.page_size = max(4096, self.cap.mps_min)
+        self.page_size = self._page_size()
         self.io_queues: dict[int, IoQueue] = {}
-        self._namespaces: dict[int, Any] = {}
+        self._namespaces: dict[int, Namespace] = {}
         self.admin: IoQueue | None = None
         self._default_queue: IoQueue | None = None
         self.dbbuf: dbbuf.DoorbellBuffers | None = None
-        self._reset(admin_depth)
-        self.identify = IdentifyController.parse(self._identify_raw(CNS_CONTROLLER))
-        if self.use_shadow_doorbells and dbbuf.supported(self.identify.oacs):
-            self.enable_shadow_doorbells()
-        self.max_io_queues = self._negotiate_queues(64)
+        self.max_io_queues = 0
+        try:
+            self._reset(admin_depth)
+            self.identify = IdentifyController.parse(self._identify_raw(CNS_CONTROLLER))
+            if self.use_shadow_doorbells and dbbuf.supported(self.identify.oacs):
+                self.enable_shadow_doorbells()
+            self.max_io_queues = self._negotiate_queues(WANTED_IO_QUEUES)
+        except BaseException:
+            self.close()                # disable first: the device must let go of our memory
+            raise
+
+    def _page_size(self) -> int:
+        """CC.MPS: 4 KiB when CAP.MPSMIN allows it (§3.1.3.1); our DMA memory is 4 KiB pages
+        in 2 MiB chunks, so a controller whose smallest page is larger than that is refused."""
+        size = max(4096, self.cap.mps_min)
+        if size > 2 << 20:
+            raise ControllerError(f"{self.bdf}: CAP.MPSMIN asks for {size}-byte memory pages; "
+                                  "iommu-dma supports up to 2 MiB")
+        return size
 
     # ---- opening and closing -------------------------------------------------------------
 
@@ -97,26 +134,55 @@ class Controller:
         self.close()
 
     def close(self) -> None:
-        if self.closed:
-            return
-        try:
-            if not self.pci_gone():
-                for qid in sorted(self.io_queues, reverse=True):
-                    self.delete_io_queue(qid)
-                self._shutdown()
-                if self.dbbuf is not None:      # the disabled controller forgot the pages
-                    self.dbbuf.free()
-        finally:
+        """Delete the I/O queues, shut the controller down (CC.SHN, then CC.EN=0), fail what
+        is still pending with ClosedError, and release everything. Memory the device may still
+        reach (a controller that did not disable) is never given back for reuse."""
+        with self._lock:
+            if self.closed:
+                return
             self.closed = True
-            self.pci.close()
-            if self._owns_container:
-                self.container.close()
+            quiet = False
+            try:
+                quiet = self._quiesce()
+            finally:
+                self._close_queues(quiet)
+                self.pci.close()
+                if self._owns_container:
+                    self.container.close()      # IOMMU mappings gone: nothing is reachable
+
+    def _quiesce(self) -> bool:
+        """Delete I/O queues and disable the controller; True when the device can no longer
+        access our memory (disabled, or gone)."""
+        if self.pci_gone():
+            return True
+        for qid in sorted(self.io_queues, reverse=True):
+            try:
+                self._delete_queue(qid)
+            except IommuDmaError:
+                pass                            # disabling the controller deletes it too
+        try:
+            self._shutdown()
+        except IommuDmaError:
+            return self.pci_gone()
+        return True
+
+    def _close_queues(self, quiet: bool) -> None:
+        error = ClosedError(f"controller {self.bdf}")
+        quiet = quiet or self._owns_container
+        for q in [*self.io_queues.values(), *([self.admin] if self.admin else [])]:
+            q.close(error, device_quiet=quiet)
+        self.io_queues.clear()
+        self._default_queue = None
+        if self.dbbuf is not None and quiet:    # the disabled controller forgot the pages
+            self.dbbuf.free()
+        self.dbbuf = None
 
     def check_open(self) -> None:
         if self.closed:
-            raise ClosedError(f"controller {self.bdf} is closed")
+            raise ClosedError(f"controller {self.bdf}")
 
     def pci_gone(self) -> bool:
+        """CSTS reads all ones when the device has vanished (surprise removal)."""
         return self.pci.read32(regs.CSTS) == regs.CSTS_GONE
 
     # ---- reset and enable (NVMe Base 2.0 §3.5.1) -------------------------------------------
@@ -124,14 +190,23 @@ class Controller:
     def _reset(self, admin_depth: int) -> None:
         self.pci.enable_bus_master()
         self._disable()
-        depth = min(admin_depth, self.cap.mqes, 4096)
-        self.admin = IoQueue(0, depth, self.allocator, self.pci.bar0_addr, dstrd=self.cap.dstrd,
-                             page_size=self.page_size, maptable=self.container.maptable)
+        depth = min(admin_depth, self.cap.mqes, MAX_QUEUE_DEPTH)
+        if depth < 2:
+            raise ControllerError(f"{self.bdf}: CAP.MQES allows {self.cap.mqes} queue entries; "
+                                  "a queue needs at least 2")
+        self.admin = self._new_queue(0, depth, ADMIN_MAX_TRANSFER, shadow=None)
         self.pci.write32(regs.AQA, regs.aqa_value(depth, depth))
         self.pci.write64(regs.ASQ, self.admin.sq_mem.iova)
         self.pci.write64(regs.ACQ, self.admin.cq_mem.iova)
         self.pci.write32(regs.CC, regs.cc_value(self.page_size))
         self._wait_ready(True)
+
+    def _new_queue(self, qid: int, depth: int, max_transfer: int,
+                   shadow: tuple[int, int] | None) -> IoQueue:
+        return IoQueue(qid, depth, self.allocator, self.pci.bar0_addr, self.pci.bar0_size,
+                       dstrd=self.cap.dstrd, page_size=self.page_size,
+                       max_transfer=max_transfer, maptable=self.container.maptable,
+                       shadow=shadow)
 
     def enable_shadow_doorbells(self) -> None:
         """Doorbell Buffer Config (§5.8): the admin queue and every I/O queue created later
@@ -140,8 +215,8 @@ class Controller:
         bufs = dbbuf.DoorbellBuffers(self.allocator, self.page_size)
         try:
             self.admin_command(bufs.sqe(), what="Doorbell Buffer Config")
-        except BaseException:
-            bufs.free()
+        except NvmeError:
+            bufs.free()                         # completed with an error: pages not in use
             raise
         self.dbbuf = bufs
         self.admin.qpair.set_shadow(*bufs.addrs, mmio_always=True)
@@ -151,9 +226,13 @@ class Controller:
             self.pci.write32(regs.CC, 0)
         self._wait_ready(False)
 
+    def _ready_timeout(self) -> float:
+        """CAP.TO in seconds (at least 0.5 s; at most 127.5 s, the field's largest value)."""
+        return max(self.cap.timeout_ms, 500) / 1000
+
     def _wait_ready(self, ready: bool) -> None:
         """Wait for CSTS.RDY to reach `ready`, bounded by CAP.TO (§3.1.4.1)."""
-        deadline = time.monotonic() + max(self.cap.timeout_ms, 500) / 1000
+        deadline = time.monotonic() + self._ready_timeout()
         while True:
             csts = self.pci.read32(regs.CSTS)
             if csts == regs.CSTS_GONE:
@@ -171,7 +250,7 @@ class Controller:
         """Normal shutdown (CC.SHN), then disable, so the device forgets our memory."""
         cc = self.pci.read32(regs.CC)
         self.pci.write32(regs.CC, (cc & ~regs.CC_SHN_MASK) | regs.CC_SHN_NORMAL)
-        deadline = time.monotonic() + max(self.cap.timeout_ms, 500) / 1000
+        deadline = time.monotonic() + self._ready_timeout()
         while (self.pci.read32(regs.CSTS) & regs.CSTS_SHST_MASK) != regs.CSTS_SHST_COMPLETE:
             if time.monotonic() > deadline:
                 break
@@ -183,20 +262,27 @@ class Controller:
     def admin_command(self, cmd: sqe.Sqe, buf: DmaBuffer | None = None, length: int = 0,
                       what: str = "", timeout: float = ADMIN_TIMEOUT) -> int:
         """Run one admin command and return DW0 of its completion; NvmeError on error status.
-        buf (DMA memory) carries the data, length bytes of it."""
+        buf (DMA memory) carries the data, length bytes of it (default: all of buf)."""
         self.check_open()
-        assert self.admin is not None
-        addr = buf.addr if buf is not None else 0
-        n = length or (buf.size if buf is not None else 0)
-        return self.admin.submit(cmd, addr, n, what).result(timeout)
+        return self._admin(cmd, buf, length, what, timeout)
+
+    def _admin(self, cmd: sqe.Sqe, buf: DmaBuffer | None = None, length: int = 0,
+               what: str = "", timeout: float = ADMIN_TIMEOUT) -> int:
+        if self.admin is None:
+            raise ClosedError(f"controller {self.bdf} (no admin queue)")
+        addr, n = 0, 0
+        if buf is not None:
+            buf.check_usable()
+            addr, n = buf.addr, length or buf.size
+            if n > buf.size:
+                raise ValueError(f"{what or 'admin command'}: length {n} exceeds the "
+                                 f"{buf.size}-byte buffer")
+        return self.admin.submit(cmd, addr, n, what, owner=buf).result(timeout)
 
     def _admin_read(self, cmd: sqe.Sqe, size: int, what: str) -> bytes:
-        buf = self.allocator.alloc(size, self.page_size)
-        try:
+        with self.allocator.alloc(size, self.page_size) as buf:
             self.admin_command(cmd, buf, size, what)
-            return bytes(memoryview(buf)[:size])
-        finally:
-            buf.free()
+            return bytes(buf.view[:size])
 
     def _identify_raw(self, cns: int, nsid: int = 0) -> bytes:
         return self._admin_read(sqe.identify(cns, nsid=nsid), 4096,
@@ -215,7 +301,7 @@ class Controller:
     def smart_log(self) -> SmartLog:
         return SmartLog.parse(self.get_log_page(LID_SMART, 512))
 
-    def error_log(self, entries: int | None = None):  # -> list[ErrorLogEntry]
+    def error_log(self, entries: int | None = None) -> list[ErrorLogEntry]:
         n = min(entries or self.identify.elpe + 1, self.identify.elpe + 1)   # ELPE is 0's based
         return parse_error_log(self.get_log_page(LID_ERROR, 64 * n))
 
@@ -231,77 +317,121 @@ class Controller:
                                   what=f"Set Features FID {fid:#04x}")
 
     def format_nvm(self, nsid: int, lbaf: int, *, ses: int = 0, timeout: float = 60.0) -> None:
+        if not timeout > 0:
+            raise ValueError(f"Format NVM: timeout must be positive, not {timeout} (a Format "
+                             "must not be abandoned while the device runs it)")
         self.admin_command(sqe.format_nvm(nsid, lbaf, ses=ses),
                            what=f"Format NVM nsid {nsid} lbaf {lbaf}", timeout=timeout)
-        self._namespaces.pop(nsid, None)
+        with self._lock:
+            self._namespaces.pop(nsid, None)
 
     def _negotiate_queues(self, wanted: int) -> int:
-        """Set Features Number of Queues (§5.27.1.7): returns the I/O queue pairs granted."""
+        """Set Features Number of Queues (§5.27.1.7): the I/O queue pairs granted, capped at
+        what we asked for (a device may answer more, §5.27.1.7 allows it; we use no more)."""
         n = wanted - 1
         dw0 = self.set_features(FID_NUMBER_OF_QUEUES, n | n << 16)
-        return min(dw0 & 0xFFFF, dw0 >> 16) + 1
+        return min(dw0 & 0xFFFF, dw0 >> 16, n) + 1
 
     # ---- I/O queues ---------------------------------------------------------------------------
 
     def create_io_queue(self, depth: int = 256) -> IoQueue:
-        """A new polled I/O queue pair (CQ with interrupts off, then its SQ)."""
-        self.check_open()
-        qid = next(q for q in range(1, self.max_io_queues + 2) if q not in self.io_queues)
-        if qid > self.max_io_queues:
-            raise ControllerError(f"{self.bdf}: all {self.max_io_queues} I/O queue pairs the "
-                                  f"controller granted are in use")
-        depth = min(depth, self.cap.mqes)
-        q = IoQueue(qid, depth, self.allocator, self.pci.bar0_addr, dstrd=self.cap.dstrd,
-                    page_size=self.page_size, maptable=self.container.maptable,
-                    shadow=self.dbbuf.addrs if self.dbbuf is not None else None)
+        """A new polled I/O queue pair (CQ with interrupts off, then its SQ); at most CAP.MQES
+        (and 4096) entries. Thread-safe."""
+        with self._lock:
+            self.check_open()
+            qid = next((q for q in range(1, self.max_io_queues + 1) if q not in self.io_queues),
+                       None)
+            if qid is None:
+                raise ControllerError(f"{self.bdf}: all {self.max_io_queues} I/O queue pairs "
+                                      "the controller granted are in use; delete one first")
+            depth = max(2, min(depth, self.cap.mqes, MAX_QUEUE_DEPTH))
+            q = self._new_queue(qid, depth, self.max_transfer,
+                                self.dbbuf.addrs if self.dbbuf is not None else None)
+            self._create_on_device(q)
+            self.io_queues[qid] = q
+            return q
+
+    def _create_on_device(self, q: IoQueue) -> None:
+        """Create I/O CQ then SQ (§5.4, §5.5); undo what was created when a step fails. The
+        rings are released only when the device provably no longer uses them."""
+        qid, depth = q.qid, q.depth
+        gone = ClosedError(f"I/O queue {qid} (not created)")
         try:
-            self.admin_command(sqe.create_io_cq(qid, depth, prp1=q.cq_mem.iova),
+            self._admin(sqe.create_io_cq(qid, depth, prp1=q.cq_mem.iova),
                                what=f"Create I/O CQ {qid}")
-            try:
-                self.admin_command(sqe.create_io_sq(qid, depth, qid, prp1=q.sq_mem.iova),
-                                   what=f"Create I/O SQ {qid}")
-            except BaseException:
-                self.admin_command(sqe.delete_io_cq(qid), what=f"Delete I/O CQ {qid}")
-                raise
-        except BaseException:
-            q.free()
+        except NvmeError:
+            q.close(gone, device_quiet=True)   # refused: the device never took the rings
             raise
-        self.io_queues[qid] = q
-        return q
+        except BaseException:
+            q.close(gone, device_quiet=False)  # unknown: keep the rings quarantined
+            raise
+        try:
+            self._admin(sqe.create_io_sq(qid, depth, qid, prp1=q.sq_mem.iova),
+                               what=f"Create I/O SQ {qid}")
+        except BaseException as e:
+            deleted = False
+            if isinstance(e, NvmeError):
+                try:
+                    self._admin(sqe.delete_io_cq(qid), what=f"Delete I/O CQ {qid}")
+                    deleted = True
+                except IommuDmaError:
+                    pass
+            q.close(gone, device_quiet=deleted)
+            raise
 
     def default_io_queue(self) -> IoQueue:
         """The I/O queue pair namespaces use unless given their own (created on first use)."""
-        self.check_open()
-        if self._default_queue is None:
-            self._default_queue = self.create_io_queue()
-        return self._default_queue
+        with self._lock:
+            self.check_open()
+            if self._default_queue is None:
+                self._default_queue = self.create_io_queue()
+            return self._default_queue
 
     def delete_io_queue(self, qid: int) -> None:
-        if self._default_queue is not None and self._default_queue.qid == qid:
+        """Delete I/O SQ then CQ (§5.6, §5.7); commands still pending fail with ClosedError."""
+        with self._lock:
+            self.check_open()
+            if qid not in self.io_queues:
+                raise ValueError(f"{self.bdf}: no I/O queue {qid}; queues: "
+                                 f"{sorted(self.io_queues) or 'none'}")
+            self._delete_queue(qid)
+
+    def _delete_queue(self, qid: int) -> None:
+        q = self.io_queues[qid]
+        if self._default_queue is q:
             self._default_queue = None
-        q = self.io_queues.pop(qid)
-        self.admin_command(sqe.delete_io_sq(qid), what=f"Delete I/O SQ {qid}")
-        self.admin_command(sqe.delete_io_cq(qid), what=f"Delete I/O CQ {qid}")
-        q.free()
+        self._admin(sqe.delete_io_sq(qid), what=f"Delete I/O SQ {qid}")
+        self._admin(sqe.delete_io_cq(qid), what=f"Delete I/O CQ {qid}")
+        del self.io_queues[qid]
+        # §5.6: deleting an SQ aborts its outstanding commands; the device is done with them
+        q.close(ClosedError(f"I/O queue {qid} (deleted)"), device_quiet=True)
 
     # ---- namespaces and memory -----------------------------------------------------------------
 
-    def namespace(self, nsid: int):  # -> Namespace
+    def namespace(self, nsid: int) -> Namespace:
+        """The Namespace object of nsid (one per NSID, shared; safe to use from threads)."""
         from iommu_dma.nvme.namespace import Namespace
 
-        self.check_open()
-        if nsid not in self._namespaces:
-            self._namespaces[nsid] = Namespace(self, nsid)
-        return self._namespaces[nsid]
+        with self._lock:
+            self.check_open()
+            if nsid not in self._namespaces:
+                self._namespaces[nsid] = Namespace(self, nsid)
+            return self._namespaces[nsid]
 
     def alloc(self, size: int, align: int = 4096) -> DmaBuffer:
         """DMA memory usable as a data buffer by this controller (IOVA = address)."""
+        self.check_open()
         return self.allocator.alloc(size, align)
 
     @property
     def max_transfer(self) -> int:
-        """Largest transfer of one command in bytes (MDTS; 2 MiB when MDTS says unlimited)."""
-        return self.identify.max_transfer(self.cap.mps_min) or 2 << 20
+        """Largest transfer of one command in bytes: MDTS, capped at what the engine's PRP
+        lists are sized for (MAX_TRANSFER_CAP, also when MDTS is 0 = unlimited)."""
+        mdts = self.identify.max_transfer(self.cap.mps_min)
+        return min(mdts, MAX_TRANSFER_CAP) if mdts else MAX_TRANSFER_CAP
 
     def __repr__(self) -> str:
-        return f"<Controller {self.bdf} {self.identify.mn!r} sn={self.identify.sn!r}>"
+        ident = getattr(self, "identify", None)
+        if ident is None:
+            return f"<Controller {self.bdf}>"
+        return f"<Controller {self.bdf} {ident.mn!r} sn={ident.sn!r}>"

@@ -1,43 +1,84 @@
-"""A queue pair with its DMA memory, futures for commands, and back-pressure handling.
+"""A queue pair with its DMA memory, futures for commands, back-pressure and device ownership.
 
 Used for the admin queue (qid 0) and each I/O queue. Completions are reaped by polling: a
 future's result() polls its queue until the command completes.
+
+Thread model: an IoQueue may be shared by threads. One lock guards its state and every call
+into the engine (which releases the GIL); a thread waiting for its command polls in slices of
+at most POLL_SLICE seconds and releases the lock in between, so other threads submit and reap
+meanwhile (a completion reaped by one thread resolves another thread's future).
+
+Ownership (NVMe Base 2.0 §3.3.1: the controller may access a command's memory until it posts
+the completion): the commands of one submission share a lease on the memory they point at,
+which lives until the queue drops the last of them: when its completion is reaped, or when
+the queue is torn down after the device can no longer touch it (queue deleted, controller
+disabled or gone). A DmaBuffer freed while a lease on it lives is quarantined; other buffer
+objects are kept referenced (and their buffer export held) for as long.
+
+Interruption (Ctrl-C's KeyboardInterrupt, raised between any two Python calls): every step that
+moves a command between "queued", "in flight" and "done" is recorded so that the next call on
+the queue finishes it (_recover): reaped completions stay in the engine's output array until
+handled, a submission in progress is settled from the engine's in-flight count, and handling a
+completion twice is harmless. The worst an interrupt can do is leave a buffer quarantined;
+it never frees memory the device may still write, nor loses or duplicates a command.
 """
 
 from __future__ import annotations
 
 import ctypes
 import itertools
+import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
-from iommu_dma.errors import IommuDmaError
+from iommu_dma.errors import ClosedError, IommuDmaError
 from iommu_dma.memory import DmaAllocator, DmaBuffer
-from iommu_dma.nvme.queue import EUNMAPPED, Completion, QueueError, QueuePair
+from iommu_dma.nvme.queue import (
+    EUNMAPPED,
+    Command,
+    Completion,
+    QueueError,
+    QueuePair,
+    prp_list_pages,
+)
 from iommu_dma.nvme.sqe import SQE_SIZE, Sqe
 from iommu_dma.nvme.status import NvmeError, NvmeTimeoutError
 
 CQE_SIZE = 16
 RETRY_LIMIT = 3
+POLL_SLICE = 0.001          # longest a waiter holds the queue lock inside the engine
 
 
 class NotMappedError(IommuDmaError):
     """A data buffer is not DMA-mapped; the command was not sent."""
 
 
-@dataclass
+class _Lease:
+    """The device's hold on the memory of one submission's commands: the owner (a DmaBuffer,
+    or any buffer object whose export is held so it cannot be resized) stays the device's for
+    as long as this object lives, i.e. until the queue drops the last of those commands."""
+
+    __slots__ = ("owner", "view", "__weakref__")
+
+    def __init__(self, owner: object) -> None:
+        self.owner = owner
+        self.view = None if isinstance(owner, DmaBuffer) else memoryview(owner)  # type: ignore[arg-type]
+
+
+@dataclass(eq=False)
 class _Pending:
-    sqe: Sqe
-    addr: int
-    length: int
+    cmd: Command
     future: IoFuture
+    lease: _Lease | None = None          # the device's hold on the command's data memory
     retries: int = 0
 
 
 class IoFuture:
     """The outcome of one submitted command: DW0 result, or NvmeError for an error status."""
+
+    __slots__ = ("_queue", "what", "completion", "_error")
 
     def __init__(self, queue: IoQueue, what: str) -> None:
         self._queue = queue
@@ -48,18 +89,32 @@ class IoFuture:
     def done(self) -> bool:
         return self.completion is not None or self._error is not None
 
+    def exception(self) -> BaseException | None:
+        """The error the command ended with (None if it succeeded or is still running)."""
+        return self._error
+
     def _finish(self, cpl: Completion | None, error: BaseException | None = None) -> None:
         self.completion, self._error = cpl, error
 
-    def result(self, timeout: float | None = None) -> int:
-        """Poll the queue until this command completes; DW0 of its completion."""
+    def wait(self, timeout: float | None = None) -> bool:
+        """Poll the queue until this command completes or timeout seconds pass; done()."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self.done():
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                raise NvmeTimeoutError(f"{self.what}: no completion within {timeout} s on "
-                                       f"queue {self._queue.qid}; reset the controller")
-            self._queue.process(timeout=min(left, 0.5) if left is not None else 0.5)
+            left = POLL_SLICE if deadline is None else min(deadline - time.monotonic(),
+                                                           POLL_SLICE)
+            if left <= 0:
+                return False
+            self._queue.process(timeout=left)
+        return True
+
+    def result(self, timeout: float | None = None) -> int:
+        """Wait for this command; DW0 of its completion. On timeout the command stays with the
+        device (its memory stays quarantined until it completes or the queue is deleted)."""
+        if not self.wait(timeout):
+            raise NvmeTimeoutError(
+                f"{self.what}: no completion within {timeout} s on queue {self._queue.qid}; "
+                "the command is still owned by the device (its buffer is quarantined until "
+                "the controller completes it or is reset)")
         if self._error is not None:
             raise self._error
         assert self.completion is not None
@@ -67,113 +122,211 @@ class IoFuture:
 
 
 class IoQueue:
-    """SQ and CQ rings, one PRP list page per tracker, and the native engine driving them."""
+    """SQ and CQ rings, PRP list pages per tracker, and the native engine driving them."""
 
-    def __init__(self, qid: int, depth: int, allocator: DmaAllocator, bar0_addr: int, *,
-                 dstrd: int, page_size: int, maptable: Any,
-                 shadow: tuple[int, int] | None = None) -> None:
-        """shadow: (shadow doorbell page, EventIdx page) addresses when the controller has
+    def __init__(self, qid: int, depth: int, allocator: DmaAllocator, bar0_addr: int,
+                 bar0_size: int, *, dstrd: int, page_size: int, max_transfer: int,
+                 maptable: object, shadow: tuple[int, int] | None = None) -> None:
+        """max_transfer: the largest data transfer of one command (sizes the PRP lists);
+        shadow: (shadow doorbell page, EventIdx page) addresses when the controller has
         Doorbell Buffer Config enabled (NVMe Base 2.0 §5.8)."""
         self.qid = qid
         self.depth = depth
-        self.sq_mem = _zeroed(allocator, depth * SQE_SIZE, page_size)
-        self.cq_mem = _zeroed(allocator, depth * CQE_SIZE, page_size)
-        self.lists = _zeroed(allocator, (depth - 1) * page_size, page_size)
-        self.qpair = QueuePair(qid, depth, self.sq_mem.addr, self.cq_mem.addr, bar0_addr,
-                               dstrd=dstrd, page_size=page_size, list_addr=self.lists.addr,
-                               list_pages=depth - 1, maptable=maptable)
-        if shadow is not None:
-            self.qpair.set_shadow(*shadow)
+        self.allocator = allocator
+        self.max_transfer = max_transfer
+        pages_each = max(1, prp_list_pages(max_transfer, page_size))
+        self._memory: list[DmaBuffer] = []
+        self.sq_mem = self._zeroed(depth * SQE_SIZE, page_size)
+        self.cq_mem = self._zeroed(depth * CQE_SIZE, page_size)
+        self.lists = self._zeroed((depth - 1) * pages_each * page_size, page_size)
+        try:
+            self.qpair = QueuePair(qid, depth, self.sq_mem.addr, self.cq_mem.addr, bar0_addr,
+                                   bar0_size, dstrd=dstrd, page_size=page_size,
+                                   list_addr=self.lists.addr,
+                                   list_pages=(depth - 1) * pages_each, maptable=maptable)
+            if shadow is not None:
+                self.qpair.set_shadow(*shadow)
+        except BaseException:
+            self._free_memory()
+            raise
+        self._lock = threading.Lock()
         self._tags = itertools.count(1)
         self._inflight: dict[int, _Pending] = {}
         self._backlog: deque[_Pending] = deque()
+        # (engine in-flight count before, commands, tags) while a submission is in progress
+        self._submitting: tuple[int, list[_Pending], list[int]] | None = None
+        self._abandoned: list[_Pending] = []
+        self.closed = False
+        self.unknown_completions = 0
 
-    def submit(self, sqe: Sqe, addr: int = 0, length: int = 0, what: str = "") -> IoFuture:
+    def _zeroed(self, size: int, align: int) -> DmaBuffer:
+        buf = self.allocator.alloc(size, align)
+        ctypes.memset(buf.addr, 0, size)
+        self._memory.append(buf)
+        return buf
+
+    def _free_memory(self) -> None:
+        for mem in self._memory:
+            mem.free()
+        self._memory.clear()
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ClosedError(f"I/O queue {self.qid}" if self.qid else "the admin queue")
+
+    # ---- submission ---------------------------------------------------------------------
+
+    def submit(self, sqe: Sqe, addr: int = 0, length: int = 0, what: str = "",
+               owner: object = None) -> IoFuture:
         """Queue one command (the device sees it at the next doorbell write)."""
-        return self.submit_many([(sqe, addr, length, what)])[0]
+        return self.submit_many([Command(sqe, addr, length, 0, what)], owner)[0]
 
-    def submit_many(self, cmds: list[tuple[Sqe, int, int, str]]) -> list[IoFuture]:
+    def submit_many(self, cmds: Sequence[Command], owner: object = None) -> list[IoFuture]:
         """Queue commands with one doorbell write; what does not fit waits in a backlog that
-        is sent as completions free trackers (back-pressure, nothing dropped)."""
-        items = [_Pending(sqe, addr, length, IoFuture(self, what or _describe(sqe)))
-                 for sqe, addr, length, what in cmds]
-        self._backlog.extend(items)
-        self._send_backlog()
+        is sent as completions free trackers (back-pressure, nothing dropped). owner: the
+        object the commands' data pointers point into (a DmaBuffer, or any buffer object):
+        it belongs to the device until each command's completion is reaped."""
+        with self._lock:
+            self._check_open()
+            items = [_Pending(c, IoFuture(self, c.what or _describe(c.sqe))) for c in cmds]
+            if owner is not None and items:
+                lease = _Lease(owner)
+                if isinstance(owner, DmaBuffer):
+                    owner._allocator.device_acquire(owner, lease)
+                for p in items:
+                    p.lease = lease
+            self._backlog.extend(items)
+            self._send_backlog()
         return [p.future for p in items]
 
+    @staticmethod
+    def _release(p: _Pending) -> None:
+        """The device is done with p's memory: p lets go of its lease."""
+        p.lease = None
+
     def _send_backlog(self) -> None:
-        if not self._backlog:
+        while self._backlog:
+            batch = list(self._backlog)
+            tags = [next(self._tags) for _ in batch]
+            self._submitting = (self.qpair.inflight, batch, tags)
+            try:
+                self.qpair.submit([p.cmd._replace(tag=t) for p, t in zip(batch, tags)])
+            except QueueError as e:             # refused: nothing of the call was queued
+                self._submitting = None
+                bad = batch[e.index] if e.index >= 0 else batch[0]
+                self._backlog.remove(bad)
+                self._release(bad)              # never reached the device
+                bad.future._finish(None, _refusal(e, bad))
+                continue
+            self._settle_submit()
             return
-        batch = list(self._backlog)
-        tags = [next(self._tags) for _ in batch]
-        try:
-            sent = self.qpair.submit([(p.sqe, p.addr, p.length, t) for p, t in zip(batch, tags)])
-        except QueueError as e:
-            bad = batch[e.index] if e.index >= 0 else batch[0]
-            self._backlog.remove(bad)
-            bad.future._finish(None, _refusal(e, bad))
-            self._send_backlog()
+
+    def _settle_submit(self) -> None:
+        """Move what the engine accepted from the backlog to in flight (idempotent)."""
+        if self._submitting is None:
             return
+        before, batch, tags = self._submitting
+        sent = self.qpair.inflight - before     # no reaping since: callers _recover() first
         for p, t in zip(batch[:sent], tags[:sent]):
             self._inflight[t] = p
-            self._backlog.popleft()
+            if self._backlog and self._backlog[0] is p:
+                self._backlog.popleft()
+        self._submitting = None
+
+    def _recover(self) -> None:
+        """Finish what an exception interrupted in a previous call (see the module text)."""
+        self._settle_submit()
+        self._handle_reaped()
+
+    # ---- completion ----------------------------------------------------------------------
 
     def process(self, timeout: float = 0.0) -> int:
         """Reap completions (waiting up to timeout for at least one), resolve their futures,
         retry retryable statuses, and send backlog; returns how many completed."""
-        if timeout > 0 and self._inflight:
-            cpls = self.qpair.wait(1, timeout)
-        else:
-            cpls = self.qpair.poll()
-        for c in cpls:
-            self._complete(c)
-        self._send_backlog()
-        return len(cpls)
+        with self._lock:
+            self._check_open()
+            self._recover()
+            if timeout > 0 and self._inflight:
+                self.qpair.wait_into(1, timeout)
+            else:
+                self.qpair.reap_into()
+            n = self._handle_reaped()
+            self._send_backlog()
+        return n
+
+    def _handle_reaped(self) -> int:
+        """Complete every entry the engine wrote to its output array, then free the entries
+        from the last to the first (so that the used entries always form a prefix)."""
+        out = self.qpair.reaped
+        n = 0
+        while n < self.depth and out[n].tag:
+            e = out[n]
+            self._complete(Completion(int(e.tag), int(e.result), int(e.cid), int(e.status)))
+            n += 1
+        for i in range(n - 1, -1, -1):
+            out[i].tag = 0
+        return n
 
     def _complete(self, cpl: Completion) -> None:
-        p = self._inflight.pop(cpl.tag)
+        """Resolve the command of one completion; safe to repeat for the same completion."""
+        p = self._inflight.get(cpl.tag)
+        if p is None:                   # handled already, or a tag we never used
+            self.unknown_completions += 1
+            return
         if cpl.ok:
             p.future._finish(cpl)
+            self._release(p)
+            del self._inflight[cpl.tag]
             return
         err = NvmeError(cpl.status, p.future.what)
         if err.retryable and p.retries < RETRY_LIMIT:
-            p.retries += 1
-            self._backlog.append(p)
+            if p not in self._backlog:  # §4.6.1.2.1: retry when DNR is clear (owner kept)
+                p.retries += 1
+                self._backlog.append(p)
         else:
             p.future._finish(cpl, err)
+            self._release(p)
+        del self._inflight[cpl.tag]
 
     @property
     def outstanding(self) -> int:
         return len(self._inflight) + len(self._backlog)
 
-    def drain(self, timeout: float) -> None:
-        """Wait until every submitted command has completed."""
-        deadline = time.monotonic() + timeout
-        while self.outstanding:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise NvmeTimeoutError(f"queue {self.qid}: {self.outstanding} command(s) did "
-                                       f"not complete within {timeout} s")
-            self.process(timeout=min(left, 0.5))
+    # ---- teardown ------------------------------------------------------------------------
 
-    def free(self) -> None:
-        for mem in (self.sq_mem, self.cq_mem, self.lists):
-            mem.free()
+    def close(self, error: BaseException, *, device_quiet: bool) -> None:
+        """Fail every command still queued or in flight with `error` and refuse further use.
+        device_quiet: the device can no longer touch this queue's memory (queue deleted,
+        controller disabled or gone, or the IOMMU mappings removed): buffers are released
+        and the rings freed. Otherwise they stay quarantined for good."""
+        with self._lock:
+            if self.closed:
+                return
+            self._recover()
+            self.closed = True
+            for p in [*self._inflight.values(), *self._backlog]:
+                if device_quiet or p in self._backlog:
+                    self._release(p)
+                else:
+                    self._abandoned.append(p)   # keeps its lease: quarantined for good
+                p.future._finish(None, error)
+            self._inflight.clear()
+            self._backlog.clear()
+            self.qpair.close()
+            if device_quiet:
+                self._free_memory()
 
 
-def _zeroed(allocator: DmaAllocator, size: int, align: int) -> DmaBuffer:
-    buf = allocator.alloc(size, align)
-    ctypes.memset(buf.addr, 0, size)
-    return buf
-
-
-def _describe(sqe: Sqe) -> str:
-    return f"opcode {sqe.opcode:#04x} nsid {sqe.nsid}"
+def _describe(sqe: object) -> str:
+    if isinstance(sqe, Sqe):
+        return f"opcode {sqe.opcode:#04x} nsid {sqe.nsid}"
+    return "command"
 
 
 def _refusal(e: QueueError, p: _Pending) -> IommuDmaError:
+    addr, length = p.cmd.addr, p.cmd.length
     if e.rc == EUNMAPPED:
         return NotMappedError(
-            f"{p.future.what}: data buffer [{p.addr:#x}, {p.addr + p.length:#x}) is not "
+            f"{p.future.what}: data buffer [{addr:#x}, {addr + length:#x}) is not "
             f"DMA-mapped, command not sent; use memory from Controller.alloc() or register() it")
     return IommuDmaError(f"{p.future.what}: refused before submission: {e}")

@@ -3,34 +3,41 @@
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from iommu_dma.errors import IommuDmaError
 from iommu_dma.memory import DmaBuffer
 from iommu_dma.nvme import sqe
+from iommu_dma.nvme.constants import DSM_MAX_RANGES, MAX_NLB, SC_COMPARE_FAILURE, SCT_MEDIA
 from iommu_dma.nvme.identify import IdentifyNamespace
 from iommu_dma.nvme.ioqueue import IoFuture, IoQueue, NotMappedError
-from iommu_dma.nvme.status import SCT_MEDIA, NvmeError
+from iommu_dma.nvme.queue import Command
+from iommu_dma.nvme.status import NvmeError
 
 if TYPE_CHECKING:
     from iommu_dma.nvme.controller import Controller
 
 IO_TIMEOUT = 30.0
-MAX_NLB = 1 << 16            # NLB is a 16-bit 0's based field (NVM Command Set 1.0 §3.2)
-DSM_RANGE_SIZE = 16
-DSM_MAX_RANGES = 256
-SC_COMPARE_FAILURE = 0x85
 
 
 class InactiveNamespaceError(IommuDmaError, LookupError):
     """The NSID names no active namespace of the controller."""
 
 
-class Request:
-    """An asynchronous request: one or more commands (a transfer split at MDTS)."""
+class UnsupportedFormatError(IommuDmaError):
+    """The namespace's LBA format is one iommu-dma does not drive (metadata, bad FLBAS)."""
 
-    def __init__(self, futures: list[IoFuture], on_done: Any = None) -> None:
+
+class Request:
+    """An asynchronous request: one or more commands (a transfer split at the largest transfer
+    the controller and engine allow). Every piece is waited for before an error is raised, so
+    no piece is still running when the caller sees the failure (a piece that times out stays
+    with the device and keeps its buffer quarantined)."""
+
+    def __init__(self, futures: list[IoFuture], on_done: Callable[[], Any] | None = None
+                 ) -> None:
         self.futures = futures
         self._on_done = on_done
         self._value: Any = None
@@ -40,24 +47,34 @@ class Request:
         return all(f.done() for f in self.futures)
 
     def result(self, timeout: float | None = IO_TIMEOUT) -> Any:
-        """Wait (polling) for every command; raise the first NvmeError, if any."""
-        if not self._finished:
-            for f in self.futures:
-                f.result(timeout)
-            self._value = self._on_done() if self._on_done else None
-            self._finished = True
+        """Wait (polling) for every command; then raise the first piece's error, if any."""
+        if self._finished:
+            return self._value
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for f in self.futures:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            f.wait(left)
+        for f in self.futures:
+            if not f.done():
+                f.result(0)                 # raises NvmeTimeoutError naming the piece
+        for f in self.futures:
+            if f.exception() is not None:
+                f.result()
+        self._value = self._on_done() if self._on_done else None
+        self._finished = True
         return self._value
 
 
-def _bytes_view(buf: DmaBuffer) -> memoryview:
-    return memoryview(buf).cast("B")
-
-
-def buffer_address(obj: Any) -> tuple[int, int]:
-    """(address, length) of a writable, contiguous buffer-protocol object."""
+def buffer_address(obj: object) -> tuple[int, int]:
+    """(address, length) of a DmaBuffer or a writable, contiguous buffer-protocol object."""
     if isinstance(obj, DmaBuffer):
+        obj.check_usable()
         return obj.addr, obj.size
-    view = memoryview(obj)
+    try:
+        view = memoryview(obj)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"a {type(obj).__name__} is not a buffer; pass a DmaBuffer from "
+                        "Controller.alloc() or registered memory") from None
     if view.readonly:
         raise TypeError("the buffer is read-only; DMA needs writable memory (use write() for "
                         "bytes, which copies them into DMA memory)")
@@ -69,9 +86,16 @@ def buffer_address(obj: Any) -> tuple[int, int]:
 
 
 class Namespace:
-    """Namespace nsid of a controller. LBAs and block counts are in logical blocks."""
+    """Namespace nsid of a controller. LBAs and block counts are in logical blocks.
+
+    Thread-safe: threads may share one Namespace; its commands go to one I/O queue pair (the
+    controller's default queue unless one is given), whose lock serializes submission and
+    reaping while each thread waits for its own commands.
+    """
 
     def __init__(self, ctrl: Controller, nsid: int, queue: IoQueue | None = None) -> None:
+        if not 1 <= nsid <= 0xFFFFFFFE:
+            raise ValueError(f"NSID must be 1..{0xFFFFFFFE}, not {nsid}")
         self.ctrl = ctrl
         self.nsid = nsid
         self._queue = queue
@@ -81,9 +105,33 @@ class Namespace:
             raise InactiveNamespaceError(
                 f"{ctrl.bdf}: namespace {nsid} is not active; active NSIDs: "
                 f"{', '.join(map(str, active)) or 'none'}")
+        self._check_format()
         self.lba_size = self.identify.lba_size
         self.blocks = self.identify.nsze
         self.max_blocks = max(1, min(ctrl.max_transfer // self.lba_size, MAX_NLB))
+
+    def _check_format(self) -> None:
+        """Refuse formats whose transfers we would size wrongly (NVM Command Set 1.0 §4.1.5:
+        with MS > 0 the device also moves metadata, interleaved or through MPTR)."""
+        ident, where = self.identify, f"{self.ctrl.bdf} namespace {self.nsid}"
+        index = ident.format_index
+        if index >= len(ident.lbaf):
+            raise UnsupportedFormatError(f"{where}: FLBAS selects LBA format {index} but the "
+                                         f"namespace lists only {len(ident.lbaf)}")
+        fmt = ident.lbaf[index]
+        if not 9 <= fmt.lbads <= 16:
+            raise UnsupportedFormatError(f"{where}: LBA format {index} has a {1 << fmt.lbads}-"
+                                         "byte block (LBADS outside 512 B..64 KiB)")
+        if fmt.ms:
+            layout = ("extended LBA, metadata after each block" if ident.flbas & 0x10
+                      else "separate metadata buffer")
+            plain = [i for i, f in enumerate(ident.lbaf) if f.ms == 0 and f.lbads]
+            fix = (f"reformat to a format without metadata (LBA format(s) {plain}) with "
+                   f"`iommu-dma format {self.ctrl.bdf} -n {self.nsid} --lbaf N`" if plain else
+                   "no format of this namespace is without metadata")
+            raise UnsupportedFormatError(
+                f"{where}: LBA format {index} is {1 << fmt.lbads}-byte blocks with {fmt.ms} "
+                f"bytes of metadata ({layout}); iommu-dma does not drive metadata yet; {fix}")
 
     @property
     def capacity(self) -> int:
@@ -108,7 +156,7 @@ class Namespace:
             raise ValueError(f"{what}: LBAs {slba}..{slba + nlb - 1} are outside namespace "
                              f"{self.nsid} (LBAs 0..{self.blocks - 1})")
 
-    def _data(self, buf: Any, nlb: int, what: str) -> int:
+    def _data(self, buf: object, nlb: int, what: str) -> int:
         addr, size = buffer_address(buf)
         need = nlb * self.lba_size
         if size < need:
@@ -121,99 +169,108 @@ class Namespace:
                                  f"DMA-mapped; use Controller.alloc() or register() the memory")
         return addr
 
+    def _blocks_of(self, buf: object) -> int:
+        return buffer_address(buf)[1] // self.lba_size
+
     # ---- asynchronous data transfers ------------------------------------------------------
 
-    def _transfer(self, build: Any, name: str, slba: int, nlb: int, buf: Any) -> Request:
+    def _transfer(self, build: Callable[[int, int, int], sqe.Sqe], name: str, slba: int,
+                  nlb: int, buf: object) -> Request:
         what = f"{name} nsid {self.nsid} LBAs {slba}+{nlb}"
         self._check_range(slba, nlb, what)
         addr = self._data(buf, nlb, what)
         cmds = []
         for off in range(0, nlb, self.max_blocks):
             n = min(self.max_blocks, nlb - off)
-            cmds.append((build(self.nsid, slba + off, n), addr + off * self.lba_size,
-                         n * self.lba_size, f"{name} nsid {self.nsid} LBAs {slba + off}+{n}"))
-        return Request(self.queue.submit_many(cmds))
+            cmds.append(Command(build(self.nsid, slba + off, n), addr + off * self.lba_size,
+                                n * self.lba_size, 0,
+                                f"{name} nsid {self.nsid} LBAs {slba + off}+{n}"))
+        return Request(self.queue.submit_many(cmds, owner=buf))
 
-    def read_async(self, slba: int, nlb: int, buf: Any) -> Request:
+    def read_async(self, slba: int, nlb: int, buf: object) -> Request:
         """Read nlb blocks into DMA-mapped buf (zero copy)."""
         return self._transfer(sqe.read, "Read", slba, nlb, buf)
 
-    def write_async(self, slba: int, buf: Any, nlb: int | None = None) -> Request:
+    def write_async(self, slba: int, buf: object, nlb: int | None = None) -> Request:
         """Write nlb blocks (default: all of buf) from DMA-mapped buf (zero copy)."""
-        n = nlb if nlb is not None else buffer_address(buf)[1] // self.lba_size
+        n = nlb if nlb is not None else self._blocks_of(buf)
         return self._transfer(sqe.write, "Write", slba, n, buf)
 
-    def compare_async(self, slba: int, buf: Any, nlb: int | None = None) -> Request:
-        n = nlb if nlb is not None else buffer_address(buf)[1] // self.lba_size
+    def compare_async(self, slba: int, buf: object, nlb: int | None = None) -> Request:
+        n = nlb if nlb is not None else self._blocks_of(buf)
         return self._transfer(sqe.compare, "Compare", slba, n, buf)
 
     # ---- synchronous calls -------------------------------------------------------------------
 
-    def read_into(self, slba: int, buf: Any, nlb: int | None = None) -> None:
-        n = nlb if nlb is not None else buffer_address(buf)[1] // self.lba_size
-        self.read_async(slba, n, buf).result()
+    def read_into(self, slba: int, buf: object, nlb: int | None = None, *,
+                  timeout: float | None = IO_TIMEOUT) -> None:
+        n = nlb if nlb is not None else self._blocks_of(buf)
+        self.read_async(slba, n, buf).result(timeout)
 
-    def write_from(self, slba: int, buf: Any, nlb: int | None = None) -> None:
-        self.write_async(slba, buf, nlb).result()
+    def write_from(self, slba: int, buf: object, nlb: int | None = None, *,
+                   timeout: float | None = IO_TIMEOUT) -> None:
+        self.write_async(slba, buf, nlb).result(timeout)
 
-    def read(self, slba: int, nlb: int) -> bytes:
+    def read(self, slba: int, nlb: int, *, timeout: float | None = IO_TIMEOUT) -> bytes:
         """Read nlb blocks into fresh DMA memory and return them as bytes."""
         self._check_range(slba, nlb, f"Read nsid {self.nsid}")
-        buf = self.ctrl.alloc(nlb * self.lba_size)
-        try:
-            self.read_into(slba, buf, nlb)
+        with self.ctrl.alloc(nlb * self.lba_size) as buf:
+            self.read_into(slba, buf, nlb, timeout=timeout)
             return bytes(buf)
-        finally:
-            buf.free()
 
-    def write(self, slba: int, data: bytes | bytearray | memoryview) -> None:
+    def write(self, slba: int, data: bytes | bytearray | memoryview, *,
+              timeout: float | None = IO_TIMEOUT) -> None:
         """Write data (a whole number of blocks), copied through DMA memory."""
-        nlb, rest = divmod(len(data), self.lba_size)
+        nbytes = memoryview(data).nbytes
+        nlb, rest = divmod(nbytes, self.lba_size)
         if rest or nlb == 0:
-            raise ValueError(f"Write nsid {self.nsid}: {len(data)} bytes is not a positive "
+            raise ValueError(f"Write nsid {self.nsid}: {nbytes} bytes is not a positive "
                              f"multiple of the {self.lba_size}-byte block")
         self._check_range(slba, nlb, f"Write nsid {self.nsid}")
-        buf = self.ctrl.alloc(len(data))
-        try:
-            _bytes_view(buf)[:] = memoryview(data).cast("B")
-            self.write_from(slba, buf, nlb)
-        finally:
-            buf.free()
+        with self.ctrl.alloc(nbytes) as buf:
+            buf.view[:] = memoryview(data).cast("B")
+            self.write_from(slba, buf, nlb, timeout=timeout)
 
-    def compare(self, slba: int, data: bytes | bytearray | memoryview) -> bool:
+    def compare(self, slba: int, data: bytes | bytearray | memoryview, *,
+                timeout: float | None = IO_TIMEOUT) -> bool:
         """True when the blocks at slba equal data (the device compares: Compare command)."""
-        nlb = len(data) // self.lba_size
-        buf = self.ctrl.alloc(max(len(data), 1))
-        try:
-            _bytes_view(buf)[:len(data)] = memoryview(data).cast("B")
-            self.compare_async(slba, buf, nlb).result()
+        nbytes = memoryview(data).nbytes
+        nlb, rest = divmod(nbytes, self.lba_size)
+        if rest or nlb == 0:
+            raise ValueError(f"Compare nsid {self.nsid}: {nbytes} bytes is not a positive "
+                             f"multiple of the {self.lba_size}-byte block")
+        self._check_range(slba, nlb, f"Compare nsid {self.nsid}")
+        with self.ctrl.alloc(nbytes) as buf:
+            buf.view[:] = memoryview(data).cast("B")
+            try:
+                self.compare_async(slba, buf, nlb).result(timeout)
+            except NvmeError as e:
+                if (e.sct, e.sc) == (SCT_MEDIA, SC_COMPARE_FAILURE):
+                    return False
+                raise
             return True
-        except NvmeError as e:
-            if (e.sct, e.sc) == (SCT_MEDIA, SC_COMPARE_FAILURE):
-                return False
-            raise
-        finally:
-            buf.free()
 
-    def _no_data(self, build: Any, name: str, slba: int, nlb: int) -> None:
+    def _no_data(self, build: Callable[[int, int, int], sqe.Sqe], name: str, slba: int,
+                 nlb: int, timeout: float | None) -> None:
         what = f"{name} nsid {self.nsid} LBAs {slba}+{nlb}"
         self._check_range(slba, nlb, what)
-        cmds = [(build(self.nsid, slba + off, min(MAX_NLB, nlb - off)), 0, 0, what)
+        cmds = [Command(build(self.nsid, slba + off, min(MAX_NLB, nlb - off)), 0, 0, 0, what)
                 for off in range(0, nlb, MAX_NLB)]
-        Request(self.queue.submit_many(cmds)).result()
+        Request(self.queue.submit_many(cmds)).result(timeout)
 
-    def write_zeroes(self, slba: int, nlb: int) -> None:
-        self._no_data(sqe.write_zeroes, "Write Zeroes", slba, nlb)
+    def write_zeroes(self, slba: int, nlb: int, *, timeout: float | None = IO_TIMEOUT) -> None:
+        self._no_data(sqe.write_zeroes, "Write Zeroes", slba, nlb, timeout)
 
-    def verify(self, slba: int, nlb: int) -> None:
+    def verify(self, slba: int, nlb: int, *, timeout: float | None = IO_TIMEOUT) -> None:
         """Verify command: the device reads and checks the blocks; NvmeError if it cannot."""
-        self._no_data(sqe.verify, "Verify", slba, nlb)
+        self._no_data(sqe.verify, "Verify", slba, nlb, timeout)
 
-    def flush(self) -> None:
+    def flush(self, *, timeout: float | None = IO_TIMEOUT) -> None:
         self.ctrl.check_open()
-        self.queue.submit(sqe.flush(self.nsid), what=f"Flush nsid {self.nsid}").result(IO_TIMEOUT)
+        self.queue.submit(sqe.flush(self.nsid), what=f"Flush nsid {self.nsid}").result(timeout)
 
-    def deallocate(self, ranges: Iterable[tuple[int, int]]) -> None:
+    def deallocate(self, ranges: Iterable[tuple[int, int]], *,
+                   timeout: float | None = IO_TIMEOUT) -> None:
         """Dataset Management with AD set (trim) on (slba, nlb) ranges."""
         todo = list(ranges)
         if not 1 <= len(todo) <= DSM_MAX_RANGES:
@@ -223,20 +280,22 @@ class Namespace:
             if nlb > 0xFFFF_FFFF:
                 raise ValueError(f"Deallocate: a range holds at most 2^32-1 blocks, not {nlb}")
         payload = sqe.dsm_ranges(todo)
-        buf = self.ctrl.alloc(len(payload))
-        try:
-            _bytes_view(buf)[:] = payload
+        with self.ctrl.alloc(len(payload)) as buf:
+            buf.view[:] = payload
             what = f"Dataset Management (deallocate) nsid {self.nsid}, {len(todo)} range(s)"
             cmd = sqe.dataset_management(self.nsid, len(todo), deallocate=True)
-            self.queue.submit(cmd, buf.addr, len(payload), what).result(IO_TIMEOUT)
-        finally:
-            buf.free()
+            self.queue.submit(cmd, buf.addr, len(payload), what, owner=buf).result(timeout)
 
-    def command(self, cmd: sqe.Sqe, buf: Any = None, length: int = 0,
-                timeout: float = IO_TIMEOUT) -> int:
+    def command(self, cmd: sqe.Sqe, buf: object = None, length: int = 0,
+                timeout: float | None = IO_TIMEOUT) -> int:
         """A raw I/O command (NSID filled in when 0); returns DW0 of the completion."""
         self.ctrl.check_open()
         if cmd.nsid == 0:
             cmd.nsid = self.nsid
         addr, size = buffer_address(buf) if buf is not None else (0, 0)
-        return self.queue.submit(cmd, addr, length or size).result(timeout)
+        if length > size:
+            raise ValueError(f"command: length {length} exceeds the {size}-byte buffer")
+        if buf is not None and not self.ctrl.container.is_mapped(addr, length or size):
+            raise NotMappedError(f"command: buffer [{addr:#x}, +{length or size:#x}) is not "
+                                 "DMA-mapped; use Controller.alloc() or register() the memory")
+        return self.queue.submit(cmd, addr, length or size, owner=buf).result(timeout)

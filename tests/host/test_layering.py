@@ -48,7 +48,7 @@ LAYERS: list[tuple[str, tuple[str, ...], bool]] = [
 CDLL_HOME = {"iommu_dma.libc"}
 # Modules that may still hold their own copy until their owners move them onto iommu_dma.libc
 # (memory.py: mmap/madvise/memlock; ioqueue.py: pthread_sigmask); then remove them here.
-CDLL_PENDING = {"iommu_dma.memory", "iommu_dma.nvme.ioqueue"}
+CDLL_PENDING: set[str] = set()
 
 
 def module_name(path: Path) -> str:

@@ -22,6 +22,7 @@ from iommu_dma.nvme.controller import Controller
 from iommu_dma.nvme.ioqueue import NotMappedError
 from iommu_dma.nvme.namespace import InactiveNamespaceError
 from iommu_dma.nvme.perf import Workload, run
+from iommu_dma.nvme.queue import Command
 from iommu_dma.nvme.status import NvmeError
 from iommu_dma.testing.bench import Bench, image_path
 from tests.conftest import setup_vfio
@@ -70,7 +71,7 @@ def test_write_read_sizes_and_offsets(idma_bench: Bench, ctrl: Controller,
             for offset in (0, 520, 4092):
                 size = nlb * ns.lba_size
                 buf = ctrl.alloc(size + 8192)
-                view = memoryview(buf).cast("B")[offset:offset + size]
+                view = buf.view[offset:offset + size]
                 data = rng.randbytes(size)
                 view[:] = data
                 ns.write_from(lba, view, nlb)
@@ -145,7 +146,7 @@ def test_errors_are_named_and_checked_before_submission(ctrl: Controller) -> Non
         (lambda: ns.read(ns.blocks - 1, 2), ValueError, "outside namespace 1"),
         (lambda: ns.read(0, 0), ValueError, "at least 1"),
         (lambda: ns.read_into(0, buf, 3), ValueError, "buffer holds 8192 bytes"),
-        (lambda: ns.read_into(0, memoryview(buf).cast("B")[2:4098], 1), ValueError,
+        (lambda: ns.read_into(0, buf.view[2:4098], 1), ValueError,
          "not dword aligned"),
         (lambda: ns.write(0, b"x" * 100), ValueError, "not a positive multiple"),
         (lambda: ctrl.namespace(9), InactiveNamespaceError, "namespace 9 is not active"),
@@ -180,9 +181,9 @@ def test_queue_full_back_pressure_loses_nothing(ctrl: Controller) -> None:
     data = random.randbytes(64 * 4096)
     ns.write(1000, data)
     buf = ctrl.alloc(len(data))
-    cmds = [(sqe.read(1, 1000 + i, 1), buf.addr + i * 4096, 4096, f"read {i}")
+    cmds = [Command(sqe.read(1, 1000 + i, 1), buf.addr + i * 4096, 4096, 0, f"read {i}")
             for i in range(64)]
-    futures = q.submit_many(cmds)
+    futures = q.submit_many(cmds, owner=buf)
     assert q.qpair.inflight == 3 and q.outstanding == 64
     for f in futures:
         f.result(10)

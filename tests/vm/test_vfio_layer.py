@@ -147,8 +147,8 @@ def test_ranges_and_allocations_inside_aperture(idma_bench: Bench, vfio_bdfs: li
             assert ctypes.string_at(buf.addr, 1) == b"\xa5"
             if size > 1:
                 assert ctypes.string_at(buf.addr + size - 1, 1) == b"\x5a"
-            raw = memoryview(buf)                        # the buffer protocol itself
-            assert raw.nbytes == size and raw.tobytes()[0] == 0xA5
+            raw = buf.view                               # a buffer-protocol object
+            assert raw.nbytes == size and raw.tobytes()[0] == 0xA5 and bytes(buf) == raw
             assert ctypes.addressof(ctypes.c_char.from_buffer(raw)) == buf.addr
         if idma_bench.aw_bits == 39:
             assert all(b.addr + b.size <= 1 << 39 for b in bufs)
@@ -306,7 +306,9 @@ def test_use_after_close(vfio_bdfs: list[str]) -> None:
         with pytest.raises(ClosedError, match="is closed"):
             call()
     c.close()                                          # idempotent
-    bytes(buf)                                         # the memory itself stays valid
+    for call in (lambda: bytes(buf), lambda: buf.view):  # buffers of a closed allocator
+        with pytest.raises(ClosedError, match="is closed"):
+            call()
     with Container() as again:                         # the group was released
         again.attach(vfio_bdfs[0])
 
@@ -315,7 +317,8 @@ CHILD = textwrap.dedent("""
     import ctypes, json, resource, sys
     from iommu_dma.container import Container
     from iommu_dma.errors import MemlockError
-    from iommu_dma.memory import DmaAllocator, has_ipc_lock
+    from iommu_dma.memlock import has_ipc_lock
+    from iommu_dma.memory import DmaAllocator
 
     # root is exempt from RLIMIT_MEMLOCK through CAP_IPC_LOCK: drop it (capset(2), v3)
     class Hdr(ctypes.Structure):
@@ -339,7 +342,8 @@ CHILD = textwrap.dedent("""
         except MemlockError as e:
             out["precheck"] = str(e)
         # the kernel's own accounting agrees (ENOMEM, translated)
-        from iommu_dma.memory import mmap_at, place_window, process_mappings
+        from iommu_dma.libc import mmap_at
+        from iommu_dma.memory import place_window, process_mappings
         base = place_window(c.iova_ranges, 4 << 20, 2 << 20, process_mappings())
         addr = mmap_at(base, 4 << 20, 3, 0x22 | 0x100000)
         from iommu_dma import vfio
