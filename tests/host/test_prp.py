@@ -60,3 +60,12 @@ def test_rejects_misaligned_and_empty(addr: int, length: int, err: int) -> None:
 
 def test_list_too_small() -> None:
     assert build(0x10000, 10 * PAGE, slots=4)[0] == -3
+
+
+def test_rejects_bad_page_size_and_wrapping_range() -> None:
+    lst = ffi.new("uint64_t[]", 4)
+    prp1, prp2 = ffi.new("uint64_t *"), ffi.new("uint64_t *")
+    assert lib.idma_prp_build(0x10000, 8, 6000, lst, LIST_IOVA, 4, prp1, prp2) == -4
+    assert lib.idma_prp_build(0x10000, 8, 2048, lst, LIST_IOVA, 4, prp1, prp2) == -4
+    assert lib.idma_prp_build(2**64 - PAGE, 2 * PAGE, PAGE, lst, LIST_IOVA, 4, prp1, prp2) == -3
+    assert lib.idma_prp_build(0x10000, 3 * PAGE, PAGE, ffi.NULL, LIST_IOVA, 4, prp1, prp2) == -3
