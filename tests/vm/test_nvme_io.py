@@ -96,7 +96,7 @@ def test_two_controllers_share_one_container(idma_bench: Bench, vfio_bdfs: list[
         for i, c in enumerate(ctrls):
             ns = c.namespace(1)
             data = random.randbytes(len(shared))
-            memoryview(shared).cast("B")[:] = data
+            shared.view[:] = data
             nlb = len(data) // ns.lba_size
             ns.write_from(100, shared, nlb)
             assert ns.read(100, nlb) == data
