@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEB_PACKAGES := qemu-system-x86 linux-image-amd64 fio python3-venv python3-dev gcc libc6-dev \
-                linux-libc-dev e2fsprogs util-linux kmod pciutils busybox-static
+                linux-libc-dev e2fsprogs util-linux kmod pciutils busybox-static file
 NATIVE_SOURCES := $(wildcard native/*.c native/*.h native/*.py) setup.py pyproject.toml
 
 .PHONY: all setup deps venv demo test test-host test-vm lint wheelhouse bench clean

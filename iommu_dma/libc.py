@@ -1,10 +1,8 @@
 """The libc calls Python's standard library does not offer, through one ctypes handle.
 
 mmap with a chosen address (Python's mmap module cannot place a mapping), munmap, madvise,
-eventfd, ioctl, and pthread_sigmask on preallocated sigset_t buffers (the signal module's
-version builds Python sets on every call). Each raises OSError (errno set) on failure, except
-munmap, which is called from finalizers and ignores errors. Nothing here knows about VFIO or
-NVMe.
+eventfd and ioctl. Each raises OSError (errno set) on failure, except munmap, which is called
+from finalizers and ignores errors. Nothing here knows about VFIO or NVMe.
 """
 
 from __future__ import annotations
@@ -12,11 +10,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    SigSet = ctypes.Array[ctypes.c_char]     # a sigset_t, as a raw buffer
 
 # The only ctypes.CDLL of the package: the C library of this process, errno kept per call.
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -31,11 +24,6 @@ _libc.eventfd.argtypes = [ctypes.c_uint, ctypes.c_int]
 _libc.eventfd.restype = ctypes.c_int
 _libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
 _libc.ioctl.restype = ctypes.c_int
-_libc.sigemptyset.argtypes = [ctypes.c_void_p]
-_libc.sigfillset.argtypes = [ctypes.c_void_p]
-_libc.sigdelset.argtypes = [ctypes.c_void_p, ctypes.c_int]
-_libc.pthread_sigmask.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
-_libc.pthread_sigmask.restype = ctypes.c_int
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
@@ -50,10 +38,6 @@ MADV_DONTFORK = 10                   # a fork must not turn pinned DMA pages cop
 # <sys/eventfd.h> (eventfd(2))
 EFD_CLOEXEC = 0o2000000
 EFD_NONBLOCK = 0o4000
-
-# <signal.h> (pthread_sigmask(3)); glibc's sigset_t is 1024 bits
-SIGSET_BYTES = 128
-SIG_BLOCK, SIG_UNBLOCK, SIG_SETMASK = 0, 1, 2
 
 
 def _raise(call: str) -> None:
@@ -90,24 +74,6 @@ def eventfd(nonblocking: bool = False) -> int:
     if fd < 0:
         _raise("eventfd")
     return fd
-
-
-def sigset(*, full: bool = False, without: Iterable[int] = ()) -> SigSet:
-    """A new sigset_t: empty, or every signal (full=True); minus the signals in `without`."""
-    buf = ctypes.create_string_buffer(SIGSET_BYTES)
-    (_libc.sigfillset if full else _libc.sigemptyset)(buf)
-    for sig in without:
-        if _libc.sigdelset(buf, int(sig)) != 0:
-            _raise(f"sigdelset({int(sig)})")
-    return buf
-
-
-def pthread_sigmask(how: int, new: SigSet | None, old: SigSet | None = None) -> None:
-    """pthread_sigmask(3) of the calling thread: SIG_BLOCK / SIG_UNBLOCK / SIG_SETMASK `new`,
-    the previous mask stored into `old` (both sigset() buffers, either may be None)."""
-    err = int(_libc.pthread_sigmask(how, new, old))
-    if err:                              # returns the error number; errno is left alone
-        raise OSError(err, f"pthread_sigmask: {os.strerror(err)}")
 
 
 def ioctl(fd: int, request: int, arg: int | None) -> int:

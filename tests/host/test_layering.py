@@ -46,9 +46,7 @@ LAYERS: list[tuple[str, tuple[str, ...], bool]] = [
 
 # Where each libc call may be bound: one ctypes.CDLL for the whole package.
 CDLL_HOME = {"iommu_dma.libc"}
-# Modules that may still hold their own copy until their owners move them onto iommu_dma.libc
-# (memory.py: mmap/madvise/memlock; ioqueue.py: pthread_sigmask); then remove them here.
-CDLL_PENDING: set[str] = set()
+CDLL_PENDING: set[str] = set()      # none left: every module binds libc through libc.py
 
 
 def module_name(path: Path) -> str:

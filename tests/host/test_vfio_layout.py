@@ -7,7 +7,6 @@ import errno
 import os
 import resource
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -238,22 +237,6 @@ def test_eventfd_counts() -> None:
         assert os.get_inheritable(fd) is False                      # EFD_CLOEXEC
     finally:
         os.close(fd)
-
-
-def test_sigmask_blocks_and_restores() -> None:
-    block = libc.sigset(without=())
-    full = libc.sigset(full=True, without=(signal.SIGSEGV, signal.SIGBUS))
-    assert block.raw != full.raw
-    old = libc.sigset()
-    libc.pthread_sigmask(libc.SIG_BLOCK, full, old)
-    try:
-        now = signal.pthread_sigmask(signal.SIG_BLOCK, [])
-        assert signal.SIGUSR1 in now and signal.SIGSEGV not in now
-    finally:
-        libc.pthread_sigmask(libc.SIG_SETMASK, old)
-    assert signal.SIGUSR1 not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
-    with pytest.raises(OSError):
-        libc.pthread_sigmask(99, full)
 
 
 def test_ioctl_errors_are_typed() -> None:
