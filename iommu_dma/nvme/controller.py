@@ -46,7 +46,10 @@ ADMIN_TIMEOUT = 10.0
 MAX_QUEUE_DEPTH = 4096       # the engine's CIDs hold a 12-bit tracker index
 WANTED_IO_QUEUES = 64
 ADMIN_MAX_TRANSFER = 2 << 20
-MAX_TRANSFER_CAP = 4 << 20   # when MDTS is 0 (unlimited) or larger: PRP lists per tracker
+# Largest transfer of one command when MDTS is 0 (unlimited) or larger. 2 MiB = 513 pages at
+# any offset: QEMU's nvme fails a command whose pages map to more than 1024 host segments
+# (IOV_MAX) with Internal Error (seen at 4 MiB); larger commands gain little anyway.
+MAX_TRANSFER_CAP = 2 << 20
 
 
 class ControllerError(IommuDmaError):

@@ -17,7 +17,13 @@ from iommu_dma.nvme.queue import Command
 from iommu_dma.nvme.status import NvmeError
 
 if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
+
     from iommu_dma.nvme.controller import Controller
+
+    # What data transfers take: DMA memory, or any writable buffer-protocol object that lies
+    # in mapped memory (registered with the allocator).
+    DataBuffer = DmaBuffer | WriteableBuffer
 
 IO_TIMEOUT = 30.0
 
@@ -65,13 +71,13 @@ class Request:
         return self._value
 
 
-def buffer_address(obj: object) -> tuple[int, int]:
+def buffer_address(obj: DataBuffer) -> tuple[int, int]:
     """(address, length) of a DmaBuffer or a writable, contiguous buffer-protocol object."""
     if isinstance(obj, DmaBuffer):
         obj.check_usable()
         return obj.addr, obj.size
     try:
-        view = memoryview(obj)  # type: ignore[arg-type]
+        view = memoryview(obj)
     except TypeError:
         raise TypeError(f"a {type(obj).__name__} is not a buffer; pass a DmaBuffer from "
                         "Controller.alloc() or registered memory") from None
@@ -156,7 +162,7 @@ class Namespace:
             raise ValueError(f"{what}: LBAs {slba}..{slba + nlb - 1} are outside namespace "
                              f"{self.nsid} (LBAs 0..{self.blocks - 1})")
 
-    def _data(self, buf: object, nlb: int, what: str) -> int:
+    def _data(self, buf: DataBuffer, nlb: int, what: str) -> int:
         addr, size = buffer_address(buf)
         need = nlb * self.lba_size
         if size < need:
@@ -169,13 +175,13 @@ class Namespace:
                                  f"DMA-mapped; use Controller.alloc() or register() the memory")
         return addr
 
-    def _blocks_of(self, buf: object) -> int:
+    def _blocks_of(self, buf: DataBuffer) -> int:
         return buffer_address(buf)[1] // self.lba_size
 
     # ---- asynchronous data transfers ------------------------------------------------------
 
     def _transfer(self, build: Callable[[int, int, int], sqe.Sqe], name: str, slba: int,
-                  nlb: int, buf: object) -> Request:
+                  nlb: int, buf: DataBuffer) -> Request:
         what = f"{name} nsid {self.nsid} LBAs {slba}+{nlb}"
         self._check_range(slba, nlb, what)
         addr = self._data(buf, nlb, what)
@@ -187,27 +193,27 @@ class Namespace:
                                 f"{name} nsid {self.nsid} LBAs {slba + off}+{n}"))
         return Request(self.queue.submit_many(cmds, owner=buf))
 
-    def read_async(self, slba: int, nlb: int, buf: object) -> Request:
+    def read_async(self, slba: int, nlb: int, buf: DataBuffer) -> Request:
         """Read nlb blocks into DMA-mapped buf (zero copy)."""
         return self._transfer(sqe.read, "Read", slba, nlb, buf)
 
-    def write_async(self, slba: int, buf: object, nlb: int | None = None) -> Request:
+    def write_async(self, slba: int, buf: DataBuffer, nlb: int | None = None) -> Request:
         """Write nlb blocks (default: all of buf) from DMA-mapped buf (zero copy)."""
         n = nlb if nlb is not None else self._blocks_of(buf)
         return self._transfer(sqe.write, "Write", slba, n, buf)
 
-    def compare_async(self, slba: int, buf: object, nlb: int | None = None) -> Request:
+    def compare_async(self, slba: int, buf: DataBuffer, nlb: int | None = None) -> Request:
         n = nlb if nlb is not None else self._blocks_of(buf)
         return self._transfer(sqe.compare, "Compare", slba, n, buf)
 
     # ---- synchronous calls -------------------------------------------------------------------
 
-    def read_into(self, slba: int, buf: object, nlb: int | None = None, *,
+    def read_into(self, slba: int, buf: DataBuffer, nlb: int | None = None, *,
                   timeout: float | None = IO_TIMEOUT) -> None:
         n = nlb if nlb is not None else self._blocks_of(buf)
         self.read_async(slba, n, buf).result(timeout)
 
-    def write_from(self, slba: int, buf: object, nlb: int | None = None, *,
+    def write_from(self, slba: int, buf: DataBuffer, nlb: int | None = None, *,
                    timeout: float | None = IO_TIMEOUT) -> None:
         self.write_async(slba, buf, nlb).result(timeout)
 
@@ -286,7 +292,7 @@ class Namespace:
             cmd = sqe.dataset_management(self.nsid, len(todo), deallocate=True)
             self.queue.submit(cmd, buf.addr, len(payload), what, owner=buf).result(timeout)
 
-    def command(self, cmd: sqe.Sqe, buf: object = None, length: int = 0,
+    def command(self, cmd: sqe.Sqe, buf: DataBuffer | None = None, length: int = 0,
                 timeout: float | None = IO_TIMEOUT) -> int:
         """A raw I/O command (NSID filled in when 0); returns DW0 of the completion."""
         self.ctrl.check_open()

@@ -105,7 +105,8 @@ def check_workload(ns: Namespace, w: Workload) -> tuple[int, int, int]:
     if w.bs <= 0 or w.bs % ns.lba_size:
         raise ValueError(f"--bs {w.bs} is not a multiple of the {ns.lba_size}-byte block")
     if w.bs > ns.ctrl.max_transfer:
-        raise ValueError(f"--bs {w.bs} exceeds the controller's MDTS ({ns.ctrl.max_transfer} B)")
+        raise ValueError(f"--bs {w.bs} exceeds the largest transfer of one command "
+                         f"({ns.ctrl.max_transfer} B: the controller's MDTS, at most 4 MiB)")
     if w.offset % ns.lba_size or w.size % ns.lba_size:
         raise ValueError(f"--offset/--size must be multiples of {ns.lba_size} bytes")
     if w.rwmixread is not None and not 0 <= w.rwmixread <= 100:
