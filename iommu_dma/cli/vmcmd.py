@@ -25,6 +25,8 @@ def cmd_vm(args: argparse.Namespace) -> int:
         raise CliError(str(e.args[0])) from None
     try:
         result = vm.run(bench, shlex.join(command), timeout=args.timeout)
+    except vm.HostRequirementsError as e:
+        raise CliError(str(e)) from None           # nothing booted: exit 1, what to install
     except vm.VmError as e:
         sys.stderr.write(f"iommu-dma: error: {e}\n")
         return TIMEOUT_EXIT

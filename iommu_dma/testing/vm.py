@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from iommu_dma.errors import IommuDmaError
 from iommu_dma.testing.bench import BENCH_ENV, Bench
 
 IMAGES_ENV = "IOMMU_DMA_IMAGES"
@@ -28,7 +29,7 @@ KERNEL_ENV = "IOMMU_DMA_KERNEL"
 DEFAULT_TIMEOUT = 2400.0
 
 
-class VmError(RuntimeError):
+class VmError(IommuDmaError, RuntimeError):
     """The bench guest could not be started or did not finish."""
 
 
