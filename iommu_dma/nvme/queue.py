@@ -235,17 +235,20 @@ class QueuePair:
         controller see a full CQ); 0 or 1: one CQ head write per poll."""
         lib.idma_qpair_set_cq_batch(self._q, batch)
 
-    def _completions(self, n: int) -> list[Completion]:
+    def _completions(self, out: Any, n: int) -> list[Completion]:
         if n < 0:
             raise self._error(n)
-        c = self._cpl
-        return [Completion(int(c[i].tag), int(c[i].result), int(c[i].cid), int(c[i].status))
-                for i in range(n)]
+        return [Completion(int(out[i].tag), int(out[i].result), int(out[i].cid),
+                           int(out[i].status)) for i in range(n)]
+
+    # poll() and wait() reap into an array of their own: the engine's in-use flag covers only
+    # the C call, and a shared array could be refilled by another thread before it is read.
 
     def poll(self, max_cpl: int | None = None) -> list[Completion]:
         """Reap what has completed, without waiting (GIL released inside)."""
         m = self.depth if max_cpl is None else max(0, min(max_cpl, self.depth))
-        return self._completions(lib.idma_qpair_poll(self._q, self._cpl, m))
+        out = ffi.new("struct idma_cpl[]", max(m, 1))
+        return self._completions(out, lib.idma_qpair_poll(self._q, out, m))
 
     def wait(self, min_cpl: int = 1, timeout: float = 1.0,
              max_cpl: int | None = None) -> list[Completion]:
@@ -253,8 +256,9 @@ class QueuePair:
         flight) or timeout seconds; may return fewer on timeout."""
         m = self.depth if max_cpl is None else max(0, min(max_cpl, self.depth))
         ns = min(int(timeout * 1e9), 2**64 - 1) if timeout >= 0 else 2**64 - 1
-        return self._completions(lib.idma_qpair_wait(self._q, self._cpl, m,
-                                                     max(0, min(min_cpl, m)), ns))
+        out = ffi.new("struct idma_cpl[]", max(m, 1))
+        return self._completions(out, lib.idma_qpair_wait(self._q, out, m,
+                                                          max(0, min(min_cpl, m)), ns))
 
     # Reaping that survives an exception raised between the engine call and its use (Ctrl-C's
     # KeyboardInterrupt arrives exactly there when it came during the wait): the engine writes
@@ -263,7 +267,8 @@ class QueuePair:
 
     @property
     def reaped(self) -> Any:
-        """The `struct idma_cpl[depth]` reap_into/wait_into fill (tag 0 = free entry)."""
+        """The `struct idma_cpl[depth]` reap_into/wait_into fill (tag 0 = free entry); for a
+        caller that serializes its own use of the queue pair (IoQueue holds its lock)."""
         return self._cpl
 
     def reap_into(self) -> int:
