@@ -61,6 +61,7 @@ struct idma_qpair {
     uint32_t cq_batch;              /* defer CQ head MMIO up to this many entries */
     uint64_t submitted, completed, spurious, sq_dbs, cq_dbs, sq_mmio, cq_mmio;
     uint32_t in_use;                /* single-owner flag, taken by compare-and-swap */
+    uint32_t dead;                  /* set by idma_qpair_quiesce: no call may enter */
 };
 
 #define NO_TRACKER 0xFFFF
@@ -395,10 +396,34 @@ int idma_qpair_claim(struct idma_qpair *q)
 
     if (!q)
         return IDMA_EINVAL;
+    if (__atomic_load_n(&q->dead, __ATOMIC_ACQUIRE))
+        return IDMA_ECLOSED;
     if (__atomic_compare_exchange_n(&q->in_use, &idle, 1, 0, __ATOMIC_ACQUIRE,
                                     __ATOMIC_RELAXED))
         return IDMA_OK;
-    return IDMA_EBUSY;
+    return __atomic_load_n(&q->dead, __ATOMIC_ACQUIRE) ? IDMA_ECLOSED : IDMA_EBUSY;
+}
+
+int idma_qpair_dead(const struct idma_qpair *q)
+{
+    return (int)__atomic_load_n(&q->dead, __ATOMIC_RELAXED);
+}
+
+void idma_qpair_quiesce(struct idma_qpair *q)
+{
+    uint32_t idle;
+
+    if (!q)
+        return;
+    __atomic_store_n(&q->dead, 1, __ATOMIC_RELEASE);
+    for (;;) {
+        idle = 0;
+        if (__atomic_compare_exchange_n(&q->in_use, &idle, 1, 0, __ATOMIC_ACQUIRE,
+                                        __ATOMIC_RELAXED))
+            return;                     /* in_use stays taken: nothing enters again */
+        struct timespec ts = { 0, 50000 };
+        nanosleep(&ts, NULL);
+    }
 }
 
 void idma_qpair_release(struct idma_qpair *q)

@@ -20,7 +20,8 @@ enum idma_rc {
     IDMA_ETOOBIG = -4,      /* transfer needs more PRP list entries than a tracker owns */
     IDMA_ETIMEDOUT = -5,    /* worker: outstanding I/O never completed */
     IDMA_ENOMEM = -6,
-    IDMA_EBUSY = -7         /* another thread is inside a call on this queue pair right now */
+    IDMA_EBUSY = -7,        /* another thread is inside a call on this queue pair right now */
+    IDMA_ECLOSED = -8       /* the queue pair was quiesced (its queue deleted or closed) */
 };
 
 /* Largest ring: a CID is a 4-bit generation over a 12-bit tracker index. */
@@ -110,6 +111,13 @@ struct idma_qpair *idma_qpair_new(uint16_t qid, uint32_t depth, void *sq, void *
                                   uint32_t page_size, void *list_area, uint32_t list_pages,
                                   struct idma_maptable *maptable);
 void idma_qpair_free(struct idma_qpair *q);
+/*
+ * Close a queue pair for good before its memory goes: every call entering from now on returns
+ * IDMA_ECLOSED, a running worker ends at its next poll (rc IDMA_ECLOSED), and this waits
+ * (sleeping) until no call is inside. Afterwards idma_qpair_free is safe. Called without the
+ * GIL, so a worker thread can finish.
+ */
+void idma_qpair_quiesce(struct idma_qpair *q);
 
 /*
  * Submit up to n commands (cmds[i] with data io[i], arrays of at least n entries); CIDs and
@@ -185,11 +193,13 @@ uint64_t idma_fast_ns(void);
 /* CDEF END */
 
 /*
- * For the worker (C only): hold the queue pair for a whole run. idma_qpair_claim returns 0 or
- * IDMA_EBUSY; while claimed, use the _claimed variants (the public calls would see it busy).
+ * For the worker (C only): hold the queue pair for a whole run. idma_qpair_claim returns 0,
+ * IDMA_EBUSY or IDMA_ECLOSED; while claimed, use the _claimed variants (the public calls would
+ * see it busy), and end the run when idma_qpair_dead() says the queue pair is being closed.
  */
 int idma_qpair_claim(struct idma_qpair *q);
 void idma_qpair_release(struct idma_qpair *q);
+int idma_qpair_dead(const struct idma_qpair *q);
 int idma_qpair_submit_claimed(struct idma_qpair *q, const struct idma_sqe *cmds,
                               const struct idma_io *io, uint32_t n);
 int idma_qpair_poll_claimed(struct idma_qpair *q, struct idma_cpl *out, uint32_t max);

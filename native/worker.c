@@ -344,6 +344,8 @@ static int loop(struct wstate *w)
     for (uint32_t i = 0; i < c->qd && may_issue(w, now); i++)
         queue_io(w, i);
     for (;;) {
+        if (idma_qpair_dead(w->q))
+            return IDMA_ECLOSED;        /* being closed: its memory is about to go */
         int rc = flush_pending(w, now);
         if (rc < 0 && !w->failed) {
             w->failed = rc;             /* drain what is in flight, then report */

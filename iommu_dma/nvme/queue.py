@@ -25,6 +25,7 @@ ETOOBIG: int = lib.IDMA_ETOOBIG
 ETIMEDOUT: int = lib.IDMA_ETIMEDOUT
 ENOMEM: int = lib.IDMA_ENOMEM
 EBUSY: int = lib.IDMA_EBUSY
+ECLOSED: int = lib.IDMA_ECLOSED
 
 MAX_DEPTH: int = lib.IDMA_MAX_DEPTH         # CID = 4-bit generation << 12 | tracker index
 CID_INDEX_BITS: int = lib.IDMA_CID_INDEX_BITS
@@ -32,7 +33,7 @@ CID_INDEX_BITS: int = lib.IDMA_CID_INDEX_BITS
 _RC_NAMES = {EINVAL: "invalid argument", EUNMAPPED: "data buffer not DMA-mapped",
              EALIGN: "data buffer not dword aligned", ETOOBIG: "transfer too large for PRP list",
              ETIMEDOUT: "I/O timed out", ENOMEM: "out of memory",
-             EBUSY: "queue pair in use by another thread"}
+             EBUSY: "queue pair in use by another thread", ECLOSED: "queue pair closed"}
 
 SqeLike = Union[Sqe, bytes, bytearray, memoryview, Any]   # Any: a cffi "struct idma_sqe"
 
@@ -175,12 +176,15 @@ class QueuePair:
     def close(self) -> None:
         """Free the engine state now (drops its maptable reference); the rings and list pages
         stay the caller's. Further calls on this object fail."""
-        q, self._q = self._q, ffi.NULL
-        if q != ffi.NULL:
-            ffi.release(q)              # runs idma_qpair_free
+        q = self._q
+        if q == ffi.NULL:
+            return
+        lib.idma_qpair_quiesce(q)       # a worker still running on it ends first
+        self._q = ffi.NULL
+        ffi.release(q)                  # runs idma_qpair_free
 
     def _error(self, rc: int, index: int = -1) -> Exception:
-        if self._q == ffi.NULL:
+        if self._q == ffi.NULL or rc == ECLOSED:
             return ClosedError(f"queue pair {self.qid}")
         return QueueError(rc, index, qid=self.qid)
 
@@ -462,6 +466,6 @@ def run_worker(qpair: QueuePair, config: WorkerConfig, progress: Any = None) -> 
     cfg = _cfg_struct(config)
     res = ffi.new("struct idma_worker_result *")
     rc = lib.idma_worker_run(qpair.cdata, cfg, res, progress if progress is not None else ffi.NULL)
-    if rc in (EINVAL, EBUSY):
+    if rc in (EINVAL, EBUSY, ECLOSED):       # ECLOSED: the queue was closed during the run
         raise qpair._error(rc)
     return _result(res)

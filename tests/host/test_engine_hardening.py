@@ -17,7 +17,7 @@ from array import array
 
 import pytest
 
-from iommu_dma.errors import IommuDmaError
+from iommu_dma.errors import ClosedError, IommuDmaError
 from iommu_dma.native import ffi, lib
 from iommu_dma.nvme import sqe as S
 from iommu_dma.nvme.queue import (
@@ -332,6 +332,31 @@ def test_worker_refuses_a_queue_pair_another_thread_is_in() -> None:
                                       io_count=1))
     waiter.join()
     assert exc.value.rc == EBUSY
+
+
+def test_closing_a_queue_pair_ends_a_running_worker_before_freeing_it() -> None:
+    """Close while the C worker runs on the queue pair (a device that never answers): the
+    worker leaves at its next poll, then the engine state is freed (ASan checks the order)."""
+    r = Rig(depth=4)
+    buf = Mem(PAGE)
+    outcome: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            run_worker(r.qp, WorkerConfig(nsid=1, lba_size=512, lba_count=8, buf_addr=buf.addr,
+                                          qd=2, duration=30.0, io_timeout=30.0))
+        except BaseException as e:  # noqa: BLE001 - checked below
+            outcome.append(e)
+
+    t = threading.Thread(target=work)
+    t.start()
+    time.sleep(0.3)                                 # the worker is waiting on its I/O
+    r.qp.close()
+    t.join(10)
+    assert not t.is_alive()
+    assert len(outcome) == 1 and isinstance(outcome[0], ClosedError)
+    with pytest.raises(ClosedError):
+        r.qp.submit([Command(S.flush(1), tag=1)])
 
 
 # ---- 7. refcounted maptable ----
