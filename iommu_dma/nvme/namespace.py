@@ -17,7 +17,7 @@ from iommu_dma.nvme.queue import Command
 from iommu_dma.nvme.status import NvmeError
 
 if TYPE_CHECKING:
-    from _typeshed import WriteableBuffer
+    from _typeshed import ReadableBuffer, WriteableBuffer
 
     from iommu_dma.nvme.controller import Controller
 
@@ -224,29 +224,29 @@ class Namespace:
             self.read_into(slba, buf, nlb, timeout=timeout)
             return bytes(buf)
 
-    def write(self, slba: int, data: bytes | bytearray | memoryview, *,
-              timeout: float | None = IO_TIMEOUT) -> None:
-        """Write data (a whole number of blocks), copied through DMA memory."""
+    def _payload_blocks(self, name: str, slba: int, data: ReadableBuffer) -> int:
+        """Blocks in data (a whole, positive number of them), checked against the range."""
         nbytes = memoryview(data).nbytes
         nlb, rest = divmod(nbytes, self.lba_size)
         if rest or nlb == 0:
-            raise ValueError(f"Write nsid {self.nsid}: {nbytes} bytes is not a positive "
+            raise ValueError(f"{name} nsid {self.nsid}: {nbytes} bytes is not a positive "
                              f"multiple of the {self.lba_size}-byte block")
-        self._check_range(slba, nlb, f"Write nsid {self.nsid}")
-        with self.ctrl.alloc(nbytes) as buf:
+        self._check_range(slba, nlb, f"{name} nsid {self.nsid}")
+        return nlb
+
+    def write(self, slba: int, data: ReadableBuffer, *,
+              timeout: float | None = IO_TIMEOUT) -> None:
+        """Write data (a whole number of blocks), copied through DMA memory."""
+        nlb = self._payload_blocks("Write", slba, data)
+        with self.ctrl.alloc(nlb * self.lba_size) as buf:
             buf.view[:] = memoryview(data).cast("B")
             self.write_from(slba, buf, nlb, timeout=timeout)
 
-    def compare(self, slba: int, data: bytes | bytearray | memoryview, *,
+    def compare(self, slba: int, data: ReadableBuffer, *,
                 timeout: float | None = IO_TIMEOUT) -> bool:
         """True when the blocks at slba equal data (the device compares: Compare command)."""
-        nbytes = memoryview(data).nbytes
-        nlb, rest = divmod(nbytes, self.lba_size)
-        if rest or nlb == 0:
-            raise ValueError(f"Compare nsid {self.nsid}: {nbytes} bytes is not a positive "
-                             f"multiple of the {self.lba_size}-byte block")
-        self._check_range(slba, nlb, f"Compare nsid {self.nsid}")
-        with self.ctrl.alloc(nbytes) as buf:
+        nlb = self._payload_blocks("Compare", slba, data)
+        with self.ctrl.alloc(nlb * self.lba_size) as buf:
             buf.view[:] = memoryview(data).cast("B")
             try:
                 self.compare_async(slba, buf, nlb).result(timeout)

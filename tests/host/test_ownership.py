@@ -19,6 +19,7 @@ from iommu_dma.nvme import sqe
 from iommu_dma.nvme.ioqueue import IoQueue
 from iommu_dma.nvme.namespace import Request
 from iommu_dma.nvme.queue import Command
+from tests.churn import churn
 from tests.host.sim_nvme import BAR_SIZE, LBA, SimController, SimIommu, attach_queue
 
 
@@ -196,40 +197,4 @@ def test_threads_share_one_queue(bench: Bench) -> None:
 
 
 def test_threads_allocate_register_and_free_without_sharing_pages(bench: Bench) -> None:
-    import mmap
-
-    live: dict[int, int] = {}
-    lock = threading.Lock()
-    errors: list[str] = []
-
-    def churn(n: int) -> None:
-        rng = random.Random(n)
-        mine = []
-        try:
-            for i in range(300):
-                if i % 50 == 0:
-                    region = mmap.mmap(-1, 4 * LBA)
-                    reg = bench.mem.register(region)
-                    bench.mem.unregister(reg)
-                if mine and rng.random() < 0.5:
-                    buf = mine.pop(rng.randrange(len(mine)))
-                    with lock:
-                        del live[buf.addr]
-                    buf.free()
-                    continue
-                buf = bench.mem.alloc(rng.choice([LBA, 2 * LBA, 16 * LBA, 1 << 20]))
-                with lock:
-                    for addr, size in live.items():
-                        if addr < buf.addr + buf.size and buf.addr < addr + size:
-                            errors.append(f"{buf!r} overlaps a live buffer at {addr:#x}")
-                    live[buf.addr] = buf.size
-                mine.append(buf)
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(repr(e))
-
-    threads = [threading.Thread(target=churn, args=(n,)) for n in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not errors
+    assert churn(bench.mem) == []

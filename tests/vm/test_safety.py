@@ -21,6 +21,7 @@ from iommu_dma.nvme import sqe
 from iommu_dma.nvme.namespace import Request
 from iommu_dma.nvme.queue import BatchIo, Command
 from iommu_dma.testing.bench import image_path
+from tests.churn import churn
 
 pytestmark = pytest.mark.iommu_dma_vm
 
@@ -229,34 +230,4 @@ def test_four_threads_share_one_namespace(ctrl: Controller, idma_bench_images: P
 
 
 def test_threads_allocating_and_freeing_never_share_pages(ctrl: Controller) -> None:
-    live: dict[int, int] = {}
-    lock = threading.Lock()
-    errors: list[str] = []
-
-    def churn(n: int) -> None:
-        rng = random.Random(n)
-        mine = []
-        try:
-            for _ in range(400):
-                if mine and rng.random() < 0.5:
-                    buf = mine.pop(rng.randrange(len(mine)))
-                    with lock:
-                        del live[buf.addr]
-                    buf.free()
-                    continue
-                buf = ctrl.alloc(rng.choice([4096, 8192, 65536, 1 << 20]))
-                with lock:
-                    for addr, size in live.items():
-                        if addr < buf.addr + buf.size and buf.addr < addr + size:
-                            errors.append(f"{buf!r} overlaps a live buffer at {addr:#x}")
-                    live[buf.addr] = buf.size
-                mine.append(buf)
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(repr(e))
-
-    threads = [threading.Thread(target=churn, args=(n,)) for n in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not errors
+    assert churn(ctrl.allocator) == []
