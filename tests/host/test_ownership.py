@@ -163,37 +163,40 @@ def test_close_without_quiet_device_keeps_memory_quarantined(bench: Bench) -> No
     assert bench.mem.quarantined_bytes == LBA          # the device might still write it
 
 
-def test_threads_share_one_queue(bench: Bench) -> None:
-    """Finding 3: threads on one shared queue: no KeyError, no lost tracker, data intact."""
+def test_threads_share_queues_while_others_churn_memory(bench: Bench) -> None:
+    """Finding 3: six threads on two shared queues (three each) while two more threads
+    allocate, free and register: no KeyError, no lost tracker, data intact, nothing leaked."""
+    queues = [bench.queue, bench.new_queue(2, 8)]
     errors: list[str] = []
 
     def worker(n: int) -> None:
         rng = random.Random(n)
+        q = queues[n % 2]
         try:
-            for _ in range(60):
+            for _ in range(40):
                 lba = n * 512 + rng.randrange(0, 500)
                 nlb = rng.randint(1, 8)
                 data = rng.randbytes(nlb * LBA)
                 with bench.mem.alloc(len(data)) as buf:
                     buf.view[:] = data
-                    bench.queue.submit(sqe.write(1, lba, nlb), buf.addr, len(data),
-                                       owner=buf).result(120)
+                    q.submit(sqe.write(1, lba, nlb), buf.addr, len(data), owner=buf).result(120)
                 with bench.mem.alloc(len(data)) as buf:
-                    bench.queue.submit(sqe.read(1, lba, nlb), buf.addr, len(data),
-                                       owner=buf).result(120)
+                    q.submit(sqe.read(1, lba, nlb), buf.addr, len(data), owner=buf).result(120)
                     if bytes(buf) != data:
                         errors.append(f"thread {n}: LBA {lba} differs")
         except BaseException as e:  # noqa: BLE001 - reported below
             errors.append(f"thread {n}: {e!r}")
 
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(6)]
     for t in threads:
         t.start()
+    errors += churn(bench.mem, threads=2, rounds=200)
     for t in threads:
         t.join(600)
     assert not errors
-    assert bench.queue.outstanding == 0 and bench.queue.qpair.inflight == 0
-    assert bench.queue.unknown_completions == 0 and bench.mem.quarantined_bytes == 0
+    for q in queues:
+        assert q.outstanding == 0 and q.qpair.inflight == 0 and q.unknown_completions == 0
+    assert bench.mem.quarantined_bytes == 0
 
 
 def test_threads_allocate_register_and_free_without_sharing_pages(bench: Bench) -> None:
