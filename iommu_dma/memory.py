@@ -292,22 +292,19 @@ class DmaAllocator:
 
     def close(self) -> None:
         with self._lock:
-            self._close()
-
-    def _close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        if not self.container.closed:
-            for reg in list(self._registrations):
-                self.container.unmap(reg.addr, reg.size)
-            for start, length in self._chunk_maps:
-                self.container.unmap(start, length)
-            self.container.remove_dependent(self)
-        self._registrations.clear()
-        self._quarantine.clear()      # unmapped from the IOMMU above: the device cannot reach it
-        self._chunk_maps.clear()
-        self.windows.clear()
+            if self.closed:
+                return
+            self.closed = True
+            if not self.container.closed:
+                for reg in list(self._registrations):
+                    self.container.unmap(reg.addr, reg.size)
+                for start, length in self._chunk_maps:
+                    self.container.unmap(start, length)
+                self.container.remove_dependent(self)
+            self._registrations.clear()
+            self._quarantine.clear()  # unmapped from the IOMMU above: the device cannot reach it
+            self._chunk_maps.clear()
+            self.windows.clear()
 
     # -- buffers --
 
@@ -347,8 +344,13 @@ class DmaAllocator:
             buf._freed = True
             if buf.device_owned:
                 self._quarantine.add(buf)
-            elif not self.closed:
-                buf._window.give(buf._addr, buf._span)
+            else:
+                self._give_back(buf)
+
+    def _give_back(self, buf: DmaBuffer) -> None:
+        """A freed buffer's range returns to its window for reuse (lock held)."""
+        if not self.closed:
+            buf._window.give(buf._addr, buf._span)
 
     # -- device ownership (used by the queues: NVMe commands in flight) --
 
@@ -366,8 +368,7 @@ class DmaAllocator:
         """Give back quarantined buffers the device no longer owns (lock held)."""
         for buf in [b for b in self._quarantine if not b.device_owned]:
             self._quarantine.discard(buf)
-            if not self.closed:
-                buf._window.give(buf._addr, buf._span)
+            self._give_back(buf)
 
     @property
     def quarantined_bytes(self) -> int:

@@ -120,12 +120,12 @@ class Namespace:
         """Refuse formats whose transfers we would size wrongly (NVM Command Set 1.0 §4.1.5:
         with MS > 0 the device also moves metadata, interleaved or through MPTR)."""
         ident, where = self.identify, f"{self.ctrl.bdf} namespace {self.nsid}"
+        try:
+            fmt = ident.current_format          # bounds FLBAS and LBADS from below
+        except ValueError as e:
+            raise UnsupportedFormatError(f"{where}: {e}") from None
         index = ident.format_index
-        if index >= len(ident.lbaf):
-            raise UnsupportedFormatError(f"{where}: FLBAS selects LBA format {index} but the "
-                                         f"namespace lists only {len(ident.lbaf)}")
-        fmt = ident.lbaf[index]
-        if not 9 <= fmt.lbads <= 16:
+        if fmt.lbads > 16:
             raise UnsupportedFormatError(f"{where}: LBA format {index} has a {1 << fmt.lbads}-"
                                          "byte block (LBADS outside 512 B..64 KiB)")
         if fmt.ms:

@@ -239,9 +239,23 @@ class QueuePair:
         controller see a full CQ); 0 or 1: one CQ head write per poll."""
         lib.idma_qpair_set_cq_batch(self._q, batch)
 
-    def _completions(self, out: Any, n: int) -> list[Completion]:
+    def _poll_to(self, out: Any, max_cpl: int) -> int:
+        """Reap up to max_cpl completions into out (no waiting); the count."""
+        n = lib.idma_qpair_poll(self._q, out, max_cpl)
+        if n < 0:
+            raise self._error(n)        # a closed pair (NULL) reads as ClosedError
+        return int(n)
+
+    def _wait_to(self, out: Any, max_cpl: int, min_cpl: int, timeout: float) -> int:
+        """Busy-poll into out until min_cpl completions or timeout seconds; the count."""
+        ns = min(int(timeout * 1e9), 2**64 - 1) if timeout >= 0 else 2**64 - 1
+        n = lib.idma_qpair_wait(self._q, out, max_cpl, max(0, min(min_cpl, max_cpl)), ns)
         if n < 0:
             raise self._error(n)
+        return int(n)
+
+    @staticmethod
+    def _completions(out: Any, n: int) -> list[Completion]:
         return [Completion(int(out[i].tag), int(out[i].result), int(out[i].cid),
                            int(out[i].status)) for i in range(n)]
 
@@ -252,17 +266,15 @@ class QueuePair:
         """Reap what has completed, without waiting (GIL released inside)."""
         m = self.depth if max_cpl is None else max(0, min(max_cpl, self.depth))
         out = ffi.new("struct idma_cpl[]", max(m, 1))
-        return self._completions(out, lib.idma_qpair_poll(self._q, out, m))
+        return self._completions(out, self._poll_to(out, m))
 
     def wait(self, min_cpl: int = 1, timeout: float = 1.0,
              max_cpl: int | None = None) -> list[Completion]:
         """Busy-poll in C (GIL released) until min_cpl completions (capped at the commands in
         flight) or timeout seconds; may return fewer on timeout."""
         m = self.depth if max_cpl is None else max(0, min(max_cpl, self.depth))
-        ns = min(int(timeout * 1e9), 2**64 - 1) if timeout >= 0 else 2**64 - 1
         out = ffi.new("struct idma_cpl[]", max(m, 1))
-        return self._completions(out, lib.idma_qpair_wait(self._q, out, m,
-                                                          max(0, min(min_cpl, m)), ns))
+        return self._completions(out, self._wait_to(out, m, min_cpl, timeout))
 
     # Reaping that survives an exception raised between the engine call and its use (Ctrl-C's
     # KeyboardInterrupt arrives exactly there when it came during the wait): the engine writes
@@ -277,23 +289,11 @@ class QueuePair:
 
     def reap_into(self) -> int:
         """Reap what has completed into `reaped`; the count. Call only when `reaped` is free."""
-        if self._q == ffi.NULL:
-            raise self._error(0)
-        n = lib.idma_qpair_poll(self._q, self._cpl, self.depth)
-        if n < 0:
-            raise self._error(n)
-        return int(n)
+        return self._poll_to(self._cpl, self.depth)
 
     def wait_into(self, min_cpl: int, timeout: float) -> int:
         """Like wait(), into `reaped`; the count."""
-        if self._q == ffi.NULL:
-            raise self._error(0)
-        ns = min(int(timeout * 1e9), 2**64 - 1) if timeout >= 0 else 2**64 - 1
-        n = lib.idma_qpair_wait(self._q, self._cpl, self.depth,
-                                max(0, min(min_cpl, self.depth)), ns)
-        if n < 0:
-            raise self._error(n)
-        return int(n)
+        return self._wait_to(self._cpl, self.depth, min_cpl, timeout)
 
     def run(self, cmds: Iterable[Command], timeout: float = 5.0) -> list[Completion]:
         """Submit every command (waiting for trackers as needed) and wait for all of them."""

@@ -277,12 +277,6 @@ def test_two_threads_on_one_queue_pair_get_ebusy_never_corruption() -> None:
     other: list[BaseException] = []
     lock = threading.Lock()
 
-    def device() -> None:
-        while not stop.is_set():
-            for e in r.dev.fetch():
-                r.dev.post(e.cid)
-            time.sleep(0.0002)
-
     def user(base: int) -> None:
         tag = base
         deadline = time.monotonic() + 1.0
@@ -300,7 +294,7 @@ def test_two_threads_on_one_queue_pair_get_ebusy_never_corruption() -> None:
                 other.append(e)
                 return
 
-    dev = threading.Thread(target=device)
+    dev = threading.Thread(target=r.dev.echo_until, args=(stop, 0.0002))
     users = [threading.Thread(target=user, args=(k << 32,)) for k in (1, 2)]
     dev.start()
     for t in users:

@@ -84,6 +84,13 @@ class FakeDevice:
             self.sq_head = (self.sq_head + 1) % self.depth
         return out
 
+    def echo_until(self, stop: threading.Event, period: float) -> None:
+        """Complete every fetched command with success, polling every period s, until stop."""
+        while not stop.is_set():
+            for e in self.fetch():
+                self.post(e.cid)
+            time.sleep(period)
+
     def post(self, cid: int, status: int = 0, result: int = 0) -> None:
         """Write a CQE (NVMe 2.0 §4.6) with the current phase, then advance the tail."""
         dw3 = cid | self.phase << 16 | status << 17
@@ -303,14 +310,7 @@ def test_wait_releases_the_gil(rig: Rig) -> None:
 def test_run_helper_submits_everything() -> None:
     r = Rig(depth=4)
     stop = threading.Event()
-
-    def device() -> None:
-        while not stop.is_set():
-            for e in r.dev.fetch():
-                r.dev.post(e.cid)
-            time.sleep(0.0005)
-
-    t = threading.Thread(target=device)
+    t = threading.Thread(target=r.dev.echo_until, args=(stop, 0.0005))
     t.start()
     try:
         got = r.qp.run([Command(S.flush(1), 0, 0, i) for i in range(10)], timeout=10)
