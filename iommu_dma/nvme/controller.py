@@ -171,7 +171,8 @@ class Controller:
 
     def _close_queues(self, quiet: bool) -> None:
         error = ClosedError(f"controller {self.bdf}")
-        quiet = quiet or self._owns_container
+        # Not quiet: the memory stays quarantined, also when the container (closed right after)
+        # is ours: between the two steps nothing may hand it out again.
         for q in [*self.io_queues.values(), *([self.admin] if self.admin else [])]:
             q.close(error, device_quiet=quiet)
         self.io_queues.clear()
