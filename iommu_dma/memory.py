@@ -140,6 +140,8 @@ class DmaBuffer:
         self._size = size
         self._span = span
         self._mem = (ctypes.c_ubyte * size).from_address(addr)
+        # views of _mem lead back here (owning_buffer)
+        setattr(self._mem, "_dma_buffer", weakref.ref(self))  # noqa: B010 - ctypes array
         self._freed = False
         # weak references to the queues' leases: commands submitted pointing here and not
         # yet done (see DmaAllocator.device_acquire)
@@ -201,6 +203,16 @@ class DmaBuffer:
 
     def __repr__(self) -> str:
         return f"<DmaBuffer addr={self._addr:#x} size={self._size:#x}>"
+
+
+def owning_buffer(obj: object) -> DmaBuffer | None:
+    """The DmaBuffer obj is, or that obj (a memoryview, e.g. a slice of buf.view) views."""
+    if isinstance(obj, DmaBuffer):
+        return obj
+    if isinstance(obj, memoryview):
+        ref = getattr(obj.obj, "_dma_buffer", None)
+        return ref() if ref is not None else None
+    return None
 
 
 class _Window:

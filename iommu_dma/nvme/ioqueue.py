@@ -13,7 +13,8 @@ the completion): the commands of one submission share a lease on the memory they
 which lives until the queue drops the last of them: when its completion is reaped, or when
 the queue is torn down after the device can no longer touch it (queue deleted, controller
 disabled or gone). A DmaBuffer freed while a lease on it lives is quarantined; other buffer
-objects are kept referenced (and their buffer export held) for as long.
+objects are kept referenced (and their buffer export held) for as long; a view of a DmaBuffer
+leases the DmaBuffer too.
 
 Interruption (Ctrl-C's KeyboardInterrupt, raised between any two Python calls): every step that
 moves a command between "queued", "in flight" and "done" is recorded so that the next call on
@@ -34,7 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from iommu_dma.errors import ClosedError, IommuDmaError
-from iommu_dma.memory import DmaAllocator, DmaBuffer
+from iommu_dma.memory import DmaAllocator, DmaBuffer, owning_buffer
 from iommu_dma.nvme.queue import (
     EUNMAPPED,
     Command,
@@ -191,8 +192,9 @@ class IoQueue:
             items = [_Pending(c, IoFuture(self, c.what or _describe(c.sqe))) for c in cmds]
             if owner is not None and items:
                 lease = _Lease(owner)
-                if isinstance(owner, DmaBuffer):
-                    owner._allocator.device_acquire(owner, lease)
+                buf = owning_buffer(owner)      # also for a view of a DmaBuffer
+                if buf is not None:
+                    buf._allocator.device_acquire(buf, lease)
                 for p in items:
                     p.lease = lease
             self._backlog.extend(items)

@@ -98,7 +98,11 @@ class SimController:
             self.queues.append(dict(qid=qid, depth=depth, sq=sq_addr, cq=cq_addr, head=0,
                                     tail=0, phase=1))
 
-    def release_held(self) -> None:
+    def release_held(self, count: int = 1, timeout: float = 10.0) -> None:
+        """Complete the held commands, once `count` of them have been fetched."""
+        deadline = time.monotonic() + timeout
+        while len(self.held) < count and time.monotonic() < deadline:
+            time.sleep(0.001)
         with self._lock:
             held, self.held = self.held, []
             for q, sqe in held:

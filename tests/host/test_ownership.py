@@ -66,6 +66,23 @@ def test_timed_out_buffer_is_quarantined_until_reaped(bench: Bench) -> None:
     assert bench.mem.alloc(8 * LBA).addr == buf.addr  # reusable only now
 
 
+def test_a_view_of_a_buffer_leases_the_buffer(bench: Bench) -> None:
+    """Data given as a slice of buf.view: freeing buf while the device holds the command
+    quarantines buf, as for buf itself; a view of a freed buffer is refused."""
+    buf = bench.mem.alloc(4 * LBA)
+    view = buf.view[LBA:3 * LBA]
+    bench.dev.hold_next = 1
+    fut = bench.queue.submit(sqe.read(1, 0, 2), buf.addr + LBA, 2 * LBA, owner=view)
+    buf.free()
+    assert bench.mem.quarantined_bytes == 4 * LBA
+    bench.dev.release_held()
+    assert fut.wait(5)
+    del fut
+    assert bench.mem.quarantined_bytes == 0
+    with pytest.raises(BufferFreedError):
+        bench.queue.submit(sqe.read(1, 0, 2), buf.addr + LBA, 2 * LBA, owner=view)
+
+
 def test_failed_piece_does_not_release_pieces_in_flight(bench: Bench) -> None:
     """Finding 1: piece 0 of an 8 KiB write fails while piece 1 is held; the next write must
     not reuse the buffer, and LBAs 8-15 must get the first write's data."""
