@@ -11,7 +11,14 @@ from iommu_dma.errors import ClosedError, IommuDmaError
 from iommu_dma.memory import DmaAllocator, DmaBuffer
 from iommu_dma.nvme.controller import Controller
 from iommu_dma.nvme.namespace import Namespace
-from iommu_dma.nvme.status import NvmeError, NvmeTimeoutError
+from iommu_dma.nvme.status import (
+    ControllerFailedError,
+    ControllerFatalError,
+    ControllerResetError,
+    DeviceGoneError,
+    NvmeError,
+    NvmeTimeoutError,
+)
 
 __version__ = "0.1.0"
 
@@ -19,6 +26,10 @@ __all__ = [
     "ClosedError",
     "Container",
     "Controller",
+    "ControllerFailedError",
+    "ControllerFatalError",
+    "ControllerResetError",
+    "DeviceGoneError",
     "DmaAllocator",
     "DmaBuffer",
     "IommuDmaError",

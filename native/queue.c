@@ -226,6 +226,7 @@ static int prepare(const struct idma_qpair *q, const struct tracker *t,
 {
     int rc;
 
+    *prp1 = *prp2 = 0;                      /* no data: the device gets no pointer */
     if (io->len == 0)
         return IDMA_OK;
     if (q->maptable && !idma_maptable_contains(q->maptable, io->buf, io->len))
@@ -357,8 +358,13 @@ static void place(struct idma_qpair *q, const struct idma_sqe *cmd, uint16_t cid
     struct idma_sqe *slot = &q->sq[q->sq_tail];
 
     *slot = *cmd;
-    slot->cdw0 = (cmd->cdw0 & 0xFFFFu) | ((uint32_t)cid << 16);
-    if (io->len) {
+    if (!io) {                              /* unchecked: the caller's pointers as given */
+        slot->cdw0 = (cmd->cdw0 & 0xFFFFu) | ((uint32_t)cid << 16);
+    } else {
+        /* The only data pointer the device gets is the PRPs built from the checked buffer:
+         * PSDT (CDW0 15:14) = 0 selects PRPs, MPTR is cleared (§4.2, Figure 88). */
+        slot->cdw0 = (cmd->cdw0 & 0x3FFFu) | ((uint32_t)cid << 16);
+        slot->mptr = 0;
         slot->prp1 = prp1;
         slot->prp2 = prp2;
     }
@@ -469,6 +475,27 @@ int idma_qpair_submit(struct idma_qpair *q, const struct idma_sqe *cmds,
     rc = idma_qpair_submit_claimed(q, cmds, io, n);
     idma_qpair_release(q);
     return rc;
+}
+
+int idma_qpair_submit_unchecked(struct idma_qpair *q, const struct idma_sqe *cmds,
+                                const uint64_t *tags, uint32_t n)
+{
+    uint32_t fit, i;
+    int rc;
+
+    if (n && (!cmds || !tags))
+        return IDMA_EINVAL;
+    if ((rc = idma_qpair_claim(q)) != 0)
+        return rc;
+    fit = n < q->nfree ? n : q->nfree;
+    for (i = 0; i < fit; i++)
+        place(q, &cmds[i], take_tracker(q, tags[i]), NULL, 0, 0);
+    if (fit) {
+        q->submitted += fit;
+        ring_sq(q);
+    }
+    idma_qpair_release(q);
+    return (int)fit;
 }
 
 int idma_qpair_bad_index(const struct idma_qpair *q)

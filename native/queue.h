@@ -128,6 +128,12 @@ void idma_qpair_quiesce(struct idma_qpair *q);
  */
 int idma_qpair_submit(struct idma_qpair *q, const struct idma_sqe *cmds,
                       const struct idma_io *io, uint32_t n);
+/* Like idma_qpair_submit, but each SQE goes to the device as given (PRP1/PRP2, MPTR, PSDT
+ * untouched, no mapped-range check) with tags[i] for its completion. UNSAFE: for tests that
+ * show what the IOMMU does with a pointer we did not map. The checked call above always
+ * replaces those fields with PRPs built from the checked buffer (or zeroes). */
+int idma_qpair_submit_unchecked(struct idma_qpair *q, const struct idma_sqe *cmds,
+                                const uint64_t *tags, uint32_t n);
 /* Index in the last submit call of the refused command, or -1. */
 int idma_qpair_bad_index(const struct idma_qpair *q);
 

@@ -28,10 +28,11 @@ from __future__ import annotations
 
 import ctypes
 import itertools
+import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from iommu_dma.errors import ClosedError, IommuDmaError
@@ -46,6 +47,8 @@ from iommu_dma.nvme.queue import (
 )
 from iommu_dma.nvme.sqe import SQE_SIZE, Sqe
 from iommu_dma.nvme.status import NvmeError, NvmeTimeoutError
+
+log = logging.getLogger(__name__)
 
 CQE_SIZE = 16
 RETRY_LIMIT = 3
@@ -79,13 +82,14 @@ class _Pending:
 class IoFuture:
     """The outcome of one submitted command: DW0 result, or NvmeError for an error status."""
 
-    __slots__ = ("_queue", "what", "completion", "_error")
+    __slots__ = ("_queue", "what", "completion", "_error", "_callbacks")
 
     def __init__(self, queue: IoQueue, what: str) -> None:
         self._queue = queue
         self.what = what
         self.completion: Completion | None = None
         self._error: BaseException | None = None
+        self._callbacks: list[Callable[[IoFuture], object]] | None = None
 
     def done(self) -> bool:
         return self.completion is not None or self._error is not None
@@ -96,6 +100,20 @@ class IoFuture:
 
     def _finish(self, cpl: Completion | None, error: BaseException | None = None) -> None:
         self.completion, self._error = cpl, error
+        callbacks, self._callbacks = self._callbacks, None
+        for fn in callbacks or ():
+            _run_callback(fn, self)
+
+    def add_done_callback(self, fn: Callable[[IoFuture], object]) -> None:
+        """Call fn(future) when the command ends (at once if it has). It runs in the thread
+        that reaps the completion, with the queue's lock held: it must be quick and must not
+        submit to or wait on this queue. An exception it raises is logged, not propagated."""
+        if self.done():
+            _run_callback(fn, self)
+        elif self._callbacks is None:
+            self._callbacks = [fn]
+        else:
+            self._callbacks.append(fn)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Poll the queue until this command completes or timeout seconds pass; done()."""
@@ -200,6 +218,22 @@ class IoQueue:
             self._backlog.extend(items)
             self._send_backlog()
         return [p.future for p in items]
+
+    def submit_unchecked(self, sqe: Sqe, what: str = "") -> IoFuture:
+        """UNSAFE, for tests of the IOMMU: send sqe with its PRP1/PRP2, MPTR and PSDT exactly
+        as given, without the mapped-range check every other path applies. The device may
+        then aim DMA at memory nobody mapped; the IOMMU is what stops it."""
+        with self._lock:
+            self._check_open()
+            self._recover()
+            p = _Pending(Command(sqe, 0, 0, next(self._tags), what), IoFuture(self, what or
+                                                                            _describe(sqe)))
+            self._submitting = (self.qpair.inflight, [p], [p.cmd.tag])
+            if self.qpair.submit_unchecked([p.cmd]) == 0:
+                self._submitting = None
+                raise IommuDmaError(f"{p.future.what}: queue {self.qid} has no free entry")
+            self._settle_submit()
+        return p.future
 
     @staticmethod
     def _release(p: _Pending) -> None:
@@ -317,6 +351,13 @@ class IoQueue:
             self.qpair.close()
             if device_quiet:
                 self._free_memory()
+
+
+def _run_callback(fn: Callable[[IoFuture], object], future: IoFuture) -> None:
+    try:
+        fn(future)
+    except Exception:
+        log.exception("done-callback %r of %s raised", fn, future.what)
 
 
 def _describe(sqe: object) -> str:

@@ -224,6 +224,23 @@ class QueuePair:
             raise self._error(rc, lib.idma_qpair_bad_index(self._q))
         return int(rc)
 
+    def submit_unchecked(self, cmds: Sequence[Command]) -> int:
+        """UNSAFE: queue SQEs exactly as given (their PRP1/PRP2, MPTR and PSDT reach the device
+        unchecked; addr and length are ignored). Only for showing what the IOMMU does with a
+        pointer nothing mapped. Returns how many were accepted, like submit()."""
+        n = len(cmds)
+        if n == 0:
+            return 0
+        sqes = ffi.new("struct idma_sqe[]", n)
+        tags = ffi.new("uint64_t[]", [c.tag for c in cmds])
+        raw = ffi.buffer(sqes)
+        for i, c in enumerate(cmds):
+            raw[i * SQE_SIZE:(i + 1) * SQE_SIZE] = _sqe_bytes(c.sqe)
+        rc = lib.idma_qpair_submit_unchecked(self._q, sqes, tags, n)
+        if rc < 0:
+            raise self._error(rc)
+        return int(rc)
+
     def set_shadow(self, shadow_addr: int, eventidx_addr: int, *,
                    mmio_always: bool = False) -> None:
         """Use shadow doorbells (Doorbell Buffer Config, NVMe Base 2.0 §5.8) at the two

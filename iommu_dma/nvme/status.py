@@ -206,3 +206,28 @@ class NvmeError(IommuDmaError):
 
 class NvmeTimeoutError(IommuDmaError):
     """A command did not complete in time; the controller should be reset."""
+
+
+class ControllerFailedError(IommuDmaError):
+    """The controller stopped serving commands; the request did not complete. The subclass
+    says why. Its buffers were released only after the device could no longer reach them."""
+
+    def __init__(self, bdf: str, command: str, why: str) -> None:
+        self.bdf = bdf
+        self.command = command
+        super().__init__(f"{command}: {why}" if command else why)
+
+
+class ControllerResetError(ControllerFailedError):
+    """Aborted by a controller reset (Controller.reset(), or recovery from a timed-out
+    command); the command may or may not have run on the device. Retry it if it is safe to."""
+
+
+class ControllerFatalError(ControllerFailedError):
+    """The controller reported Controller Fatal Status (CSTS.CFS, NVMe Base 2.0 §3.1.4.6):
+    nothing completes until Controller.reset()."""
+
+
+class DeviceGoneError(ControllerFailedError):
+    """The device vanished (registers read all ones) or the kernel asked for it back
+    (hot removal): the controller is closed; nothing more can be sent."""
