@@ -58,6 +58,8 @@ class IdentifyController(_Parsed):
     mdts: int
     cntlid: int
     ver: int
+    oaes: int
+    crdt: tuple[int, int, int]    # Command Retry Delay Times 1..3, in 100 ms units
     oacs: int
     acl: int
     aerl: int
@@ -89,7 +91,8 @@ class IdentifyController(_Parsed):
             raw=raw, vid=_u(raw, 0, 2), ssvid=_u(raw, 2, 2), sn=_ascii(raw, 4, 20),
             mn=_ascii(raw, 24, 40), fr=_ascii(raw, 64, 8), rab=raw[72],
             ieee=_u(raw, 73, 3), cmic=raw[76], mdts=raw[77], cntlid=_u(raw, 78, 2),
-            ver=_u(raw, 80, 4), oacs=_u(raw, 256, 2), acl=raw[258], aerl=raw[259],
+            ver=_u(raw, 80, 4), oaes=_u(raw, 92, 4),
+            crdt=(_u(raw, 134, 2), _u(raw, 136, 2), _u(raw, 138, 2)), oacs=_u(raw, 256, 2), acl=raw[258], aerl=raw[259],
             frmw=raw[260], lpa=raw[261], elpe=raw[262], npss=raw[263],
             wctemp=_u(raw, 266, 2), cctemp=_u(raw, 268, 2), tnvmcap=_u(raw, 280, 16),
             unvmcap=_u(raw, 296, 16), sqes=raw[512], cqes=raw[513], maxcmd=_u(raw, 514, 2),
