@@ -67,6 +67,7 @@ class PciDevice:
         self.fd = vfio.group_get_device_fd(container.group_fd(group), self.bdf)
         self.closed = False
         self.msix_fds: list[int] = []
+        self.request_fd: int | None = None
         self.bar0_addr = 0
         self.bar0_size = 0               # accessible bytes from bar0_addr (see _map_bar0)
         self._bar0_reserved = 0          # length of the address range reserved for BAR0
@@ -109,6 +110,9 @@ class PciDevice:
             return
         if self.msix_fds:
             self.disable_msix()
+        if self.request_fd is not None:
+            os.close(self.request_fd)       # closing the device fd below drops the trigger
+            self.request_fd = None
         if self.bar0_addr:
             munmap(self.bar0_addr, self._bar0_reserved)
             self.bar0_addr = self.bar0_size = 0
@@ -245,6 +249,26 @@ class PciDevice:
             raise
         self.msix_fds = fds
         return list(fds)
+
+    def enable_request_irq(self) -> int | None:
+        """An eventfd the kernel signals when it wants the device back (unbind, hot removal:
+        VFIO_PCI_REQ_IRQ_INDEX); None when the kernel offers no such interrupt. Closed by
+        close()."""
+        self._check_open()
+        if self.request_fd is None:
+            try:
+                if self.irq_info(vfio.VFIO_PCI_REQ_IRQ_INDEX).count < 1:
+                    return None
+            except VfioError:
+                return None
+            fd = eventfd(True)
+            try:
+                vfio.set_irq_eventfds(self.fd, vfio.VFIO_PCI_REQ_IRQ_INDEX, 0, [fd])
+            except BaseException:
+                os.close(fd)
+                raise
+            self.request_fd = fd
+        return self.request_fd
 
     def disable_msix(self) -> None:
         self._check_open()

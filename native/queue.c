@@ -707,6 +707,18 @@ int idma_qpair_wait(struct idma_qpair *q, struct idma_cpl *out, uint32_t max, ui
     return n;
 }
 
+int idma_qpair_find_cid(const struct idma_qpair *q, uint64_t tag)
+{
+    uint32_t i;
+
+    if (!q || !tag)
+        return -1;
+    for (i = 0; i < q->ntrk; i++)
+        if (q->trk[i].busy && q->trk[i].tag == tag)
+            return (int)(((uint32_t)q->trk[i].gen << IDMA_CID_INDEX_BITS) | i);
+    return -1;
+}
+
 uint32_t idma_qpair_inflight(const struct idma_qpair *q)
 {
     return q ? q->ntrk - q->nfree : 0;

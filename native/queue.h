@@ -128,6 +128,9 @@ void idma_qpair_quiesce(struct idma_qpair *q);
  */
 int idma_qpair_submit(struct idma_qpair *q, const struct idma_sqe *cmds,
                       const struct idma_io *io, uint32_t n);
+/* The CID of the in-flight command submitted with tag, or -1 (for Abort, §5.1). Call with
+ * the queue pair otherwise idle (the caller's lock). */
+int idma_qpair_find_cid(const struct idma_qpair *q, uint64_t tag);
 /* Like idma_qpair_submit, but each SQE goes to the device as given (PRP1/PRP2, MPTR, PSDT
  * untouched, no mapped-range check) with tags[i] for its completion. UNSAFE: for tests that
  * show what the IOMMU does with a pointer we did not map. The checked call above always

@@ -224,6 +224,11 @@ class QueuePair:
             raise self._error(rc, lib.idma_qpair_bad_index(self._q))
         return int(rc)
 
+    def find_cid(self, tag: int) -> int | None:
+        """The CID the engine gave the in-flight command of tag (None if none is in flight)."""
+        cid = int(lib.idma_qpair_find_cid(self._q, tag))
+        return None if cid < 0 else cid
+
     def submit_unchecked(self, cmds: Sequence[Command]) -> int:
         """UNSAFE: queue SQEs exactly as given (their PRP1/PRP2, MPTR and PSDT reach the device
         unchecked; addr and length are ignored). Only for showing what the IOMMU does with a
