@@ -10,6 +10,8 @@
 /* CDEF BEGIN */
 /* Log-linear latency histogram: 32 linear sub-buckets per power of two of nanoseconds. */
 enum { IDMA_HIST_SUB_BITS = 5, IDMA_HIST_BUCKETS = 1920 };
+/* Distinct failed I/Os a worker result lists (the rest are only counted). */
+enum { IDMA_WORKER_MAX_FAILED = 256 };
 
 struct idma_worker_cfg {
     uint32_t nsid;
@@ -44,6 +46,18 @@ struct idma_worker_progress {
     volatile uint32_t stop;     /* set to 1 by the caller to stop early (then drained) */
 };
 
+/* One failed I/O: the command (opcode, LBA, blocks) and the status it completed with. The same
+ * command failing again with the same status is counted here, not listed again. */
+struct idma_worker_failed_io {
+    uint64_t lba;               /* first LBA of the I/O */
+    uint64_t count;             /* completions of this I/O with this status */
+    uint64_t first_ns;          /* when it first failed, ns since the start of the run */
+    uint32_t nlb;               /* blocks (LBAs) of the I/O */
+    uint16_t status;            /* 15-bit status (CQE DW3 31:17) */
+    uint8_t opcode;             /* 01h Write, 02h Read */
+    uint8_t reserved;
+};
+
 struct idma_worker_result {
     int32_t rc;                 /* 0 or an idma_rc */
     uint16_t first_error_status;    /* 15-bit status of the first failed command */
@@ -57,6 +71,12 @@ struct idma_worker_result {
     uint64_t errors;            /* I/Os completed with a non-zero status */
     uint64_t verify_failures;   /* LBAs whose data did not match the pattern */
     uint64_t first_verify_lba;
+    uint64_t verify_skipped;    /* successful reads not checked: a write to their block failed
+                                 * in this run, so its content is unknown */
+    uint64_t failed_listed;     /* failed I/Os in failed[] (errors - their counts: not listed) */
+    uint32_t nfailed;           /* entries of failed[] in use (<= IDMA_WORKER_MAX_FAILED) */
+    uint32_t reserved2;
+    struct idma_worker_failed_io failed[256];   /* IDMA_WORKER_MAX_FAILED, first seen first */
     uint64_t elapsed_ns;
     uint64_t lat_min_ns;
     uint64_t lat_avg_ns;
@@ -70,7 +90,11 @@ struct idma_worker_result {
 /*
  * Run the loop until io_count I/Os or duration_ns or progress->stop, then drain. The worker
  * holds the queue pair for the whole run (IDMA_EBUSY when another thread is using it).
- * With verify, every read buffer to be checked is poisoned before its read is submitted.
+ * With verify, every read buffer to be checked is poisoned before its read is submitted; a
+ * read that fails is an I/O error, never a verify failure (its buffer holds no data); a write
+ * that fails makes its block's content unknown, so reads of it are not checked (verify_skipped)
+ * until a later write of the block succeeds. Every failed I/O is counted in errors and listed in
+ * failed[] by command and status (the first IDMA_WORKER_MAX_FAILED distinct ones).
  * progress may be NULL. Returns 0 or an idma_rc (also stored in res->rc).
  */
 int idma_worker_run(struct idma_qpair *q, const struct idma_worker_cfg *cfg,
