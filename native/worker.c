@@ -9,6 +9,9 @@
 
 _Static_assert(IDMA_HIST_BUCKETS == (64 - IDMA_HIST_SUB_BITS + 1) << IDMA_HIST_SUB_BITS,
                "histogram covers every 64-bit latency");
+_Static_assert(sizeof(((struct idma_worker_result *)0)->failed) ==
+               IDMA_WORKER_MAX_FAILED * sizeof(struct idma_worker_failed_io),
+               "failed[] holds IDMA_WORKER_MAX_FAILED entries");
 
 #define OPC_WRITE 0x01          /* NVM Command Set 1.0 §3.3.6 */
 #define OPC_READ 0x02           /* NVM Command Set 1.0 §3.3.4 */
@@ -134,6 +137,7 @@ struct slot {
     uint64_t t_submit;
     uint8_t is_read;
     uint8_t check;              /* verify this read's data on completion */
+    uint8_t busy;               /* submitted (or pending), not yet completed */
 };
 
 struct wstate {
@@ -143,6 +147,7 @@ struct wstate {
     struct idma_worker_progress *prog;
     struct slot *slots;
     uint64_t *written;          /* verify: bitmap of blocks written in this run */
+    uint64_t *unknown;          /* verify: blocks whose last write failed (content unknown) */
     struct idma_sqe *cmds;      /* pending (not yet accepted) commands */
     struct idma_io *io;
     struct idma_cpl *cpl;
@@ -194,9 +199,23 @@ static int may_issue(const struct wstate *w, uint64_t now)
     return !(c->duration_ns && now - w->start >= c->duration_ns);
 }
 
-static int block_written(const struct wstate *w, uint64_t block)
+static int bit_get(const uint64_t *map, uint64_t block)
 {
-    return (w->written[block / 64] >> (block % 64)) & 1;
+    return (map[block / 64] >> (block % 64)) & 1;
+}
+
+static void bit_set(uint64_t *map, uint64_t block, int on)
+{
+    if (on)
+        map[block / 64] |= 1ull << (block % 64);
+    else
+        map[block / 64] &= ~(1ull << (block % 64));
+}
+
+/* Index of the block an LBA of ours starts (slots only hold LBAs queue_io chose). */
+static uint64_t block_of(const struct wstate *w, uint64_t lba)
+{
+    return (lba - w->cfg->lba_start) / w->cfg->block_lbas;
 }
 
 /* Choose the next block and direction for slot i and append its command to the pending batch
@@ -217,7 +236,9 @@ static void queue_io(struct wstate *w, uint32_t i)
     }
     s->lba = c->lba_start + block * c->block_lbas;
     s->is_read = (next_rand(w) % 100) < c->read_pct;
-    s->check = s->is_read && c->verify && (c->verify_all || block_written(w, block));
+    s->check = s->is_read && c->verify && !bit_get(w->unknown, block) &&
+               (c->verify_all || bit_get(w->written, block));
+    s->busy = 1;
     io->buf = c->buf + (uint64_t)i * w->block_bytes;
     io->len = w->block_bytes;
     io->tag = i;
@@ -255,22 +276,51 @@ static int flush_pending(struct wstate *w, uint64_t now)
     return 0;
 }
 
-static void record_error(struct wstate *w, const struct slot *s, uint16_t status)
+/* Count a failed I/O and list it: with an entry of the same command and status when there is
+ * one, else in a new entry while failed[] has room. */
+static void record_error(struct wstate *w, const struct slot *s, uint16_t status, uint64_t now)
 {
-    if (!w->res->errors++) {
-        w->res->first_error_status = status;
-        w->res->first_error_opcode = s->is_read ? OPC_READ : OPC_WRITE;
-        w->res->first_error_lba = s->lba;
+    struct idma_worker_result *r = w->res;
+    uint8_t opcode = s->is_read ? OPC_READ : OPC_WRITE;
+    uint32_t nlb = w->cfg->block_lbas, n = r->nfailed;
+    struct idma_worker_failed_io *f;
+
+    if (!r->errors++) {
+        r->first_error_status = status;
+        r->first_error_opcode = opcode;
+        r->first_error_lba = s->lba;
     }
+    if (n > IDMA_WORKER_MAX_FAILED)
+        n = IDMA_WORKER_MAX_FAILED;
+    for (uint32_t i = 0; i < n; i++) {
+        f = &r->failed[i];
+        if (f->lba == s->lba && f->status == status && f->opcode == opcode && f->nlb == nlb) {
+            f->count++;
+            r->failed_listed++;
+            return;
+        }
+    }
+    if (n == IDMA_WORKER_MAX_FAILED)
+        return;                                 /* counted in errors only */
+    f = &r->failed[n];
+    f->lba = s->lba;
+    f->nlb = nlb;
+    f->status = status;
+    f->opcode = opcode;
+    f->count = 1;
+    f->first_ns = now - w->start;
+    r->nfailed = n + 1;
+    r->failed_listed++;
 }
 
 static void complete_io(struct wstate *w, const struct idma_cpl *cpl, uint64_t now)
 {
     const struct idma_worker_cfg *c = w->cfg;
     struct idma_worker_result *r = w->res;
-    struct slot *s = &w->slots[cpl->tag];
-    uint64_t lat = now - s->t_submit;
+    struct slot *s = &w->slots[cpl->tag];      /* tag < qd: checked by reap() */
+    uint64_t lat = now - s->t_submit, block = block_of(w, s->lba);
 
+    s->busy = 0;
     r->ios++;
     r->hist[idma_hist_bucket(lat)]++;
     w->lat_sum += lat;
@@ -281,11 +331,17 @@ static void complete_io(struct wstate *w, const struct idma_cpl *cpl, uint64_t n
     else
         r->writes++;
     if (cpl->status) {
-        record_error(w, s, cpl->status);
-        return;
+        record_error(w, s, cpl->status, now);
+        if (!s->is_read && c->verify) {         /* what the block holds now is unknown */
+            bit_set(w->unknown, block, 1);
+            bit_set(w->written, block, 0);
+        }
+        return;                                 /* a failed read filled nothing: not checked */
     }
     r->bytes += w->block_bytes;
-    if (s->check) {
+    if (s->is_read && c->verify && bit_get(w->unknown, block)) {
+        r->verify_skipped++;                    /* a write to it failed (maybe while in flight) */
+    } else if (s->check) {
         uint64_t bad_lba = 0;
         const void *buf = (const void *)(uintptr_t)(c->buf + cpl->tag * w->block_bytes);
         uint32_t bad = idma_pattern_check(buf, s->lba, c->block_lbas, c->lba_size, c->seed,
@@ -293,9 +349,9 @@ static void complete_io(struct wstate *w, const struct idma_cpl *cpl, uint64_t n
         if (bad && !r->verify_failures)
             r->first_verify_lba = bad_lba;
         r->verify_failures += bad;
-    } else if (!s->is_read && w->written) {
-        uint64_t block = (s->lba - c->lba_start) / c->block_lbas;
-        w->written[block / 64] |= 1ull << (block % 64);
+    } else if (!s->is_read && c->verify) {
+        bit_set(w->written, block, 1);
+        bit_set(w->unknown, block, 0);
     }
 }
 
@@ -321,7 +377,7 @@ static uint32_t reap(struct wstate *w, uint64_t *now)
         return 0;
     *now = idma_fast_ns();
     for (int j = 0; j < n; j++) {
-        if (w->cpl[j].tag >= w->cfg->qd)
+        if (w->cpl[j].tag >= w->cfg->qd || !w->slots[w->cpl[j].tag].busy)
             continue;                           /* not ours (cannot happen: idle at start) */
         complete_io(w, &w->cpl[j], *now);
         if (may_issue(w, *now))
@@ -392,9 +448,12 @@ static int alloc_state(struct wstate *w)
     w->cmds = calloc(qd, sizeof(*w->cmds));
     w->io = calloc(qd, sizeof(*w->io));
     w->cpl = calloc(qd, sizeof(*w->cpl));
-    if (w->cfg->verify)
+    if (w->cfg->verify) {
         w->written = calloc((w->nblocks + 63) / 64, sizeof(uint64_t));
-    return w->slots && w->cmds && w->io && w->cpl && (w->written || !w->cfg->verify);
+        w->unknown = calloc((w->nblocks + 63) / 64, sizeof(uint64_t));
+    }
+    return w->slots && w->cmds && w->io && w->cpl &&
+           ((w->written && w->unknown) || !w->cfg->verify);
 }
 
 static void free_state(struct wstate *w)
@@ -404,6 +463,7 @@ static void free_state(struct wstate *w)
     free(w->io);
     free(w->cpl);
     free(w->written);
+    free(w->unknown);
 }
 
 int idma_worker_run(struct idma_qpair *q, const struct idma_worker_cfg *cfg,

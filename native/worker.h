@@ -73,7 +73,8 @@ struct idma_worker_result {
     uint64_t first_verify_lba;
     uint64_t verify_skipped;    /* successful reads not checked: a write to their block failed
                                  * in this run, so its content is unknown */
-    uint64_t failed_listed;     /* failed I/Os in failed[] (errors - their counts: not listed) */
+    uint64_t failed_listed;     /* failed I/Os accounted for in failed[] (sum of their counts);
+                                 * errors - failed_listed failed I/Os are not listed */
     uint32_t nfailed;           /* entries of failed[] in use (<= IDMA_WORKER_MAX_FAILED) */
     uint32_t reserved2;
     struct idma_worker_failed_io failed[256];   /* IDMA_WORKER_MAX_FAILED, first seen first */
