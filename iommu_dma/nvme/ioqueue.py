@@ -29,11 +29,13 @@ from __future__ import annotations
 import ctypes
 import itertools
 import logging
+import math
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from iommu_dma.errors import ClosedError, IommuDmaError
 from iommu_dma.memory import DmaAllocator, DmaBuffer, owning_buffer
@@ -45,14 +47,16 @@ from iommu_dma.nvme.queue import (
     QueuePair,
     prp_list_pages,
 )
+from iommu_dma.nvme.recovery import RecoveryPolicy, retry_delay, should_retry
 from iommu_dma.nvme.sqe import SQE_SIZE, Sqe
 from iommu_dma.nvme.status import NvmeError, NvmeTimeoutError
 
 log = logging.getLogger(__name__)
 
 CQE_SIZE = 16
-RETRY_LIMIT = 3
 POLL_SLICE = 0.001          # longest a waiter holds the queue lock inside the engine
+EXPIRY_CHECK = 0.01         # how often process() looks for commands past their deadline
+QUEUE_DEFAULT = -1.0        # a submission's timeout: the queue's policy decides
 
 
 class NotMappedError(IommuDmaError):
@@ -77,6 +81,11 @@ class _Pending:
     future: IoFuture
     lease: _Lease | None = None          # the device's hold on the command's data memory
     retries: int = 0
+    timeout: float | None = None         # seconds per attempt (None: no limit)
+    deadline: float = math.inf           # monotonic time the current attempt expires
+    not_before: float = 0.0              # a delayed retry (CRD) is sent from then on
+    timed_out: bool = False              # past its deadline: recovery owns it
+    tag: int = 0                         # the engine's tag while in flight
 
 
 class IoFuture:
@@ -127,9 +136,13 @@ class IoFuture:
         return True
 
     def result(self, timeout: float | None = None) -> int:
-        """Wait for this command; DW0 of its completion. On timeout the command stays with the
-        device (its memory stays quarantined until it completes or the queue is deleted)."""
+        """Wait for this command; DW0 of its completion, or its error. A command not done
+        within timeout seconds is treated as timed out: it is aborted and, if it does not come
+        back, the controller is reset (see RecoveryPolicy); it then fails with
+        NvmeTimeoutError. Its memory stays the device's until then."""
         if not self.wait(timeout):
+            self._queue._expire(self)
+        if not self.done():
             raise NvmeTimeoutError(
                 f"{self.what}: no completion within {timeout} s on queue {self._queue.qid}; "
                 "the command is still owned by the device (its buffer is quarantined until "
@@ -145,7 +158,8 @@ class IoQueue:
 
     def __init__(self, qid: int, depth: int, allocator: DmaAllocator, bar0_addr: int,
                  bar0_size: int, *, dstrd: int, page_size: int, max_transfer: int,
-                 maptable: object, shadow: tuple[int, int] | None = None) -> None:
+                 maptable: object, shadow: tuple[int, int] | None = None,
+                 policy: RecoveryPolicy | None = None) -> None:
         """max_transfer: the largest data transfer of one command (sizes the PRP lists);
         shadow: (shadow doorbell page, EventIdx page) addresses when the controller has
         Doorbell Buffer Config enabled (NVMe Base 2.0 §5.8)."""
@@ -153,18 +167,20 @@ class IoQueue:
         self.depth = depth
         self.allocator = allocator
         self.max_transfer = max_transfer
+        self.policy = policy if policy is not None else RecoveryPolicy()
+        # Called (without the queue lock) with commands past their deadline: the controller
+        # aborts them or resets. Without it, they stay with the device until they complete.
+        self.on_timeout: Callable[[IoQueue, list[_Pending]], None] | None = None
         pages_each = max(1, prp_list_pages(max_transfer, page_size))
         self._memory: list[DmaBuffer] = []
         self.sq_mem = self._zeroed(depth * SQE_SIZE, page_size)
         self.cq_mem = self._zeroed(depth * CQE_SIZE, page_size)
         self.lists = self._zeroed((depth - 1) * pages_each * page_size, page_size)
+        self._engine_args: dict[str, Any] = dict(
+            bar0_addr=bar0_addr, bar0_size=bar0_size, dstrd=dstrd, page_size=page_size,
+            list_pages=(depth - 1) * pages_each, maptable=maptable)
         try:
-            self.qpair = QueuePair(qid, depth, self.sq_mem.addr, self.cq_mem.addr, bar0_addr,
-                                   bar0_size, dstrd=dstrd, page_size=page_size,
-                                   list_addr=self.lists.addr,
-                                   list_pages=(depth - 1) * pages_each, maptable=maptable)
-            if shadow is not None:
-                self.qpair.set_shadow(*shadow)
+            self.qpair = self._new_qpair(shadow)
         except BaseException:
             self._free_memory()
             raise
@@ -175,8 +191,21 @@ class IoQueue:
         # (engine in-flight count before, commands, tags) while a submission is in progress
         self._submitting: tuple[int, list[_Pending], list[int]] | None = None
         self._abandoned: list[_Pending] = []
+        self._delayed: list[_Pending] = []     # retries waiting for their CRD delay
+        self._next_expiry = 0.0
+        self._paused = False                   # a controller reset owns the rings
         self.closed = False
         self.unknown_completions = 0
+
+    def _new_qpair(self, shadow: tuple[int, int] | None) -> QueuePair:
+        a = self._engine_args
+        q = QueuePair(self.qid, self.depth, self.sq_mem.addr, self.cq_mem.addr,
+                      a["bar0_addr"], a["bar0_size"], dstrd=a["dstrd"],
+                      page_size=a["page_size"], list_addr=self.lists.addr,
+                      list_pages=a["list_pages"], maptable=a["maptable"])
+        if shadow is not None:
+            q.set_shadow(*shadow)
+        return q
 
     def _zeroed(self, size: int, align: int) -> DmaBuffer:
         buf = self.allocator.alloc(size, align)
@@ -196,18 +225,26 @@ class IoQueue:
     # ---- submission ---------------------------------------------------------------------
 
     def submit(self, sqe: Sqe, addr: int = 0, length: int = 0, what: str = "",
-               owner: object = None) -> IoFuture:
+               owner: object = None, timeout: float | None = QUEUE_DEFAULT) -> IoFuture:
         """Queue one command (the device sees it at the next doorbell write)."""
-        return self.submit_many([Command(sqe, addr, length, 0, what)], owner)[0]
+        return self.submit_many([Command(sqe, addr, length, 0, what)], owner, timeout)[0]
 
-    def submit_many(self, cmds: Sequence[Command], owner: object = None) -> list[IoFuture]:
+    def submit_many(self, cmds: Sequence[Command], owner: object = None,
+                    timeout: float | None = QUEUE_DEFAULT) -> list[IoFuture]:
         """Queue commands with one doorbell write; what does not fit waits in a backlog that
         is sent as completions free trackers (back-pressure, nothing dropped). owner: the
         object the commands' data pointers point into (a DmaBuffer, or any buffer object):
-        it belongs to the device until each command's completion is reaped."""
+        it belongs to the device until each command's completion is reaped. timeout: seconds
+        each command may be in flight before it is recovered (default: the policy's; None:
+        no limit)."""
+        if timeout == QUEUE_DEFAULT:
+            timeout = self.policy.timeout_for(self.qid)
+        if timeout is not None and not timeout > 0:
+            raise ValueError(f"timeout must be positive seconds or None, not {timeout}")
         with self._lock:
             self._check_open()
-            items = [_Pending(c, IoFuture(self, c.what or _describe(c.sqe))) for c in cmds]
+            items = [_Pending(c, IoFuture(self, c.what or _describe(c.sqe)), timeout=timeout)
+                     for c in cmds]
             if owner is not None and items:
                 lease = _Lease(owner)
                 buf = owning_buffer(owner)      # also for a view of a DmaBuffer
@@ -241,7 +278,7 @@ class IoQueue:
         p.lease = None
 
     def _send_backlog(self) -> None:
-        while self._backlog:
+        while self._backlog and not self._paused:
             batch = list(self._backlog)
             tags = [next(self._tags) for _ in batch]
             self._submitting = (self.qpair.inflight, batch, tags)
@@ -263,8 +300,11 @@ class IoQueue:
             return
         before, batch, tags = self._submitting
         sent = self.qpair.inflight - before     # no reaping since: callers _recover() first
+        now = time.monotonic()
         for p, t in zip(batch[:sent], tags[:sent]):
             self._inflight[t] = p
+            p.tag = t
+            p.deadline = now + p.timeout if p.timeout is not None else math.inf
             if self._backlog and self._backlog[0] is p:
                 self._backlog.popleft()
         self._submitting = None
@@ -278,17 +318,73 @@ class IoQueue:
 
     def process(self, timeout: float = 0.0) -> int:
         """Reap completions (waiting up to timeout for at least one), resolve their futures,
-        retry retryable statuses, and send backlog; returns how many completed."""
+        retry what may be retried, send backlog, and hand commands past their deadline to
+        the recovery (on_timeout); returns how many completed."""
+        n, expired, idle = 0, [], False
         with self._lock:
             self._check_open()
             self._recover()
-            if timeout > 0 and self._inflight:
-                self.qpair.wait_into(1, timeout)
+            if self._paused:
+                idle = True
             else:
-                self.qpair.reap_into()
-            n = self._handle_reaped()
-            self._send_backlog()
+                if timeout > 0 and self._inflight:
+                    self.qpair.wait_into(1, timeout)
+                else:
+                    self.qpair.reap_into()
+                    idle = not self._inflight
+                n = self._handle_reaped()
+                self._release_delayed()
+                self._send_backlog()
+                expired = self._expired()
+        if idle and timeout > 0:
+            time.sleep(min(timeout, POLL_SLICE))   # nothing to poll: a reset or a retry delay
+        if expired and self.on_timeout is not None:
+            self.on_timeout(self, expired)
         return n
+
+    def _expired(self) -> list[_Pending]:
+        """In-flight commands past their deadline, marked timed out (checked every
+        EXPIRY_CHECK seconds at most)."""
+        now = time.monotonic()
+        if now < self._next_expiry:
+            return []
+        self._next_expiry = now + EXPIRY_CHECK
+        out = [p for p in self._inflight.values() if p.deadline <= now and not p.timed_out]
+        for p in out:
+            p.timed_out = True
+        return out
+
+    def _expire(self, future: IoFuture) -> None:
+        """The caller stopped waiting for future: end it now. Not yet sent (backlog, retry
+        delay): it fails with NvmeTimeoutError at once. In flight: its deadline is now, and
+        the next process() hands it to the recovery."""
+        with self._lock:
+            if self.closed or future.done():
+                return
+            for queue in (self._backlog, self._delayed):
+                p = next((p for p in queue if p.future is future), None)
+                if p is not None:
+                    queue.remove(p)
+                    self._release(p)
+                    p.future._finish(None, NvmeTimeoutError(
+                        f"{future.what}: not sent within its timeout (queue {self.qid} full or "
+                        "a retry delay running)"))
+                    return
+            for p in self._inflight.values():
+                if p.future is future:
+                    p.deadline = 0.0
+                    self._next_expiry = 0.0
+        if self.on_timeout is not None:
+            self.process()
+
+    def _release_delayed(self) -> None:
+        if not self._delayed:
+            return
+        now = time.monotonic()
+        due = [p for p in self._delayed if p.not_before <= now]
+        for p in due:
+            self._delayed.remove(p)
+            self._backlog.append(p)
 
     def _handle_reaped(self) -> int:
         """Complete every entry the engine wrote to its output array, then free the entries
@@ -305,28 +401,93 @@ class IoQueue:
 
     def _complete(self, cpl: Completion) -> None:
         """Resolve the command of one completion; safe to repeat for the same completion."""
-        p = self._inflight.get(cpl.tag)
+        p = self._inflight.pop(cpl.tag, None)
         if p is None:                   # handled already, or a tag we never used
             self.unknown_completions += 1
+            return
+        if p.timed_out:                 # came back after its deadline (aborted, or late)
+            status = "success" if cpl.ok else NvmeError(cpl.status, "").name
+            p.future._finish(cpl, NvmeTimeoutError(
+                f"{p.future.what}: timed out after {p.timeout} s on queue {self.qid}; it "
+                f"completed afterwards ({status}) once the Abort was sent"))
+            self._release(p)
             return
         if cpl.ok:
             p.future._finish(cpl)
             self._release(p)
-            del self._inflight[cpl.tag]
             return
         err = NvmeError(cpl.status, p.future.what)
-        if err.retryable and p.retries < RETRY_LIMIT:
-            if p not in self._backlog:  # §4.6.1.2.1: retry when DNR is clear (owner kept)
+        if should_retry(err.status, p.retries, self.policy.retries):
+            # §4.6.1.2.1: DNR clear, sent again after the delay CRD selects (owner kept)
+            if p not in self._backlog and p not in self._delayed:
                 p.retries += 1
-                self._backlog.append(p)
+                p.not_before = time.monotonic() + retry_delay(err.status, self.policy.crdt)
+                self._delayed.append(p)
         else:
             p.future._finish(cpl, err)
             self._release(p)
-        del self._inflight[cpl.tag]
 
     @property
     def outstanding(self) -> int:
-        return len(self._inflight) + len(self._backlog)
+        return len(self._inflight) + len(self._backlog) + len(self._delayed)
+
+    # ---- controller reset ------------------------------------------------------------------
+
+    def command_id(self, p: _Pending) -> int | None:
+        """The CID of p while it is in flight (for an Abort), else None."""
+        with self._lock:
+            if self.closed or self._inflight.get(p.tag) is not p:
+                return None
+            return self.qpair.find_cid(p.tag)
+
+    def pause(self) -> None:
+        """Stop touching the rings (a controller reset is about to take them): submissions
+        wait in the backlog and process() only sleeps, until resume()."""
+        with self._lock:
+            self._check_open()
+            self._recover()
+            self._handle_reaped()
+            self._paused = True
+
+    def fail_in_flight(self, error: Callable[[_Pending], BaseException], *,
+                       queued_too: bool = False) -> None:
+        """After the controller is disabled (the device can no longer touch this queue's
+        memory): end every command in flight with error(p) and release its memory; with
+        queued_too, also those not sent yet. Then the rings start empty (reinit())."""
+        with self._lock:
+            if self.closed:
+                return
+            self._recover()
+            self._handle_reaped()
+            ended = list(self._inflight.values())
+            if queued_too:
+                ended += [*self._backlog, *self._delayed]
+                self._backlog.clear()
+                self._delayed.clear()
+            self._inflight.clear()
+            for p in ended:
+                self._release(p)
+                p.future._finish(None, error(p))
+
+    def reinit(self, shadow: tuple[int, int] | None) -> None:
+        """Empty rings and a fresh engine queue pair over the same memory (after a reset,
+        before the queue is created on the device again)."""
+        with self._lock:
+            self._check_open()
+            assert not self._inflight, "fail_in_flight() first"
+            old = self.qpair
+            self.qpair = self._new_qpair(shadow)
+            old.close()
+            ctypes.memset(self.sq_mem.addr, 0, self.sq_mem.size)
+            ctypes.memset(self.cq_mem.addr, 0, self.cq_mem.size)
+
+    def resume(self) -> None:
+        """Back in service after a reset: send what waited."""
+        with self._lock:
+            if self.closed:
+                return
+            self._paused = False
+            self._send_backlog()
 
     # ---- teardown ------------------------------------------------------------------------
 
@@ -340,14 +501,15 @@ class IoQueue:
                 return
             self._recover()
             self.closed = True
-            for p in [*self._inflight.values(), *self._backlog]:
-                if device_quiet or p in self._backlog:
+            for p in [*self._inflight.values(), *self._backlog, *self._delayed]:
+                if device_quiet or p in self._backlog or p in self._delayed:
                     self._release(p)
                 else:
                     self._abandoned.append(p)   # keeps its lease: quarantined for good
                 p.future._finish(None, error)
             self._inflight.clear()
             self._backlog.clear()
+            self._delayed.clear()
             self.qpair.close()
             if device_quiet:
                 self._free_memory()

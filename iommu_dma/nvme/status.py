@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from iommu_dma.errors import IommuDmaError
+from iommu_dma.errors import ClosedError, IommuDmaError
 from iommu_dma.nvme.constants import (
     SC_FORMAT_IN_PROGRESS,
     SC_INTERNAL_PATH_ERROR,
@@ -23,9 +23,10 @@ from iommu_dma.nvme.constants import (
 )
 
 __all__ = [
-    "RETRYABLE", "SCT_CMD_SPECIFIC", "SCT_GENERIC", "SCT_MEDIA", "SCT_PATH", "SCT_VENDOR",
-    "NvmeError", "NvmeTimeoutError", "Status", "decode_status", "is_retryable", "make_status",
-    "status_from_dw3", "status_name",
+    "NOT_RETRIED", "RETRYABLE", "SCT_CMD_SPECIFIC", "SCT_GENERIC", "SCT_MEDIA", "SCT_PATH",
+    "SCT_VENDOR", "ControllerFailedError", "ControllerFatalError", "ControllerResetError",
+    "DeviceGoneError", "NvmeError", "NvmeTimeoutError", "Status", "decode_status",
+    "is_retryable", "make_status", "status_from_dw3", "status_name",
 ]
 
 STATUS_BITS = 15                     # CQE DW3 31:17 (Base §4.6.1)
@@ -156,6 +157,10 @@ _NAMES = {SCT_GENERIC: _GENERIC, SCT_CMD_SPECIFIC: _COMMAND_SPECIFIC,
 
 # Transient statuses worth retrying, and only while DNR is clear (Base 2.0 §4.6.1: DNR set
 # means the same command is expected to fail again).
+# Generic statuses that end a command on purpose and are never retried: Command Abort Requested
+# (07h), Command Aborted due to SQ Deletion (08h).
+NOT_RETRIED = {(SCT_GENERIC, 0x07), (SCT_GENERIC, 0x08)}
+# Statuses the spec itself calls transient (kept for callers that want the narrow rule).
 RETRYABLE = {(SCT_GENERIC, SC_NS_NOT_READY), (SCT_GENERIC, SC_FORMAT_IN_PROGRESS),
              (SCT_PATH, SC_INTERNAL_PATH_ERROR)}
 
@@ -171,8 +176,9 @@ def status_name(sct: int, sc: int) -> str:
 
 
 def is_retryable(status: Status) -> bool:
-    """Retry only what the spec calls transient, and only when the controller allows (DNR=0)."""
-    return not status.dnr and (status.sct, status.sc) in RETRYABLE
+    """The Linux driver's rule: a failure may be retried unless the controller set DNR
+    (§4.6.1.2.1 "Do Not Retry") or the command was aborted on purpose."""
+    return not status.ok and not status.dnr and (status.sct, status.sc) not in NOT_RETRIED
 
 
 class NvmeError(IommuDmaError):
@@ -228,6 +234,6 @@ class ControllerFatalError(ControllerFailedError):
     nothing completes until Controller.reset()."""
 
 
-class DeviceGoneError(ControllerFailedError):
+class DeviceGoneError(ControllerFailedError, ClosedError):
     """The device vanished (registers read all ones) or the kernel asked for it back
     (hot removal): the controller is closed; nothing more can be sent."""

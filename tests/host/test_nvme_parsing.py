@@ -123,7 +123,8 @@ def test_status_names_and_retry_rules() -> None:
     assert "Unknown status" in status_name(5, 0x33)
     assert is_retryable(decode_status(make_status(0x82)))          # Namespace Not Ready
     assert not is_retryable(decode_status(make_status(0x82, dnr=True)))
-    assert not is_retryable(decode_status(make_status(0x80)))      # LBA Out of Range is final
+    assert is_retryable(decode_status(make_status(0x80)))          # DNR clear: retried
+    assert not is_retryable(decode_status(make_status(0x07)))      # Abort Requested: final
 
 
 def test_nvme_error_message_names_everything() -> None:
