@@ -116,11 +116,34 @@ def report(args: argparse.Namespace, w: Workload, result: PerfResult) -> int:
         output.emit_json(data)
     else:
         output.print_lines(output.perf_lines(data))
+        output.print_lines(failed_lines(result))
     sys.stdout.flush()
     if result.problems:
         raise CliError(f"perf: {'; '.join(result.problems)} (so its figures cannot be "
                        "trusted)")
     return 0
+
+
+FAILED_HEADERS = ("Op", "LBA", "Blocks", "Times", "Status")
+
+
+def failed_lines(result: PerfResult) -> list[str]:
+    """The failed I/Os, one line each (by LBA), after a line saying how many of all failed;
+    nothing when none failed."""
+    if not result.errors:
+        return []
+    lines = ["", f"Failed I/Os: {result.errors} of {result.ios} (the others completed)"]
+    rows = [[f.op, str(f.lba), str(f.blocks), str(f.count), f.status_name]
+            for f in result.failed_ios]
+    if rows:
+        lines += output.table(FAILED_HEADERS, rows)
+    if result.failed_ios_not_listed:
+        lines.append(f"{result.failed_ios_not_listed} more not listed (each job lists its "
+                     "first 256 distinct failed I/Os)")
+    if result.verify_skipped:
+        lines.append(f"{result.verify_skipped} read(s) not verified: a write of their block "
+                     "had failed, so its content is unknown")
+    return lines
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:

@@ -2,6 +2,13 @@
 
 The worker loop runs entirely in C with the GIL released, so jobs run in parallel threads and
 a caller can watch live progress from Python.
+
+An I/O that fails (e.g. a media error) does not stop a job: the worker counts it, lists it
+(command and status; the first 256 distinct failed I/Os of each job) and goes on with the
+others. The result's `failed_ios` name each one (LBA, blocks, read/write, the spec's status
+name), `failed_ios_not_listed` counts those beyond the worker's list, and `problems`/`ok` say
+that the run had errors. With verify, a failed read is an error, not a verify failure, and a
+block whose write failed is not checked again until a write of it succeeds.
 """
 
 from __future__ import annotations
@@ -16,23 +23,131 @@ from typing import TYPE_CHECKING, Any
 from iommu_dma.errors import IommuDmaError
 from iommu_dma.native import ffi, lib
 from iommu_dma.nvme.queue import (
+    EBUSY,
+    ECLOSED,
+    EINVAL,
     ETIMEDOUT,
     QueueError,
     WorkerConfig,
     WorkerResult,
+    _cfg_struct,
+    _result,
     new_progress,
-    run_worker,
 )
-from iommu_dma.nvme.status import NvmeError
+from iommu_dma.nvme.status import STATUS_BITS, NvmeError, decode_status
 
 if TYPE_CHECKING:
     from iommu_dma.nvme.namespace import Namespace
+    from iommu_dma.nvme.queue import QueuePair
 
 MAX_RUNTIME = 7 * 24 * 3600.0       # seconds: a week
 RW_MODES = {  # fio --rw name -> (random, default read percentage)
     "read": (False, 100), "write": (False, 0), "randread": (True, 100),
     "randwrite": (True, 0), "rw": (False, 50), "randrw": (True, 50),
 }
+OPCODES = {0x01: "write", 0x02: "read"}     # NVM Command Set 1.0 §3.3.6, §3.3.4
+PROBLEM_LISTS = 8                           # failed I/Os named in the problems phrase
+
+
+@dataclass(frozen=True)
+class FailedIo:
+    """An I/O that completed with an error status: the command (opcode, first LBA, blocks),
+    its 15-bit status and how many times it failed so (jobs merged)."""
+
+    opcode: int
+    lba: int
+    blocks: int
+    status: int
+    count: int = 1
+
+    @property
+    def op(self) -> str:
+        """"read", "write" (or the opcode in hex)."""
+        return OPCODES.get(self.opcode, f"opcode {self.opcode:#04x}")
+
+    @property
+    def error(self) -> NvmeError:
+        """The failure as an NvmeError (its .name is the spec's status name, .sct/.sc)."""
+        return NvmeError(self.status, self.command)
+
+    @property
+    def command(self) -> str:
+        return f"{self.op} LBA {self.lba} ({self.blocks} block{'s' if self.blocks != 1 else ''})"
+
+    @property
+    def status_name(self) -> str:
+        """The status as the spec names it, with SCT/SC, e.g. "Unrecovered Read Error (SCT 0x2,
+        SC 0x81)"."""
+        return str(self.error).removeprefix(f"{self.command}: ")
+
+    def __str__(self) -> str:
+        times = f", {self.count} times" if self.count != 1 else ""
+        return f"{self.command}: {self.status_name}{times}"
+
+    def to_dict(self) -> dict[str, Any]:
+        st = decode_status(self.status)
+        return {"op": self.op, "lba": self.lba, "blocks": self.blocks, "count": self.count,
+                "status": self.status_name, "name": self.error.name, "sct": st.sct,
+                "sc": st.sc}
+
+
+@dataclass
+class JobResult(WorkerResult):
+    """A job's WorkerResult with the failed I/Os its worker listed (first seen first) and the
+    reads not verified because a write of their block had failed."""
+
+    failed_ios: list[FailedIo] = field(default_factory=list)
+    verify_skipped: int = 0
+
+    @property
+    def failed_ios_not_listed(self) -> int:
+        """Failed I/Os beyond the worker's list (counted in errors only)."""
+        return max(0, self.errors - sum(f.count for f in self.failed_ios))
+
+
+def _failed_ios(res: Any) -> list[FailedIo]:
+    """The worker's failed[] list, read within its bounds."""
+    n = min(int(res.nfailed), int(lib.IDMA_WORKER_MAX_FAILED))
+    out = []
+    for i in range(n):
+        f = res.failed[i]
+        out.append(FailedIo(opcode=int(f.opcode), lba=int(f.lba), blocks=int(f.nlb),
+                            status=int(f.status) & ((1 << STATUS_BITS) - 1),
+                            count=int(f.count)))
+    return out
+
+
+def run_worker(qpair: QueuePair, config: WorkerConfig, progress: Any = None) -> JobResult:
+    """queue.run_worker, keeping what the worker listed of its failed I/Os (GIL released for
+    the whole run). Raises QueueError for a refused configuration, a queue pair another thread
+    is using or closed during the run; I/O errors are reported in the result."""
+    cfg = _cfg_struct(config)
+    res = ffi.new("struct idma_worker_result *")
+    rc = lib.idma_worker_run(qpair.cdata, cfg, res, progress if progress is not None else ffi.NULL)
+    if rc in (EINVAL, EBUSY, ECLOSED):
+        raise qpair._error(rc)
+    base = _result(res)
+    fields = {name: getattr(base, name) for name in WorkerResult.__dataclass_fields__}
+    return JobResult(**fields, failed_ios=_failed_ios(res),
+                     verify_skipped=int(res.verify_skipped))
+
+
+def merge_failed(results: list[WorkerResult]) -> tuple[list[FailedIo], int]:
+    """Every job's listed failed I/Os, the same command and status merged (counts added), by
+    LBA; and how many failed I/Os no list holds (a result without a list: all its errors)."""
+    merged: dict[tuple[int, int, int, int], int] = {}
+    unlisted = 0
+    for r in results:
+        if not isinstance(r, JobResult):
+            unlisted += r.errors
+            continue
+        unlisted += r.failed_ios_not_listed
+        for f in r.failed_ios:
+            key = (f.lba, f.opcode, f.blocks, f.status)
+            merged[key] = merged.get(key, 0) + f.count
+    out = [FailedIo(opcode=op, lba=lba, blocks=blocks, status=st, count=n)
+           for (lba, op, blocks, st), n in sorted(merged.items())]
+    return out, unlisted
 
 
 @dataclass
@@ -48,7 +163,7 @@ class Workload:
     rwmixread: int | None = None      # percentage of reads for rw/randrw
     offset: int = 0
     size: int = 0                     # bytes of the namespace to use; 0 = to the end
-    verify: bool = False
+    verify: bool = False              # with numjobs > 1: each job its own slice of the range
     seed: int = 1
 
     def read_pct(self) -> int:
@@ -74,6 +189,9 @@ class PerfResult:
     jobs: list[WorkerResult] = field(default_factory=list)
     timed_out: bool = False
     problems: list[str] = field(default_factory=list)   # why the figures cannot be trusted
+    failed_ios: list[FailedIo] = field(default_factory=list)    # by LBA, jobs merged
+    failed_ios_not_listed: int = 0      # failed I/Os beyond the workers' lists
+    verify_skipped: int = 0             # reads not verified: a write of their block failed
 
     @property
     def ok(self) -> bool:
@@ -93,6 +211,9 @@ class PerfResult:
                 "bytes": self.bytes, "seconds": round(self.seconds, 3), "errors": self.errors,
                 "verify_failures": self.verify_failures, "timed_out": self.timed_out,
                 "ok": self.ok, "problems": list(self.problems),
+                "failed_ios": [f.to_dict() for f in self.failed_ios],
+                "failed_ios_not_listed": self.failed_ios_not_listed,
+                "verify_skipped": self.verify_skipped,
                 "lat_ns": {"avg": round(self.lat_avg_ns), "p50": self.lat_p50_ns,
                            "p99": self.lat_p99_ns, "p99.9": self.lat_p999_ns,
                            "max": self.lat_max_ns}}
@@ -129,7 +250,22 @@ def check_workload(ns: Namespace, w: Workload) -> tuple[int, int, int]:
     if start + count > ns.blocks or count < block:
         raise ValueError(f"--offset {w.offset} --size {w.size} do not fit namespace {ns.nsid} "
                          f"({ns.capacity} bytes)")
+    if w.verify and count // block < w.numjobs:
+        raise ValueError(f"--verify --numjobs {w.numjobs}: each job verifies its own part of "
+                         f"the range, and {count // block} block(s) of {w.bs} bytes do not "
+                         "make one per job")
     return block, start, count
+
+
+def job_ranges(w: Workload, block: int, start: int, count: int) -> list[tuple[int, int]]:
+    """(lba_start, lba_count) of each job. With verify, each job gets its own slice of the
+    range (whole blocks): a job checks what it wrote itself, and another job writing the same
+    blocks with its own pattern (seed), or a write there failing, would make that unknown.
+    Without verify, every job covers the whole range."""
+    if not w.verify or w.numjobs == 1:
+        return [(start, count)] * w.numjobs
+    per = count // block // w.numjobs * block
+    return [(start + i * per, per) for i in range(w.numjobs)]
 
 
 def max_iodepth(ns: Namespace) -> int:
@@ -153,8 +289,9 @@ class PerfRun:
         self.progress = [new_progress() for _ in range(w.numjobs)]
         self.results: list[WorkerResult | None] = [None] * w.numjobs
         self.failures: list[BaseException | None] = [None] * w.numjobs
-        self.threads = [threading.Thread(target=self._job, args=(i, block, start, count),
-                                         daemon=True) for i in range(w.numjobs)]
+        self.threads = [threading.Thread(target=self._job, args=(i, block, *part),
+                                         daemon=True)
+                        for i, part in enumerate(job_ranges(w, block, start, count))]
         self.started = time.monotonic()
         for t in self.threads:
             t.start()
@@ -214,9 +351,22 @@ def _first_error(r: WorkerResult) -> NvmeError:
                      f"opcode {r.first_error_opcode:#04x} LBA {r.first_error_lba}")
 
 
+def errors_phrase(errors: int, failed: list[FailedIo], unlisted: int,
+                  limit: int = PROBLEM_LISTS) -> str:
+    """"N I/O error(s): <failed I/O>; ...", naming up to limit of the listed failed I/Os."""
+    named = "; ".join(str(f) for f in failed[:limit])
+    more = []
+    if len(failed) > limit:
+        more.append(f"{len(failed) - limit} more listed in failed_ios")
+    if unlisted:
+        more.append(f"{unlisted} more not listed")
+    tail = f" (and {', '.join(more)})" if more else ""
+    return f"{errors} I/O error(s): {named}{tail}"
+
+
 def problems(results: list[WorkerResult]) -> list[str]:
     """Why the combined figures cannot be trusted, one phrase each (empty when clean): a job
-    that timed out or failed, I/O errors, verify failures."""
+    that timed out or failed, I/O errors (each failed I/O listed, by LBA), verify failures."""
     out = []
     for i, r in enumerate(results):
         job = f"job {i}" if len(results) > 1 else "the I/O worker"
@@ -226,7 +376,10 @@ def problems(results: list[WorkerResult]) -> list[str]:
         elif r.rc != 0:
             out.append(f"{job} stopped with an error after {r.ios} I/Os: {QueueError(r.rc)}")
     errors = sum(r.errors for r in results)
-    if errors:
+    failed, unlisted = merge_failed(results)
+    if errors and failed:
+        out.append(errors_phrase(errors, failed, unlisted))
+    elif errors:                                # the workers listed none
         first = next(r for r in results if r.errors)
         out.append(f"{errors} I/O error(s), the first: {_first_error(first)}")
     failures = sum(r.verify_failures for r in results)
@@ -244,6 +397,7 @@ def combine(results: list[WorkerResult]) -> PerfResult:
     if not results:
         raise IommuDmaError("no job finished")
     found = problems(results)
+    failed, unlisted = merge_failed(results)
     ios = sum(r.ios for r in results)
     if ios == 0:
         first_error = next((r for r in results if r.errors), None)
@@ -266,7 +420,9 @@ def combine(results: list[WorkerResult]) -> PerfResult:
         lat_p99_ns=int(lib.idma_hist_percentile(hist, 99.0, lat_max)),
         lat_p999_ns=int(lib.idma_hist_percentile(hist, 99.9, lat_max)),
         lat_max_ns=lat_max, jobs=results,
-        timed_out=any(r.timed_out or r.rc == ETIMEDOUT for r in results), problems=found)
+        timed_out=any(r.timed_out or r.rc == ETIMEDOUT for r in results), problems=found,
+        failed_ios=failed, failed_ios_not_listed=unlisted,
+        verify_skipped=sum(r.verify_skipped for r in results if isinstance(r, JobResult)))
 
 
 def run(ns: Namespace, w: Workload,

@@ -6,17 +6,26 @@ the tests play the controller: read SQEs and doorbells, write CQEs with the phas
 
 from __future__ import annotations
 
+import json
 import mmap
+import re
 import struct
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from iommu_dma.errors import ClosedError
+from iommu_dma.memory import DmaAllocator
 from iommu_dma.native import ffi, lib
+from iommu_dma.nvme import perf
 from iommu_dma.nvme import sqe as S
+from iommu_dma.nvme.ioqueue import IoQueue
 from iommu_dma.nvme.queue import (
     EALIGN,
     ETIMEDOUT,
@@ -30,6 +39,9 @@ from iommu_dma.nvme.queue import (
     new_progress,
     run_worker,
 )
+from tests.host.sim_nvme import BAR_SIZE as SIM_BAR_SIZE
+from tests.host.sim_nvme import LBA as SIM_LBA
+from tests.host.sim_nvme import SimController, SimIommu, attach_queue
 
 PAGE = 4096
 DSTRD = 0
@@ -681,3 +693,267 @@ def test_worker_spin_only_and_fast_clock() -> None:
             wall = time.monotonic() - t0
             assert res.rc == 0 and res.ios == 50
             assert 0 < res.elapsed_ns <= wall * 1e9 * 1.05 + 1e6
+
+
+# ---- the worker under media errors: each failed I/O listed, the others go on ----
+
+READ_ERROR = S.make_status(0x81, S.SCT_MEDIA)       # Unrecovered Read Error
+WRITE_FAULT = S.make_status(0x80, S.SCT_MEDIA)
+
+
+class MediaDevice(DiskDevice):
+    """Reads covering a read_bad LBA fail with Unrecovered Read Error, writes covering a
+    write_bad LBA with Write Fault (torn: they leave garbage in the block); logs each failure
+    as (opcode, slba, nlb, status)."""
+
+    def __init__(self, rig: Rig, lba_size: int, nlbas: int, read_bad: set[int] | None = None,
+                 write_bad: set[int] | None = None) -> None:
+        super().__init__(rig, lba_size, nlbas)
+        self.read_bad, self.write_bad = read_bad or set(), write_bad or set()
+        self.failed: list[tuple[int, int, int, int]] = []
+
+    def _execute(self, e: S.Sqe) -> int:
+        slba, nlb = e.cdw10 | e.cdw11 << 32, (e.cdw12 & 0xFFFF) + 1
+        bad = self.read_bad if e.opcode == S.OPC_READ else self.write_bad
+        if any(slba <= lba < slba + nlb for lba in bad):
+            status = READ_ERROR if e.opcode == S.OPC_READ else WRITE_FAULT
+            if e.opcode == S.OPC_WRITE:
+                pos = slba * self.lba_size
+                self.disk[pos:pos + nlb * self.lba_size] = b"\x5a" * (nlb * self.lba_size)
+            self.failed.append((e.opcode, slba, nlb, status))
+            return status
+        return super()._execute(e)
+
+
+def listed(res: Any) -> Counter[tuple[int, int, int, int]]:
+    return Counter({(f.opcode, f.lba, f.blocks, f.status): f.count for f in res.failed_ios})
+
+
+def test_worker_lists_each_failed_io_by_lba_and_status_and_goes_on() -> None:
+    lba, blk, qd, nlbas = 512, 4, 8, 4 * 64
+    r = Rig(depth=16)
+    buf = Mem(qd * blk * lba)
+    cfg = WorkerConfig(nsid=1, lba_size=lba, lba_count=nlbas, buf_addr=buf.addr,
+                       block_lbas=blk, qd=qd, read_pct=0, verify=True, io_count=64, seed=5)
+    with MediaDevice(r, lba, nlbas, read_bad={41, 101, 202}, write_bad={130}) as dev:
+        res = perf.run_worker(r.qp, cfg)            # every block written: one Write Fault
+        assert res.rc == 0 and res.ios == 64 and res.errors == 1
+        assert listed(res) == Counter({(S.OPC_WRITE, 128, blk, WRITE_FAULT): 1})
+        cfg.read_pct, cfg.random, cfg.io_count = 60, True, 3000
+        res = perf.run_worker(r.qp, cfg)
+        assert res.rc == 0 and res.ios == 3000 and r.qp.inflight == 0
+        assert listed(res) == Counter(dev.failed[1:])   # each one, by command and status
+        assert res.errors == len(dev.failed) - 1 == sum(f.count for f in res.failed_ios)
+        assert {f.lba for f in res.failed_ios} == {40, 100, 200, 128}
+        assert res.failed_ios_not_listed == 0 and res.verify_failures == 0
+        assert res.bytes == (3000 - res.errors) * blk * lba
+        # the failed I/Os the worker listed, in the words of the spec
+        names = {(f.op, f.lba): f.status_name for f in res.failed_ios}
+        assert names[("read", 40)] == "Unrecovered Read Error (SCT 0x2, SC 0x81)"
+        assert names[("write", 128)] == "Write Fault (SCT 0x2, SC 0x80)"
+        assert str(next(f for f in res.failed_ios if f.lba == 100 and f.count > 1)) \
+            .startswith("read LBA 100 (4 blocks): Unrecovered Read Error (SCT 0x2, SC 0x81), ")
+
+
+def test_worker_failed_verify_read_is_an_error_not_a_mismatch() -> None:
+    lba, nlbas = 512, 64
+    r = Rig(depth=8)
+    buf = Mem(4 * lba)
+    cfg = WorkerConfig(nsid=1, lba_size=lba, lba_count=nlbas, buf_addr=buf.addr, qd=4,
+                       read_pct=0, verify=True, io_count=nlbas, seed=3)
+    with MediaDevice(r, lba, nlbas, read_bad={7, 30}) as dev:
+        assert perf.run_worker(r.qp, cfg).errors == 0
+        cfg.read_pct, cfg.verify_all, cfg.io_count = 100, True, 3 * nlbas
+        res = perf.run_worker(r.qp, cfg)            # three passes, every read checked
+    assert res.rc == 0 and res.reads == 3 * nlbas and res.errors == 6
+    assert res.verify_failures == 0                 # the poisoned buffers were not checked
+    assert listed(res) == Counter({(S.OPC_READ, 7, 1, READ_ERROR): 3,
+                                   (S.OPC_READ, 30, 1, READ_ERROR): 3}) == Counter(dev.failed)
+
+
+def test_worker_does_not_verify_a_block_whose_write_failed() -> None:
+    """A torn write leaves garbage; its block is not checked until a write of it succeeds."""
+    lba, nlbas = 512, 32
+    r = Rig(depth=8)
+    buf = Mem(4 * lba)
+    cfg = WorkerConfig(nsid=1, lba_size=lba, lba_count=nlbas, buf_addr=buf.addr, qd=4,
+                       read_pct=0, verify=True, io_count=nlbas, seed=11)
+    with MediaDevice(r, lba, nlbas) as dev:
+        assert perf.run_worker(r.qp, cfg).errors == 0     # the pattern everywhere
+        dev.write_bad = {9}
+        cfg.read_pct, cfg.verify_all, cfg.random, cfg.io_count = 50, True, True, 2000
+        res = perf.run_worker(r.qp, cfg)
+        assert res.rc == 0 and res.errors > 0 and res.verify_failures == 0
+        assert res.verify_skipped > 0 and {f.lba for f in res.failed_ios} == {9}
+        # every read checked: block 9 holds the torn write's garbage
+        cfg.read_pct, cfg.random, cfg.io_count = 100, False, nlbas
+        res = perf.run_worker(r.qp, cfg)
+        assert res.verify_failures == 1 and res.first_verify_lba == 9
+        # a write of block 9 that succeeds makes it checkable again, in the same run
+        dev.write_bad = set()
+        cfg.read_pct, cfg.verify_all, cfg.random, cfg.io_count = 50, False, True, 2000
+        res = perf.run_worker(r.qp, cfg)
+        assert res.rc == 0 and res.errors == 0 and res.verify_failures == 0
+        assert res.verify_skipped == 0
+
+
+def test_worker_failed_list_is_bounded() -> None:
+    lba, nlbas = 512, 400
+    r = Rig(depth=8)
+    buf = Mem(4 * lba)
+    cfg = WorkerConfig(nsid=1, lba_size=lba, lba_count=nlbas, buf_addr=buf.addr, qd=4,
+                       io_count=2 * nlbas)
+    with MediaDevice(r, lba, nlbas, read_bad=set(range(nlbas))):
+        res = perf.run_worker(r.qp, cfg)            # every read fails, each LBA twice
+    assert res.rc == 0 and res.ios == res.errors == 2 * nlbas and res.bytes == 0
+    assert len(res.failed_ios) == lib.IDMA_WORKER_MAX_FAILED == 256
+    assert [f.lba for f in res.failed_ios] == list(range(256))
+    assert all(f.count == 2 for f in res.failed_ios)
+    assert res.failed_ios_not_listed == 2 * (nlbas - 256)
+    raw = ffi.new("struct idma_worker_result *")
+    assert len(raw.failed) == 256                   # the C array the list is read from
+    r2 = perf.combine([res, res])
+    assert r2.failed_ios_not_listed == 4 * (nlbas - 256) and len(r2.failed_ios) == 256
+    assert all(f.count == 4 for f in r2.failed_ios)
+    assert r2.problems == [perf.errors_phrase(4 * nlbas, r2.failed_ios, 4 * (nlbas - 256))]
+    assert r2.problems[0].startswith("1600 I/O error(s): read LBA 0 (1 block): Unrecovered "
+                                     "Read Error (SCT 0x2, SC 0x81), 4 times; read LBA 1 ")
+    assert r2.problems[0].endswith("(and 248 more listed in failed_ios, 576 more not listed)")
+    assert not r2.ok and r2.to_dict()["failed_ios_not_listed"] == 576
+
+
+# ---- perf and the CLI over the simulated controller (tests/host/sim_nvme.py) ----
+
+class MediaSim(SimController):
+    """Like QEMU's blkdebug: reads covering a read_bad LBA fail with Unrecovered Read Error,
+    writes covering a write_bad LBA with Write Fault, and move nothing."""
+
+    def __init__(self, blocks: int, read_bad: set[int], write_bad: set[int]) -> None:
+        super().__init__(blocks)
+        self.read_bad, self.write_bad = read_bad, write_bad
+
+    def _execute(self, q: dict[str, Any], sqe: bytes) -> None:
+        cdw0, = struct.unpack_from("<I", sqe, 0)
+        slba, = struct.unpack_from("<Q", sqe, 40)
+        nlb = (struct.unpack_from("<I", sqe, 48)[0] & 0xFFFF) + 1
+        opcode = cdw0 & 0xFF
+        bad = self.read_bad if opcode == S.OPC_READ else self.write_bad if \
+            opcode == S.OPC_WRITE else set()
+        if any(slba <= lba < slba + nlb for lba in bad):
+            self._post(q, cdw0 >> 16, READ_ERROR if opcode == S.OPC_READ else WRITE_FAULT)
+            return
+        super()._execute(q, sqe)
+
+
+class SimCtrl:
+    """What PerfRun uses of a Controller, over the simulated IOMMU and controller."""
+
+    def __init__(self, dev: SimController) -> None:
+        self.dev, self.iommu = dev, SimIommu()
+        self.mem = DmaAllocator(self.iommu, window_size=1 << 30, hugepages=False)
+        self.bdf, self.cap, self.max_transfer = "0000:00:04.0", SimpleNamespace(mqes=64), 1 << 20
+        self.max_io_queues, self.io_queues, self.next_qid = 4, {}, 1  # type: ignore[var-annotated]
+
+    def create_io_queue(self, depth: int) -> IoQueue:
+        q = IoQueue(self.next_qid, depth, self.mem, self.dev.bar_addr, SIM_BAR_SIZE, dstrd=0,
+                    page_size=PAGE, max_transfer=self.max_transfer,
+                    maptable=self.iommu.maptable)
+        self.next_qid += 1                  # the simulator serves a qid for good: a new one
+        attach_queue(self.dev, q)
+        self.io_queues[q.qid] = q
+        return q
+
+    def delete_io_queue(self, qid: int) -> None:
+        self.io_queues.pop(qid).close(ClosedError(f"I/O queue {qid} deleted"), device_quiet=True)
+
+    def alloc(self, size: int) -> Any:
+        return self.mem.alloc(size)
+
+
+class SimNs:
+    def __init__(self, ctrl: SimCtrl, blocks: int) -> None:
+        self.ctrl, self.nsid, self.lba_size, self.blocks = ctrl, 1, SIM_LBA, blocks
+        self.capacity = blocks * SIM_LBA
+
+
+@pytest.fixture
+def faulty_ns() -> Iterator[SimNs]:
+    dev = MediaSim(2048, read_bad={100, 500, 1200}, write_bad={300}).start()
+    yield SimNs(SimCtrl(dev), 2048)
+    dev.stop()
+
+
+def check_faulty_result(res: perf.PerfResult) -> None:
+    assert res.ios == 6 * 2048 and res.verify_failures == 0 and not res.timed_out
+    assert res.errors > 0 and not res.ok and res.failed_ios_not_listed == 0
+    assert res.errors == sum(f.count for f in res.failed_ios)
+    assert res.bytes == (res.ios - res.errors) * SIM_LBA
+    got = {(f.op, f.lba): f.status_name for f in res.failed_ios}
+    assert got == {("read", 100): "Unrecovered Read Error (SCT 0x2, SC 0x81)",
+                   ("read", 500): "Unrecovered Read Error (SCT 0x2, SC 0x81)",
+                   ("read", 1200): "Unrecovered Read Error (SCT 0x2, SC 0x81)",
+                   ("write", 300): "Write Fault (SCT 0x2, SC 0x80)"}
+
+
+def test_perf_run_reports_each_failed_io(faulty_ns: SimNs) -> None:
+    w = perf.Workload(rw="rw", iodepth=32, runtime=0, ios=6 * 1024, numjobs=2, verify=True)
+    res = perf.run(faulty_ns, w)                    # type: ignore[arg-type]
+    check_faulty_result(res)
+    assert len(res.problems) == 1 and res.problems[0].startswith(f"{res.errors} I/O error(s): ")
+    assert "read LBA 100 (1 block): Unrecovered Read Error (SCT 0x2, SC 0x81)" \
+        in res.problems[0]
+    jobs = [j for j in res.jobs if isinstance(j, perf.JobResult)]
+    assert len(jobs) == 2 and sum(j.errors for j in jobs) == res.errors
+    assert [f.lba for f in res.failed_ios] == [100, 300, 500, 1200]
+    assert faulty_ns.ctrl.io_queues == {}           # queues and buffers given back
+
+
+@pytest.mark.parametrize("fmt", ["normal", "json"])
+def test_perf_cli_lists_failed_ios_and_exits_1(faulty_ns: SimNs, fmt: str,
+                                               monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from iommu_dma.cli import perf as cli_perf
+    from iommu_dma.cli.main import main
+
+    @contextmanager
+    def namespace(bdf: str, nsid: int) -> Iterator[SimNs]:
+        yield faulty_ns
+
+    def workload(args: Any) -> perf.Workload:         # the CLI runs for a time: fix the count
+        return perf.Workload(rw=args.rw, iodepth=args.iodepth, runtime=0, ios=6 * 1024,
+                             numjobs=args.numjobs, verify=args.verify)
+
+    monkeypatch.setattr(cli_perf, "namespace", namespace)
+    monkeypatch.setattr(cli_perf, "workload", workload)
+    argv = ["perf", "00:04.0", "-n", "1", "--rw", "rw", "--iodepth", "32", "--numjobs", "2",
+            "--verify", "--force", "-o", fmt]
+    assert main(argv) == 1
+    out, err = capsys.readouterr()
+    last = err.splitlines()[-1]
+    assert last.startswith("iommu-dma: error: perf: ") and " I/O error(s): " in last
+    assert "write LBA 300 (1 block): Write Fault (SCT 0x2, SC 0x80)" in last
+    if fmt == "json":
+        j = json.loads(out)
+        assert j["ok"] is False and j["verify_failures"] == 0 and j["ios"] == 6 * 2048
+        assert [(f["op"], f["lba"], f["status"]) for f in j["failed_ios"]] == [
+            ("read", 100, "Unrecovered Read Error (SCT 0x2, SC 0x81)"),
+            ("write", 300, "Write Fault (SCT 0x2, SC 0x80)"),
+            ("read", 500, "Unrecovered Read Error (SCT 0x2, SC 0x81)"),
+            ("read", 1200, "Unrecovered Read Error (SCT 0x2, SC 0x81)")]
+        assert j["failed_ios_not_listed"] == 0 and j["errors"] == sum(
+            f["count"] for f in j["failed_ios"])
+    else:
+        lines = out.splitlines()
+        at = lines.index(next(t for t in lines if t.startswith("Failed I/Os: ")))
+        assert lines[at + 1].split() == ["Op", "LBA", "Blocks", "Times", "Status"]
+        rows = [t.split(None, 4) for t in lines[at + 3:at + 7]]
+        assert [(r[0], r[1], r[2], r[4]) for r in rows] == [
+            ("read", "100", "1", "Unrecovered Read Error (SCT 0x2, SC 0x81)"),
+            ("write", "300", "1", "Write Fault (SCT 0x2, SC 0x80)"),
+            ("read", "500", "1", "Unrecovered Read Error (SCT 0x2, SC 0x81)"),
+            ("read", "1200", "1", "Unrecovered Read Error (SCT 0x2, SC 0x81)")]
+        errors = sum(int(r[3]) for r in rows)
+        assert lines[at] == f"Failed I/Os: {errors} of {6 * 2048} (the others completed)"
+        assert all(re.fullmatch(r"\d+ read\(s\) not verified: a write of their block had "
+                                r"failed, so its content is unknown", t)
+                   for t in lines[at + 7:])
