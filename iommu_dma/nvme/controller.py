@@ -8,8 +8,10 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from iommu_dma.container import Container
@@ -25,6 +27,7 @@ from iommu_dma.nvme.constants import (
     LID_FW_SLOT,
     LID_SMART,
 )
+from iommu_dma.nvme.health import HealthWatch
 from iommu_dma.nvme.identify import (
     ErrorLogEntry,
     FirmwareSlotLog,
@@ -34,12 +37,21 @@ from iommu_dma.nvme.identify import (
     parse_error_log,
     parse_ns_list,
 )
-from iommu_dma.nvme.ioqueue import IoQueue
-from iommu_dma.nvme.status import NvmeError
+from iommu_dma.nvme.ioqueue import IoQueue, _Pending
+from iommu_dma.nvme.recovery import RecoveryPolicy
+from iommu_dma.nvme.status import (
+    ControllerFatalError,
+    ControllerResetError,
+    DeviceGoneError,
+    NvmeError,
+    NvmeTimeoutError,
+)
 from iommu_dma.pci import PciDevice
 
 if TYPE_CHECKING:
     from iommu_dma.nvme.namespace import Namespace
+
+log = logging.getLogger(__name__)
 
 ADMIN_DEPTH = 32
 ADMIN_TIMEOUT = 10.0
@@ -78,6 +90,14 @@ class Controller:
         self._owns_container = owns_container
         self._lock = threading.RLock()
         self.closed = False
+        self.recovery = RecoveryPolicy()
+        self.resets = 0                     # controller resets done (by reset() or recovery)
+        self.resetting = False
+        self._failure: BaseException | None = None   # why the controller stopped serving
+        self._recovery_lock = threading.RLock()
+        self._recovering = False
+        self._deferred: list[tuple[IoQueue, _Pending]] = []
+        self._health: HealthWatch | None = None
         self.cap = regs.Capabilities(pci.read64(regs.CAP))
         self.page_size = self._page_size()
         self.io_queues: dict[int, IoQueue] = {}
@@ -89,9 +109,11 @@ class Controller:
         try:
             self._reset(admin_depth)
             self.identify = IdentifyController.parse(self._identify_raw(CNS_CONTROLLER))
+            self.recovery.crdt = self.identify.crdt
             if self.use_shadow_doorbells and dbbuf.supported(self.identify.oacs):
                 self.enable_shadow_doorbells()
             self.max_io_queues = self._negotiate_queues(WANTED_IO_QUEUES)
+            self._health = HealthWatch(self)
         except BaseException:
             self.close()                # disable first: the device must let go of our memory
             raise
@@ -140,6 +162,8 @@ class Controller:
         """Delete the I/O queues, shut the controller down (CC.SHN, then CC.EN=0), fail what
         is still pending with ClosedError, and release everything. Memory the device may still
         reach (a controller that did not disable) is never given back for reuse."""
+        if self._health is not None:
+            self._health.stop()                 # before the BAR goes: it reads CSTS
         with self._lock:
             if self.closed:
                 return
@@ -156,7 +180,7 @@ class Controller:
     def _quiesce(self) -> bool:
         """Delete I/O queues and disable the controller; True when the device can no longer
         access our memory (disabled, or gone)."""
-        if self.pci_gone():
+        if isinstance(self._failure, DeviceGoneError) or self.pci_gone():
             return True
         for qid in sorted(self.io_queues, reverse=True):
             try:
@@ -182,6 +206,8 @@ class Controller:
         self.dbbuf = None
 
     def check_open(self) -> None:
+        if self._failure is not None:
+            raise self._failure
         if self.closed:
             raise ClosedError(f"controller {self.bdf}")
 
@@ -207,10 +233,11 @@ class Controller:
 
     def _new_queue(self, qid: int, depth: int, max_transfer: int,
                    shadow: tuple[int, int] | None) -> IoQueue:
-        return IoQueue(qid, depth, self.allocator, self.pci.bar0_addr, self.pci.bar0_size,
-                       dstrd=self.cap.dstrd, page_size=self.page_size,
-                       max_transfer=max_transfer, maptable=self.container.maptable,
-                       shadow=shadow)
+        q = IoQueue(qid, depth, self.allocator, self.pci.bar0_addr, self.pci.bar0_size,
+                    dstrd=self.cap.dstrd, page_size=self.page_size, max_transfer=max_transfer,
+                    maptable=self.container.maptable, shadow=shadow, policy=self.recovery)
+        q.on_timeout = self._on_timeout
+        return q
 
     def enable_shadow_doorbells(self) -> None:
         """Doorbell Buffer Config (§5.8): the admin queue and every I/O queue created later
@@ -218,7 +245,7 @@ class Controller:
         assert self.admin is not None
         bufs = dbbuf.DoorbellBuffers(self.allocator, self.page_size)
         try:
-            self.admin_command(bufs.sqe(), what="Doorbell Buffer Config")
+            self.admin_command(bufs.sqe(), bufs.mem, what="Doorbell Buffer Config")
         except NvmeError:
             bufs.free()                         # completed with an error: pages not in use
             raise
@@ -260,6 +287,170 @@ class Controller:
                 break
             time.sleep(0.001)
         self._disable()
+
+    # ---- reset and recovery (NVMe Base 2.0 §3.7.2 controller level reset) -----------------
+
+    def reset(self, *, function_level: bool = False) -> None:
+        """Reset the controller and carry on: CC.EN 1 -> 0 (or, with function_level, a PCI
+        function level reset through VFIO_DEVICE_RESET), then enable again with the admin
+        queue, shadow doorbells and every I/O queue re-created under the same objects.
+
+        Commands in flight end with ControllerResetError (a timed-out one with
+        NvmeTimeoutError); their buffers are released only after the device is disabled.
+        Commands not sent yet wait and go after the reset. Thread-safe: other threads may
+        keep submitting and waiting meanwhile. If the controller does not come back, every
+        command fails with ControllerFatalError and so does every later call."""
+        if function_level and not self.pci.can_reset:
+            raise ControllerError(f"{self.bdf}: the device offers no function level reset "
+                                  "(VFIO_DEVICE_FLAGS_RESET is clear); use reset()")
+        self._reset_controller(function_level, None)
+
+    def _reset_controller(self, function_level: bool,
+                          cause: Callable[[str], BaseException] | None) -> None:
+        with self._lock:
+            self.check_open()
+            assert self.admin is not None
+            started = time.monotonic()
+            self.resetting = True
+            queues = [self.admin, *self.io_queues.values()]
+            try:
+                for q in queues:
+                    q.pause()
+                self._stop_device(function_level)
+                why = cause or self._aborted_by_reset
+                for q in queues:
+                    q.fail_in_flight(_ended_by_reset(q, why))
+                self._restart()
+            except BaseException as e:
+                self._give_up(e)
+                raise self._failure from e  # type: ignore[misc]
+            finally:
+                self.resetting = False
+            self.resets += 1
+            log.info("%s: controller reset in %.3f s", self.bdf, time.monotonic() - started)
+
+    def _aborted_by_reset(self, what: str) -> BaseException:
+        return ControllerResetError(self.bdf, what, "aborted by a controller reset")
+
+    def _stop_device(self, function_level: bool) -> None:
+        """Disable (or FLR) the controller: afterwards it no longer touches our memory."""
+        if self.pci_gone():
+            raise DeviceGoneError(self.bdf, "", "CSTS reads all ones: the device is gone")
+        if function_level:
+            self.pci.reset()
+            self.pci.enable_bus_master()
+        self._disable()
+
+    def _restart(self) -> None:
+        """Enable the reset controller with the same admin queue, doorbell pages and I/O
+        queues (§3.5.1 initialization, then Create I/O CQ/SQ for each queue)."""
+        assert self.admin is not None
+        self.admin.reinit(shadow=None)
+        self.pci.enable_bus_master()
+        self.pci.write32(regs.AQA, regs.aqa_value(self.admin.depth, self.admin.depth))
+        self.pci.write64(regs.ASQ, self.admin.sq_mem.iova)
+        self.pci.write64(regs.ACQ, self.admin.cq_mem.iova)
+        self.pci.write32(regs.CC, regs.cc_value(self.page_size))
+        self._wait_ready(True)
+        self.admin.resume()
+        if self.dbbuf is not None:
+            self.dbbuf.clear()
+            self._admin(self.dbbuf.sqe(), self.dbbuf.mem, what="Doorbell Buffer Config")
+            self.admin.qpair.set_shadow(*self.dbbuf.addrs, mmio_always=True)
+        granted = self._negotiate_queues(WANTED_IO_QUEUES)
+        if self.io_queues and max(self.io_queues) > granted:
+            raise ControllerError(f"{self.bdf}: after the reset the controller grants "
+                                  f"{granted} I/O queue pairs; queue {max(self.io_queues)} "
+                                  "cannot be re-created")
+        for qid in sorted(self.io_queues):
+            q = self.io_queues[qid]
+            q.reinit(self.dbbuf.addrs if self.dbbuf is not None else None)
+            self._admin(sqe.create_io_cq(qid, q.depth, prp1=q.cq_mem.iova),
+                        what=f"Create I/O CQ {qid}")
+            self._admin(sqe.create_io_sq(qid, q.depth, qid, prp1=q.sq_mem.iova),
+                        what=f"Create I/O SQ {qid}")
+            q.resume()
+
+    def _give_up(self, e: BaseException) -> None:
+        """The controller could not be brought back: fail everything, for good."""
+        if self._failure is None:
+            self._failure = ControllerFatalError(
+                self.bdf, "", f"the controller could not be reset ({e}); close it and open "
+                "it again (or check the device)")
+        quiet = False
+        try:
+            quiet = not (self.pci.read32(regs.CSTS) & regs.CSTS_RDY) or self.pci_gone()
+        except IommuDmaError:
+            pass
+        for q in [*self.io_queues.values(), *([self.admin] if self.admin else [])]:
+            q.close(self._failure, device_quiet=quiet)
+
+    def _on_timeout(self, q: IoQueue, expired: list[_Pending]) -> None:
+        """Commands past their deadline (called by the queue, from a waiting thread): Abort
+        each (§5.1); one that does not come back within abort_timeout gets the controller
+        reset. Nested timeouts (of the Abort itself) wait for the outer recovery."""
+        with self._recovery_lock:
+            self._deferred.extend((q, p) for p in expired)
+            if self._recovering:
+                return
+            self._recovering = True
+            try:
+                while self._deferred:
+                    q, p = self._deferred.pop(0)
+                    if not p.future.done() and not self.closed and self._failure is None:
+                        self._recover_command(q, p)
+            finally:
+                self._recovering = False
+                self._deferred.clear()
+
+    def _recover_command(self, q: IoQueue, p: _Pending) -> None:
+        what = p.future.what
+        log.warning("%s: %s timed out after %s s; recovering", self.bdf, what, p.timeout)
+        cid = q.command_id(p) if q.qid else None
+        if cid is not None:
+            wait = self.recovery.abort_timeout
+            try:
+                dw0 = self._admin(sqe.abort(q.qid, cid), what=f"Abort of {what}", timeout=wait)
+                log.info("%s: Abort of %s: %s", self.bdf, what,
+                         "not aborted" if dw0 & 1 else "aborted")
+            except IommuDmaError as e:
+                log.warning("%s: Abort of %s failed: %s", self.bdf, what, e)
+            if p.future.wait(wait):
+                return
+        try:
+            self._reset_controller(False, None)
+        except IommuDmaError as e:
+            log.error("%s: reset after the timeout of %s failed: %s", self.bdf, what, e)
+
+    def _fatal_status(self) -> None:
+        """CSTS.CFS seen by the health watch: reset; waiters get ControllerFatalError."""
+        log.error("%s: Controller Fatal Status; resetting", self.bdf)
+        with self._recovery_lock:
+            if self.closed or self._failure is not None:
+                return
+            try:
+                self._reset_controller(False, lambda what: ControllerFatalError(
+                    self.bdf, what, "the controller reported Controller Fatal Status (CSTS.CFS)"
+                    " and was reset"))
+            except IommuDmaError as e:
+                log.error("%s: reset after Controller Fatal Status failed: %s", self.bdf, e)
+
+    def _device_lost(self, why: str, *, present: bool) -> None:
+        """The device is gone, or the kernel wants it back (present): fail every command
+        with DeviceGoneError at once, disable the controller if it is still there, and close
+        it (so the kernel can complete the removal)."""
+        log.error("%s: %s", self.bdf, why)
+        self._failure = err = DeviceGoneError(self.bdf, "", why)
+        quiet = not present
+        if present:
+            try:
+                self._disable()
+                quiet = True
+            except IommuDmaError:
+                quiet = self.pci_gone()
+        for q in [*list(self.io_queues.values()), *([self.admin] if self.admin else [])]:
+            q.close(err, device_quiet=quiet)
+        self.close()
 
     # ---- admin commands ---------------------------------------------------------------------
 
@@ -439,3 +630,14 @@ class Controller:
         if ident is None:
             return f"<Controller {self.bdf}>"
         return f"<Controller {self.bdf} {ident.mn!r} sn={ident.sn!r}>"
+
+
+def _ended_by_reset(q: IoQueue, why: Callable[[str], BaseException]
+                    ) -> Callable[[_Pending], BaseException]:
+    """The error of each command a reset took away: timed out, or aborted by the reset."""
+    def error(p: _Pending) -> BaseException:
+        if p.timed_out:
+            return NvmeTimeoutError(f"{p.future.what}: no completion within {p.timeout} s on "
+                                    f"queue {q.qid}; the controller was reset to recover it")
+        return why(p.future.what)
+    return error

@@ -21,28 +21,30 @@ def supported(oacs: int) -> bool:
     return bool(oacs & OACS_DBBUF)
 
 
-def config_sqe(shadow_iova: int, eventidx_iova: int) -> Sqe:
-    """Doorbell Buffer Config (§5.11): PRP1 = shadow doorbell page, PRP2 = EventIdx page.
-    The engine copies PRP1/PRP2 of a command sent without a data buffer unchanged."""
-    return Sqe(ADM_DOORBELL_BUFFER_CONFIG, prp1=shadow_iova, prp2=eventidx_iova)
+def config_sqe() -> Sqe:
+    """Doorbell Buffer Config (§5.11), sent with the two pages as one 2-page data buffer: the
+    engine's PRPs for it are then PRP1 = shadow doorbell page, PRP2 = EventIdx page."""
+    return Sqe(ADM_DOORBELL_BUFFER_CONFIG)
 
 
 class DoorbellBuffers:
-    """The two zeroed, page-aligned DMA pages of one controller."""
+    """The two zeroed, page-aligned DMA pages of one controller, contiguous (shadow first)."""
 
     def __init__(self, allocator: DmaAllocator, page_size: int) -> None:
-        self.shadow: DmaBuffer = allocator.alloc(page_size, page_size)
-        self.eventidx: DmaBuffer = allocator.alloc(page_size, page_size)
-        for buf in (self.shadow, self.eventidx):
-            ctypes.memset(buf.addr, 0, page_size)
+        self.page_size = page_size
+        self.mem: DmaBuffer = allocator.alloc(2 * page_size, page_size)
+        self.clear()
+
+    def clear(self) -> None:
+        """Zero both pages (a reset controller forgot them; tails and heads restart at 0)."""
+        ctypes.memset(self.mem.addr, 0, 2 * self.page_size)
 
     @property
     def addrs(self) -> tuple[int, int]:
-        return self.shadow.addr, self.eventidx.addr
+        return self.mem.addr, self.mem.addr + self.page_size
 
     def sqe(self) -> Sqe:
-        return config_sqe(self.shadow.iova, self.eventidx.iova)
+        return config_sqe()
 
     def free(self) -> None:
-        self.shadow.free()
-        self.eventidx.free()
+        self.mem.free()

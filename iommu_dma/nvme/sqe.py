@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from iommu_dma.nvme.constants import (
+    ADM_ABORT,
     ADM_CREATE_IO_CQ,
     ADM_CREATE_IO_SQ,
     ADM_DELETE_IO_CQ,
@@ -251,6 +252,12 @@ def create_io_sq(qid: int, qsize: int, cqid: int, *, prp1: int = 0, pc: bool = T
                cdw10=_check("qid", qid, 16) | (_check("qsize", qsize, 16, low=1) - 1) << 16,
                cdw11=int(pc) | _check("qprio", qprio, 2) << 1 | _check("cqid", cqid, 16) << 16,
                cdw12=_check("nvmsetid", nvmsetid, 16))
+
+
+def abort(sqid: int, cid: int) -> Sqe:
+    """Abort (Base §5.1): CDW10 SQID 15:0, CID 31:16. DW0 bit 0 of its completion is 1 when
+    the command was not aborted."""
+    return Sqe(ADM_ABORT, cdw10=_check("SQID", sqid, 16) | _check("CID", cid, 16) << 16)
 
 
 def delete_io_sq(qid: int) -> Sqe:

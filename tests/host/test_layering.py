@@ -36,7 +36,7 @@ LAYERS: list[tuple[str, tuple[str, ...], bool]] = [
      False),
     ("nvme engine", ("iommu_dma.nvme.queue", "iommu_dma.nvme.dbbuf"), False),
     ("nvme queues", ("iommu_dma.nvme.ioqueue",), False),
-    ("nvme namespace", ("iommu_dma.nvme.namespace",), False),
+    ("nvme namespace", ("iommu_dma.nvme.namespace", "iommu_dma.nvme.health"), False),
     ("nvme controller", ("iommu_dma.nvme.controller", "iommu_dma.nvme.perf",
                          "iommu_dma.nvme.*"), False),
     ("testing", ("iommu_dma.testing", "iommu_dma.testing.*"), True),
