@@ -12,7 +12,7 @@ from iommu_dma.memory import DmaBuffer
 from iommu_dma.nvme import sqe
 from iommu_dma.nvme.constants import DSM_MAX_RANGES, MAX_NLB, SC_COMPARE_FAILURE, SCT_MEDIA
 from iommu_dma.nvme.identify import IdentifyNamespace
-from iommu_dma.nvme.ioqueue import IoFuture, IoQueue, NotMappedError
+from iommu_dma.nvme.ioqueue import QUEUE_DEFAULT, IoFuture, IoQueue, NotMappedError
 from iommu_dma.nvme.queue import Command
 from iommu_dma.nvme.status import NvmeError
 
@@ -181,7 +181,8 @@ class Namespace:
     # ---- asynchronous data transfers ------------------------------------------------------
 
     def _transfer(self, build: Callable[[int, int, int], sqe.Sqe], name: str, slba: int,
-                  nlb: int, buf: DataBuffer) -> Request:
+                  nlb: int, buf: DataBuffer, timeout: float | None = QUEUE_DEFAULT
+                  ) -> Request:
         what = f"{name} nsid {self.nsid} LBAs {slba}+{nlb}"
         self._check_range(slba, nlb, what)
         addr = self._data(buf, nlb, what)
@@ -191,20 +192,24 @@ class Namespace:
             cmds.append(Command(build(self.nsid, slba + off, n), addr + off * self.lba_size,
                                 n * self.lba_size, 0,
                                 f"{name} nsid {self.nsid} LBAs {slba + off}+{n}"))
-        return Request(self.queue.submit_many(cmds, owner=buf))
+        return Request(self.queue.submit_many(cmds, owner=buf, timeout=timeout))
 
-    def read_async(self, slba: int, nlb: int, buf: DataBuffer) -> Request:
-        """Read nlb blocks into DMA-mapped buf (zero copy)."""
-        return self._transfer(sqe.read, "Read", slba, nlb, buf)
+    def read_async(self, slba: int, nlb: int, buf: DataBuffer, *,
+                   timeout: float | None = QUEUE_DEFAULT) -> Request:
+        """Read nlb blocks into DMA-mapped buf (zero copy). timeout: seconds each command may
+        take before it is aborted (default: ctrl.recovery.io_timeout; None: no limit)."""
+        return self._transfer(sqe.read, "Read", slba, nlb, buf, timeout)
 
-    def write_async(self, slba: int, buf: DataBuffer, nlb: int | None = None) -> Request:
+    def write_async(self, slba: int, buf: DataBuffer, nlb: int | None = None, *,
+                    timeout: float | None = QUEUE_DEFAULT) -> Request:
         """Write nlb blocks (default: all of buf) from DMA-mapped buf (zero copy)."""
         n = nlb if nlb is not None else self._blocks_of(buf)
-        return self._transfer(sqe.write, "Write", slba, n, buf)
+        return self._transfer(sqe.write, "Write", slba, n, buf, timeout)
 
-    def compare_async(self, slba: int, buf: DataBuffer, nlb: int | None = None) -> Request:
+    def compare_async(self, slba: int, buf: DataBuffer, nlb: int | None = None, *,
+                      timeout: float | None = QUEUE_DEFAULT) -> Request:
         n = nlb if nlb is not None else self._blocks_of(buf)
-        return self._transfer(sqe.compare, "Compare", slba, n, buf)
+        return self._transfer(sqe.compare, "Compare", slba, n, buf, timeout)
 
     # ---- synchronous calls -------------------------------------------------------------------
 
