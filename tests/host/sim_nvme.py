@@ -80,6 +80,7 @@ class SimController:
         self.held: list[tuple[dict[str, Any], bytes]] = []
         self.hold_next = 0                     # hold back this many commands (no completion)
         self.fail_lbas: set[int] = set()       # writes starting here fail with Write Fault
+        self.fail_status = 0x2 << 8 | 0x80     # ... or with this 15-bit status
         self.commands = 0
         self._stop = False
         self._lock = threading.Lock()
@@ -138,7 +139,7 @@ class SimController:
         if opcode in (0x01, 0x02) and slba + nlb > self.blocks:
             status = 0x80                                  # LBA Out of Range
         elif opcode == 0x01 and slba in self.fail_lbas:
-            status = 0x2 << 8 | 0x80                       # Write Fault (SCT 2h)
+            status = self.fail_status                      # Write Fault (SCT 2h)
         elif opcode in (0x01, 0x02):
             pages = self._prp_pages(prp1, prp2, nlb * LBA)
             self._move(opcode, pages, slba * LBA, nlb * LBA)
