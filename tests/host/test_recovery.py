@@ -12,15 +12,15 @@ from iommu_dma import NvmeError, NvmeTimeoutError
 from iommu_dma.nvme import sqe
 from iommu_dma.nvme.ioqueue import IoQueue, _Pending
 from iommu_dma.nvme.recovery import RecoveryPolicy, retry_delay, should_retry
-from iommu_dma.nvme.status import decode_status, make_status
+from iommu_dma.nvme.status import Status, decode_status, make_status
 from tests.host.sim_nvme import LBA
 from tests.host.test_ownership import Bench
 
 WRITE_FAULT = 0x80
 
 
-def st(sc: int, sct: int = 2, **kw: object) -> object:
-    return decode_status(make_status(sc, sct, **kw))  # type: ignore[arg-type]
+def st(sc: int, sct: int = 2, *, crd: int = 0, dnr: bool = False) -> Status:
+    return decode_status(make_status(sc, sct, crd=crd, dnr=dnr))
 
 
 def test_retry_rule_follows_dnr_and_the_limit() -> None:
