@@ -40,6 +40,7 @@ from iommu_dma.nvme.identify import (
 from iommu_dma.nvme.ioqueue import IoQueue, _Pending
 from iommu_dma.nvme.recovery import RecoveryPolicy
 from iommu_dma.nvme.status import (
+    ControllerFailedError,
     ControllerFatalError,
     ControllerResetError,
     DeviceGoneError,
@@ -93,8 +94,7 @@ class Controller:
         self.recovery = RecoveryPolicy()
         self.resets = 0                     # controller resets done (by reset() or recovery)
         self.resetting = False
-        self._failure: BaseException | None = None   # why the controller stopped serving
-        self._recovery_lock = threading.RLock()
+        self._failure: ControllerFailedError | None = None   # why it stopped serving
         self._recovering = False
         self._deferred: list[tuple[IoQueue, _Pending]] = []
         self._health: HealthWatch | None = None
@@ -206,8 +206,8 @@ class Controller:
         self.dbbuf = None
 
     def check_open(self) -> None:
-        if self._failure is not None:
-            raise self._failure
+        if isinstance(self._failure, ControllerFailedError):
+            raise self._failure.again()
         if self.closed:
             raise ClosedError(f"controller {self.bdf}")
 
@@ -323,7 +323,8 @@ class Controller:
                 self._restart()
             except BaseException as e:
                 self._give_up(e)
-                raise self._failure from e  # type: ignore[misc]
+                assert self._failure is not None
+                raise self._failure.again() from e
             finally:
                 self.resetting = False
             self.resets += 1
@@ -389,7 +390,7 @@ class Controller:
         """Commands past their deadline (called by the queue, from a waiting thread): Abort
         each (§5.1); one that does not come back within abort_timeout gets the controller
         reset. Nested timeouts (of the Abort itself) wait for the outer recovery."""
-        with self._recovery_lock:
+        with self._lock:                    # before any reset: one lock order for all
             self._deferred.extend((q, p) for p in expired)
             if self._recovering:
                 return
@@ -425,7 +426,7 @@ class Controller:
     def _fatal_status(self) -> None:
         """CSTS.CFS seen by the health watch: reset; waiters get ControllerFatalError."""
         log.error("%s: Controller Fatal Status; resetting", self.bdf)
-        with self._recovery_lock:
+        with self._lock:
             if self.closed or self._failure is not None:
                 return
             try:

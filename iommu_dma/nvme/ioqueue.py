@@ -49,7 +49,7 @@ from iommu_dma.nvme.queue import (
 )
 from iommu_dma.nvme.recovery import RecoveryPolicy, retry_delay, should_retry
 from iommu_dma.nvme.sqe import SQE_SIZE, Sqe
-from iommu_dma.nvme.status import NvmeError, NvmeTimeoutError
+from iommu_dma.nvme.status import ControllerFailedError, NvmeError, NvmeTimeoutError
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +195,7 @@ class IoQueue:
         self._next_expiry = 0.0
         self._paused = False                   # a controller reset owns the rings
         self.closed = False
+        self._close_error: BaseException | None = None
         self.unknown_completions = 0
 
     def _new_qpair(self, shadow: tuple[int, int] | None) -> QueuePair:
@@ -219,6 +220,8 @@ class IoQueue:
         self._memory.clear()
 
     def _check_open(self) -> None:
+        if self.closed and isinstance(self._close_error, ControllerFailedError):
+            raise self._close_error.again()         # e.g. DeviceGoneError, a ClosedError
         if self.closed:
             raise ClosedError(f"I/O queue {self.qid}" if self.qid else "the admin queue")
 
@@ -501,6 +504,7 @@ class IoQueue:
                 return
             self._recover()
             self.closed = True
+            self._close_error = error
             for p in [*self._inflight.values(), *self._backlog, *self._delayed]:
                 if device_quiet or p in self._backlog or p in self._delayed:
                     self._release(p)

@@ -221,7 +221,12 @@ class ControllerFailedError(IommuDmaError):
     def __init__(self, bdf: str, command: str, why: str) -> None:
         self.bdf = bdf
         self.command = command
+        self.why = why
         super().__init__(f"{command}: {why}" if command else why)
+
+    def again(self, command: str = "") -> ControllerFailedError:
+        """A fresh error of the same kind (for the next caller), naming its command."""
+        return type(self)(self.bdf, command, self.why)
 
 
 class ControllerResetError(ControllerFailedError):
