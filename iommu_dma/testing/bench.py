@@ -1,4 +1,22 @@
-"""Bench configurations: which emulated NVMe controllers and namespaces a test guest gets."""
+"""Bench configurations: which emulated NVMe controllers and namespaces a test guest gets.
+
+Fault injection (see also iommu_dma.testing.qmp):
+
+- `NamespaceConfig.read_errors` / `write_errors`: LBAs at which QEMU's blkdebug fails every
+  read / write with EIO. QEMU's nvme completes such a command with Unrecovered Read Error
+  (SCT 2h, SC 81h) / Write Fault (SCT 2h, SC 80h). The namespace is built as
+  raw -> blkdebug -> file (blkdebug raises its read_aio/write_aio events only below a format
+  driver); the image file stays at image_path(), so tests can still compare with it.
+- `NamespaceConfig.stallable`: the same raw -> blkdebug -> file stack without error rules, so
+  `Qmp.stall()` can set a blkdebug breakpoint that suspends the next request.
+- `ControllerConfig.hotplug`: the controller sits behind its own pcie-root-port (devices on
+  q35's pcie.0 cannot be hot-unplugged), so QMP `device_del nvme{ci}` removes it. Hotplug
+  controllers come after all others (the guest enumerates them on buses 01+, after bus 00).
+- Every nvme-ns device has the qdev id `c{ci}n{nsid}dev` (block_set_io_throttle id=...).
+- QEMU monitors: every bench has a QMP unix socket on the host, `qmp_socket_path(work_dir)`;
+  a bench with fault injection (`Bench.fault_injection`) also has a second QMP monitor the
+  guest reaches through the virtio-serial port `GUEST_QMP_PORT` (see qmp.py).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +30,11 @@ from pathlib import Path
 QEMU_MODEL = "QEMU NVMe Ctrl"
 QEMU_VENDOR_DEVICE = "1b36:0010"
 BENCH_ENV = "IOMMU_DMA_BENCH"
+# the virtio-serial port through which a guest reaches its QEMU's second QMP monitor
+GUEST_QMP_PORT = "org.iommu-dma.qmp"
+QMP_ENV = "IOMMU_DMA_QMP"                # in such a guest: the port's name
+HOST_QMP_SOCKET = "qmp.sock"             # in the work directory
+_GUEST_QMP_SOCKET = "guest-qmp.sock"     # internal: joins the guest's monitor to its port
 
 
 @dataclass(frozen=True)
@@ -25,6 +48,11 @@ class NamespaceConfig:
     backing: str = "file"
     ms: int = 0       # metadata bytes per logical block (QEMU nvme-ns `ms`)
     mset: int = 0     # 0: metadata in a separate buffer; 1: extended LBA (data+metadata inline)
+    # Fault injection (file backing only): LBAs whose reads / writes fail with EIO (QEMU's
+    # nvme: Unrecovered Read Error / Write Fault), and whether the monitor can stall requests.
+    read_errors: tuple[int, ...] = ()
+    write_errors: tuple[int, ...] = ()
+    stallable: bool = False
 
     def __post_init__(self) -> None:
         if self.lba_size not in (512, 4096):
@@ -39,6 +67,28 @@ class NamespaceConfig:
             raise ValueError(f"mset must be 0 (separate) or 1 (extended LBA), not {self.mset}")
         if self.mset and not self.ms:
             raise ValueError("mset=1 (extended LBA) needs metadata (ms > 0)")
+        if not isinstance(self.stallable, bool):
+            raise ValueError(f"stallable must be True or False, not {self.stallable!r}")
+        for field in ("read_errors", "write_errors"):
+            lbas = getattr(self, field)
+            if not isinstance(lbas, tuple):
+                raise ValueError(f"{field} must be a tuple of LBAs, not {lbas!r}")
+            for lba in lbas:
+                if isinstance(lba, bool) or not isinstance(lba, int):
+                    raise ValueError(f"{field}: LBA {lba!r} is not an integer")
+                if not 0 <= lba < self.blocks:
+                    raise ValueError(f"{field}: LBA {lba} is outside the namespace "
+                                     f"(0..{self.blocks - 1})")
+            if len(set(lbas)) != len(lbas):
+                raise ValueError(f"{field}: LBAs repeat: {lbas}")
+        if self.fault_injection and self.backing != "file":
+            raise ValueError("read_errors, write_errors and stallable need backing='file' "
+                             "(QEMU's blkdebug sits between the raw format and the image file)")
+
+    @property
+    def fault_injection(self) -> bool:
+        """True when the namespace is built over blkdebug (errors or stallable)."""
+        return bool(self.read_errors or self.write_errors or self.stallable)
 
     @property
     def blocks(self) -> int:
@@ -64,6 +114,8 @@ class ControllerConfig:
     # controller reports multi-controller support and the kernel's native multipath makes a head
     # block device under /sys/class/nvme-subsystem. Controllers naming the same one share it.
     subsystem: str = ""
+    # behind its own pcie-root-port, so that QMP device_del can hot-unplug it
+    hotplug: bool = False
 
     def __post_init__(self) -> None:
         if not self.namespaces:
@@ -77,6 +129,9 @@ class ControllerConfig:
             raise ValueError(f"QEMU 7.2 cannot set the model number; it is always {QEMU_MODEL!r}")
         if not 1 <= len(self.serial) <= 20:
             raise ValueError(f"serial {self.serial!r} must be 1..20 characters (Identify SN)")
+        if not isinstance(self.hotplug, bool):
+            raise ValueError(f"controller {self.serial}: hotplug must be True or False, "
+                             f"not {self.hotplug!r}")
 
 
 @dataclass(frozen=True)
@@ -105,6 +160,17 @@ class Bench:
         if len(set(serials)) != len(serials):
             raise ValueError(f"bench {self.name}: controller serials must differ: {serials}")
         memory_bytes(self.memory)   # raises on a malformed size
+        hotplug = [c.hotplug for c in self.controllers]
+        if hotplug != sorted(hotplug):
+            raise ValueError(f"bench {self.name}: hotplug controllers must come after all others "
+                             "(the guest enumerates them on buses 01+, so PCI order, which "
+                             "tests index, would no longer be bench order)")
+
+    @property
+    def fault_injection(self) -> bool:
+        """Any namespace over blkdebug or any hotplug controller: the guest gets a monitor."""
+        return any(c.hotplug or any(n.fault_injection for n in c.namespaces)
+                   for c in self.controllers)
 
     @property
     def memory_bytes(self) -> int:
@@ -122,7 +188,7 @@ class Bench:
     def from_json(cls, text: str) -> Bench:
         raw = json.loads(text)
         ctrls = tuple(
-            ControllerConfig(**{**c, "namespaces": tuple(NamespaceConfig(**n)
+            ControllerConfig(**{**c, "namespaces": tuple(_namespace_from_dict(n)
                                                          for n in c["namespaces"])})
             for c in raw.pop("controllers")
         )
@@ -146,16 +212,91 @@ class Bench:
                     subsystems.append(ctrl.subsystem)
                     args += ["-device", f"nvme-subsys,id={ctrl.subsystem},nqn={ctrl.subsystem}"]
                 ctrl_opts += f",subsys={ctrl.subsystem}"
+            if ctrl.hotplug:
+                # its own root port (hot-pluggable slot); the controller is bus 01+ in the guest
+                args += ["-device", f"pcie-root-port,id={root_port_id(ci)},chassis={ci + 1},"
+                                    "slot=0"]
+                ctrl_opts += f",bus={root_port_id(ci)}"
             args += ["-device", ctrl_opts]
             for ni, ns in enumerate(ctrl.namespaces, start=1):
-                node = f"c{ci}n{ni}"
+                node = node_name(ci, ni)
                 args += ["-blockdev", _blockdev(ns, node, image_dir)]
-                ns_opts = (f"nvme-ns,drive={node},bus=nvme{ci},nsid={ni},"
-                           f"logical_block_size={ns.lba_size},physical_block_size={ns.lba_size}")
+                ns_opts = (f"nvme-ns,id={ns_device_id(ci, ni)},drive={node},bus=nvme{ci},"
+                           f"nsid={ni},logical_block_size={ns.lba_size},"
+                           f"physical_block_size={ns.lba_size}")
                 if ns.ms:
                     ns_opts += f",ms={ns.ms},mset={ns.mset}"
                 args += ["-device", ns_opts]
+        args += monitor_args(image_dir, guest=self.fault_injection)
         return args
+
+
+def node_name(ctrl_index: int, nsid: int) -> str:
+    """Block node name of a namespace's raw format node (HMP qemu-io, query-named-block-nodes)."""
+    return f"c{ctrl_index}n{nsid}"
+
+
+def ns_device_id(ctrl_index: int, nsid: int) -> str:
+    """qdev id of a namespace's nvme-ns device (block_set_io_throttle id=...)."""
+    return f"c{ctrl_index}n{nsid}dev"
+
+
+def controller_id(ctrl_index: int) -> str:
+    """qdev id of controller ctrl_index's nvme device (device_del id=...)."""
+    return f"nvme{ctrl_index}"
+
+
+def root_port_id(ctrl_index: int) -> str:
+    return f"idma_rp{ctrl_index}"
+
+
+def qmp_socket_path(work_dir: Path) -> Path:
+    """The host-side QMP unix socket of the guest booted with this work directory."""
+    return work_dir / HOST_QMP_SOCKET
+
+
+def monitor_args(work_dir: Path, *, guest: bool) -> list[str]:
+    """QMP on a host unix socket; with guest=True also a QMP monitor on the virtio-serial port
+    GUEST_QMP_PORT. QEMU joins the two itself: the monitor listens on an internal unix socket
+    and the port's chardev connects to it when QEMU starts (before the guest runs), so the
+    guest reads and writes a plain QMP stream on /dev/vportNpM (see qmp.find_guest_port)."""
+    host = qmp_socket_path(work_dir)
+    args = ["-chardev", f"socket,id=idma_qmp,path={host},server=on,wait=off",
+            "-mon", "chardev=idma_qmp,mode=control"]
+    if guest:
+        inner = work_dir / _GUEST_QMP_SOCKET
+        args += ["-chardev", f"socket,id=idma_gqmp,path={inner},server=on,wait=off",
+                 "-mon", "chardev=idma_gqmp,mode=control",
+                 "-chardev", f"socket,id=idma_gport,path={inner}",
+                 "-device", "virtio-serial-pci,id=idma_vser",
+                 "-device", f"virtserialport,bus=idma_vser.0,chardev=idma_gport,"
+                            f"name={GUEST_QMP_PORT}"]
+    return args
+
+
+def blkdebug_config(ns: NamespaceConfig) -> str:
+    """blkdebug rules for ns: one [inject-error] per failing LBA, in 512-byte sectors."""
+    sections = []
+    for event, iotype, lbas in (("read_aio", "read", ns.read_errors),
+                                ("write_aio", "write", ns.write_errors)):
+        for lba in lbas:
+            # iotype: a rule activated by one kind of event must not fail the other kind
+            sections.append(f'[inject-error]\nevent = "{event}"\niotype = "{iotype}"\n'
+                            f'errno = "5"\nsector = "{lba * ns.lba_size // 512}"\n'
+                            'once = "off"\n')
+    return "\n".join(sections)
+
+
+def blkdebug_config_path(image_dir: Path, ctrl_index: int, nsid: int) -> Path:
+    return image_dir / f"c{ctrl_index}n{nsid}.blkdebug"
+
+
+def _namespace_from_dict(raw: dict) -> NamespaceConfig:
+    fields = dict(raw)
+    for key in ("read_errors", "write_errors"):
+        if key in fields:
+            fields[key] = tuple(fields[key])
+    return NamespaceConfig(**fields)
 
 
 def subsystem_nqn(name: str) -> str:
@@ -189,8 +330,14 @@ def _blockdev(ns: NamespaceConfig, node: str, image_dir: Path) -> str:
     with open(path, "wb") as f:
         f.truncate(ns.image_size)
     # discard=unmap: Dataset Management deallocate punches holes, so reads return zeroes
-    return (f"driver=raw,node-name={node},discard=unmap,file.driver=file,"
-            f"file.filename={path}")
+    if not ns.fault_injection:
+        return (f"driver=raw,node-name={node},discard=unmap,file.driver=file,"
+                f"file.filename={path}")
+    conf = blkdebug_config_path(image_dir, int(ci), int(ni))
+    conf.write_text(blkdebug_config(ns))
+    # raw above blkdebug: only a format driver raises the read_aio/write_aio events
+    return (f"driver=raw,node-name={node},discard=unmap,file.driver=blkdebug,"
+            f"file.config={conf},file.image.driver=file,file.image.filename={path}")
 
 
 def _file_ns(size_mib: int, lba: int, ms: int = 0, mset: int = 0) -> NamespaceConfig:
@@ -219,6 +366,16 @@ BENCHES: dict[str, Bench] = {
                                                      _file_ns(16, 4096, ms=8, mset=1)),
                                         max_ioqpairs=8)),
               aw_bits=48, kernel_args=("nvme_core.multipath=Y",)),
+        # Fault injection (tests index the controllers): [0] ns1 fails reads of LBAs 1000,
+        # 5000, 12000 and writes of LBA 3000, ns1 and ns2 can be stalled from the monitor;
+        # [1] behind a pcie-root-port, so it can be hot-unplugged (device_del nvme1).
+        Bench("faults", (
+            ControllerConfig("IDMAF000", (
+                NamespaceConfig(64 << 20, 4096, "file", read_errors=(1000, 5000, 12000),
+                                write_errors=(3000,), stallable=True),
+                NamespaceConfig(32 << 20, 4096, "file", stallable=True)),
+                mdts=5, max_ioqpairs=8),
+            ControllerConfig("IDMAF001", (_file_ns(32, 4096),), hotplug=True))),
     )
 }
 

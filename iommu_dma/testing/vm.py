@@ -2,6 +2,12 @@
 
 The guest is started with virtme-ng: it runs the host's kernel image with the host's root
 filesystem shared read-only, so the guest sees this checkout and its virtualenv.
+
+QEMU's monitor: every guest has a QMP unix socket in its work directory, which run() prints
+first ("[iommu-dma] QMP monitor: ..."); drive it with `socat - UNIX-CONNECT:PATH` or
+iommu_dma.testing.qmp.Qmp.connect(PATH) while the command runs. A bench with fault injection
+also has a QMP monitor inside the guest (the guest script exports IOMMU_DMA_QMP, the name of
+its virtio-serial port; Qmp.guest() opens it). See iommu_dma/testing/qmp.py.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from iommu_dma.errors import IommuDmaError
-from iommu_dma.testing.bench import BENCH_ENV, Bench
+from iommu_dma.testing.bench import BENCH_ENV, GUEST_QMP_PORT, QMP_ENV, Bench, qmp_socket_path
 
 IMAGES_ENV = "IOMMU_DMA_IMAGES"
 KERNEL_ENV = "IOMMU_DMA_KERNEL"
@@ -247,12 +253,14 @@ def check_host(bench: Bench, probes: HostProbes | None = None) -> None:
         raise HostRequirementsError(bench, missing)
 
 
-def guest_script(bench_file: Path, image_dir: Path, command: str, cwd: Path) -> str:
+def guest_script(bench_file: Path, image_dir: Path, command: str, cwd: Path,
+                 qmp_port: str | None = None) -> str:
     """The shell text the guest runs: bench environment, then the command."""
     venv_bin = Path(sys.executable).parent
     return "\n".join([
         f"export {BENCH_ENV}={shlex.quote(str(bench_file))}",
         f"export {IMAGES_ENV}={shlex.quote(str(image_dir))}",
+        *([f"export {QMP_ENV}={shlex.quote(qmp_port)}"] if qmp_port else []),
         f"export PATH={shlex.quote(str(venv_bin))}:$PATH",
         f"cd {shlex.quote(str(cwd))}",
         command,
@@ -263,7 +271,8 @@ def vng_command(bench: Bench, work_dir: Path, command: str, cwd: Path) -> list[s
     bench_file = work_dir / "bench.json"
     bench_file.write_text(bench.to_json())
     script = work_dir / "guest.sh"
-    script.write_text(guest_script(bench_file, work_dir, command, cwd) + "\n")
+    port = GUEST_QMP_PORT if bench.fault_injection else None
+    script.write_text(guest_script(bench_file, work_dir, command, cwd, port) + "\n")
     qemu = " ".join(shlex.quote(a) for a in bench.qemu_args(work_dir))
     cmd = [
         _tool("vng"), "--run", str(find_kernel()),
@@ -308,6 +317,8 @@ def run(
     check_host(bench)
     emit = on_line or (lambda line: print(line, flush=True))
     cmd = vng_command(bench, work_dir, command, cwd or Path.cwd())
+    sock = qmp_socket_path(work_dir)
+    emit(f"[iommu-dma] QMP monitor: {sock} (while the guest runs: socat - UNIX-CONNECT:{sock})")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
     start = time.monotonic()
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
