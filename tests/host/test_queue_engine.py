@@ -6,6 +6,7 @@ the tests play the controller: read SQEs and doorbells, write CQEs with the phas
 
 from __future__ import annotations
 
+import ctypes
 import json
 import mmap
 import re
@@ -843,6 +844,18 @@ class MediaSim(SimController):
             self._post(q, cdw0 >> 16, READ_ERROR if opcode == S.OPC_READ else WRITE_FAULT)
             return
         super()._execute(q, sqe)
+
+    def _post(self, q: dict[str, Any], cid: int, status: int) -> None:
+        """SimController._post, with DW3 (CID, phase, status) stored in one 32-bit write, as a
+        device's CQE write is: a memmove may copy it a byte at a time, and backwards (as
+        ASan's does), so the engine could see the new phase with the old CID."""
+        dw3 = cid | q["phase"] << 16 | status << 17
+        at = q["cq"] + q["tail"] * 16
+        ctypes.memmove(at, struct.pack("<IIHH", 0, 0, q["head"], q["qid"]), 12)
+        ctypes.c_uint32.from_address(at + 12).value = dw3      # the phase tag last
+        q["tail"] += 1
+        if q["tail"] == q["depth"]:
+            q["tail"], q["phase"] = 0, q["phase"] ^ 1
 
 
 class SimCtrl:
