@@ -1,8 +1,9 @@
 """pytest integration of the bench: tests marked `iommu_dma_vm` run inside a bench guest.
 
 Everything this plugin adds is namespaced so that it cannot clash with other projects' suites: the
-marker `iommu_dma_vm`, the fixtures `idma_bench`, `idma_bench_images`, `idma_nvme_bdfs` and the
-`--iommu-dma-*` and `--idma-vm-*` options. Tests without the marker are left alone.
+marker `iommu_dma_vm`, the fixtures `idma_bench`, `idma_bench_images`, `idma_nvme_bdfs`,
+`idma_qmp` and the `--iommu-dma-*` and `--idma-vm-*` options. Tests without the marker are left
+alone.
 
 On the host, the first `iommu_dma_vm` test of a bench boots one guest for that bench, runs every
 selected test of that bench inside it (`pytest` in the guest, same checkout, same node ids), and the
@@ -20,12 +21,17 @@ import os
 import shlex
 import sys
 from collections import defaultdict, deque
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from iommu_dma.testing import vm
 from iommu_dma.testing.bench import Bench, current_bench, get_bench
+
+if TYPE_CHECKING:
+    from iommu_dma.testing.qmp import Qmp
 
 REPORT_OPT = "--iommu-dma-guest-report"
 SELECT_OPT = "--iommu-dma-guest-select"
@@ -77,6 +83,22 @@ def idma_bench(request: pytest.FixtureRequest) -> Bench:
     if wanted != booted.name:
         pytest.fail(f"test wants bench {wanted!r} but this guest runs {booted.name!r}")
     return booted
+
+
+@pytest.fixture
+def idma_qmp(idma_bench: Bench) -> Iterator[Qmp]:
+    """The guest's own QEMU monitor (benches with fault injection, e.g. "faults"); on teardown
+    every stalled request is resumed and every throttle removed, so no test leaves QEMU stuck."""
+    from iommu_dma.testing.qmp import Qmp
+
+    if not idma_bench.fault_injection:
+        pytest.fail(f"bench {idma_bench.name!r} has no in-guest monitor: idma_qmp needs a bench "
+                    "with fault injection (error LBAs, stallable namespaces or hotplug)")
+    with Qmp.guest() as qmp:
+        try:
+            yield qmp
+        finally:
+            qmp.clear_faults()
 
 
 @pytest.fixture

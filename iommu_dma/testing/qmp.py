@@ -362,6 +362,24 @@ class Qmp:
         self.command("block_set_io_throttle", id=ns_device_id(ci, nsid),
                      **dict.fromkeys(_THROTTLE_LIMITS, 0))
 
+    def clear_faults(self) -> list[str]:
+        """Resume every stallable namespace and unthrottle every namespace of the bench (a
+        test's safety net; resume first, as unthrottling drains). Returns what failed (a
+        removed controller's namespaces, say), one line each."""
+        if self.bench is None:
+            raise ValueError("clear_faults needs the bench (Qmp.guest() or bench=...)")
+        failed = []
+        for stalls in (True, False):
+            for ci, ctrl in enumerate(self.bench.controllers):
+                for nsid, ns in enumerate(ctrl.namespaces, start=1):
+                    if stalls and not ns.fault_injection:
+                        continue
+                    try:
+                        (self.resume if stalls else self.unthrottle)(ci, nsid)
+                    except QmpError as e:
+                        failed.append(str(e))
+        return failed
+
     def device_del(self, ci: int, *, wait: bool = True, timeout: float = 120.0
                    ) -> dict[str, Any] | None:
         """Hot-unplug controller ci (its ControllerConfig needs hotplug=True); with wait, block
