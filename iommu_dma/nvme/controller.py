@@ -366,10 +366,8 @@ class Controller:
         for qid in sorted(self.io_queues):
             q = self.io_queues[qid]
             q.reinit(self.dbbuf.addrs if self.dbbuf is not None else None)
-            self._admin(sqe.create_io_cq(qid, q.depth, prp1=q.cq_mem.iova),
-                        what=f"Create I/O CQ {qid}")
-            self._admin(sqe.create_io_sq(qid, q.depth, qid, prp1=q.sq_mem.iova),
-                        what=f"Create I/O SQ {qid}")
+            self._create_cq(q)
+            self._create_sq(q)
             q.resume()
 
     def _give_up(self, e: BaseException) -> None:
@@ -550,11 +548,10 @@ class Controller:
     def _create_on_device(self, q: IoQueue) -> None:
         """Create I/O CQ then SQ (§5.4, §5.5); undo what was created when a step fails. The
         rings are released only when the device provably no longer uses them."""
-        qid, depth = q.qid, q.depth
+        qid = q.qid
         gone = ClosedError(f"I/O queue {qid} (not created)")
         try:
-            self._admin(sqe.create_io_cq(qid, depth, prp1=q.cq_mem.iova),
-                               what=f"Create I/O CQ {qid}")
+            self._create_cq(q)
         except NvmeError:
             q.close(gone, device_quiet=True)   # refused: the device never took the rings
             raise
@@ -562,8 +559,7 @@ class Controller:
             q.close(gone, device_quiet=False)  # unknown: keep the rings quarantined
             raise
         try:
-            self._admin(sqe.create_io_sq(qid, depth, qid, prp1=q.sq_mem.iova),
-                               what=f"Create I/O SQ {qid}")
+            self._create_sq(q)
         except BaseException as e:
             deleted = False
             if isinstance(e, NvmeError):
@@ -574,6 +570,18 @@ class Controller:
                     pass
             q.close(gone, device_quiet=deleted)
             raise
+
+    def _create_cq(self, q: IoQueue) -> None:
+        """Create I/O CQ (§5.4) over q's ring. The ring goes as the command's data buffer
+        (its first page at most), so the engine checks it is mapped and puts its address in
+        PRP1 (a physically contiguous queue's base, §5.4 Figure 149)."""
+        self._admin(sqe.create_io_cq(q.qid, q.depth), q.cq_mem, min(q.cq_mem.size,
+                    self.page_size), what=f"Create I/O CQ {q.qid}")
+
+    def _create_sq(self, q: IoQueue) -> None:
+        """Create I/O SQ (§5.5) over q's ring, bound to the CQ of the same QID."""
+        self._admin(sqe.create_io_sq(q.qid, q.depth, q.qid), q.sq_mem, min(q.sq_mem.size,
+                    self.page_size), what=f"Create I/O SQ {q.qid}")
 
     def default_io_queue(self) -> IoQueue:
         """The I/O queue pair namespaces use unless given their own (created on first use)."""
