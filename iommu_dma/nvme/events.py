@@ -164,7 +164,7 @@ _FIXED_LOG_SIZES = {
     LID_SANITIZE_STATUS: 512,
 }
 
-# ---- Asynchronous Event Configuration, Set Features FID 0Bh CDW11 (Base §5.27.1.7, figure
+# ---- Asynchronous Event Configuration, Set Features FID 0Bh CDW11 (Base §5.27.1, figure
 # "Asynchronous Event Configuration - Command Dword 11"); FID_ASYNC_EVENT_CONFIG in constants.
 # SMART / Health Critical Warnings 7:0, one bit per Critical Warning bit of the SMART log:
 AEC_SMART_SPARE = 1 << 0             # available spare below threshold

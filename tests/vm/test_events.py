@@ -28,7 +28,7 @@ pytestmark = pytest.mark.iommu_dma_vm(bench="default")
 EVENT_TIMEOUT = 30.0        # TCG is slow; QEMU posts the event at once
 QUIET = 1.0                 # how long "no event" is waited for
 
-# Temperature Threshold, Set/Get Features FID 04h CDW11 (NVMe Base 2.0 §5.27.1.3): TMPTH 15:0
+# Temperature Threshold, Set/Get Features FID 04h CDW11 (NVMe Base 2.0 §5.27.1): TMPTH 15:0
 # in kelvin, TMPSEL 19:16 (0 = composite), THSEL 21:20 (0 = over-temperature threshold)
 THSEL_OVER = 0 << 20
 TMPSEL_COMPOSITE = 0 << 16
