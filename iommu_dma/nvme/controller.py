@@ -27,6 +27,7 @@ from iommu_dma.nvme.constants import (
     LID_FW_SLOT,
     LID_SMART,
 )
+from iommu_dma.nvme.events import AsyncEvents
 from iommu_dma.nvme.health import HealthWatch
 from iommu_dma.nvme.identify import (
     ErrorLogEntry,
@@ -98,6 +99,7 @@ class Controller:
         self._recovering = False
         self._deferred: list[tuple[IoQueue, _Pending]] = []
         self._health: HealthWatch | None = None
+        self.events: AsyncEvents | None = None
         self.cap = regs.Capabilities(pci.read64(regs.CAP))
         self.page_size = self._page_size()
         self.io_queues: dict[int, IoQueue] = {}
@@ -113,6 +115,8 @@ class Controller:
             if self.use_shadow_doorbells and dbbuf.supported(self.identify.oacs):
                 self.enable_shadow_doorbells()
             self.max_io_queues = self._negotiate_queues(WANTED_IO_QUEUES)
+            self.events = AsyncEvents(self)     # Asynchronous Event Requests kept outstanding
+            self.events.arm()
             self._health = HealthWatch(self)
         except BaseException:
             self.close()                # disable first: the device must let go of our memory
@@ -164,6 +168,8 @@ class Controller:
         reach (a controller that did not disable) is never given back for reuse."""
         if self._health is not None:
             self._health.stop()                 # before the BAR goes: it reads CSTS
+        if self.events is not None:
+            self.events.close()
         with self._lock:
             if self.closed:
                 return
@@ -369,6 +375,8 @@ class Controller:
             self._create_cq(q)
             self._create_sq(q)
             q.resume()
+        if self.events is not None:
+            self.events.arm()                   # the reset aborted the outstanding AERs
 
     def _give_up(self, e: BaseException) -> None:
         """The controller could not be brought back: fail everything, for good."""

@@ -374,7 +374,9 @@ class AsyncEvents:
             if admin is None:
                 raise ClosedError(f"controller {getattr(self.ctrl, 'bdf', '?')} (no admin queue)")
             for _ in range(n):
-                fut = admin.submit(Sqe(ADM_ASYNC_EVENT_REQUEST), what="Asynchronous Event Request")
+                # no deadline: an AER stays outstanding until an event (§5.2)
+                fut = admin.submit(Sqe(ADM_ASYNC_EVENT_REQUEST),
+                                   what="Asynchronous Event Request", timeout=None)
                 with self._lock:
                     self._armed.append(fut)
                 sent += 1

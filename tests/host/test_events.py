@@ -126,7 +126,7 @@ class FakeAdmin:
         self.processed = 0
 
     def submit(self, sqe: Sqe, addr: int = 0, length: int = 0, what: str = "",
-               owner: object = None) -> IoFuture:
+               owner: object = None, timeout: float | None = -1.0) -> IoFuture:
         if self.closed:
             raise ClosedError("the admin queue")
         assert (addr, length, owner) == (0, 0, None)
