@@ -19,7 +19,6 @@ from iommu_dma.nvme.events import (
     AEC_SMART_TEMPERATURE,
     AET_SMART_HEALTH,
     AsyncEvent,
-    AsyncEvents,
     AsyncEventTimeoutError,
 )
 
@@ -48,10 +47,11 @@ def ctrl(vfio_bdfs: list[str]) -> Iterator[Controller]:
 def restore(ctrl: Controller) -> Iterator[tuple[int, int]]:
     """(temperature threshold, async event configuration) as found; put back afterwards."""
     threshold = ctrl.get_features(FID_TEMPERATURE_THRESHOLD, cdw11=over_threshold(0)) & 0xFFFF
-    aec = AsyncEvents(ctrl).config()
+    assert ctrl.events is not None
+    aec = ctrl.events.config()
     yield threshold, aec
     ctrl.set_features(FID_TEMPERATURE_THRESHOLD, over_threshold(threshold))
-    AsyncEvents(ctrl).configure(aec)
+    ctrl.events.configure(aec)
     assert ctrl.get_features(FID_TEMPERATURE_THRESHOLD,
                              cdw11=over_threshold(0)) & 0xFFFF == threshold
 
@@ -70,9 +70,9 @@ def test_temperature_threshold_event(ctrl: Controller, restore: tuple[int, int])
     threshold, _ = restore
     temperature = ctrl.smart_log().temperature
     assert 273 < temperature < threshold, (temperature, threshold)   # QEMU: 323 K < 343 K
-    events = AsyncEvents(ctrl)
+    events = ctrl.events                                         # armed by Controller.open
+    assert events is not None
     limit = min(ctrl.identify.aerl + 1, 4)
-    assert events.arm() == limit
     assert events.armed == limit and ctrl.admin is not None and ctrl.admin.outstanding == limit
     assert events.arm() == 0                                     # idempotent
     seen: list[AsyncEvent] = []
@@ -97,7 +97,14 @@ def test_temperature_threshold_event(ctrl: Controller, restore: tuple[int, int])
     assert seen == [ev, ev2] and events.armed == limit
     with pytest.raises(AsyncEventTimeoutError):
         events.get(timeout=QUIET)
-    events.close()
+
+    # A controller reset aborts the requests; the controller arms them again.
+    ctrl.reset()
+    assert events.armed == limit and ctrl.admin.outstanding == limit
+    ctrl.set_features(FID_TEMPERATURE_THRESHOLD, over_threshold(threshold))
+    events.enable(AEC_SMART_TEMPERATURE)                         # the reset cleared it
+    ctrl.set_features(FID_TEMPERATURE_THRESHOLD, over_threshold(temperature - 20))
+    assert_temperature_event(events.get(timeout=EVENT_TIMEOUT), temperature)
 
 
 def test_unread_log_keeps_event_type_masked(ctrl: Controller,
@@ -106,8 +113,9 @@ def test_unread_log_keeps_event_type_masked(ctrl: Controller,
     the SMART log with RAE = 0 (ctrl.smart_log) unmasks it."""
     threshold, _ = restore
     temperature = ctrl.smart_log().temperature
-    events = AsyncEvents(ctrl, read_logs=False)
-    events.arm()
+    events = ctrl.events
+    assert events is not None
+    events.read_logs = False
     events.enable(AEC_SMART_TEMPERATURE)
     ctrl.set_features(FID_TEMPERATURE_THRESHOLD, over_threshold(temperature - 20))
     ev = events.get(timeout=EVENT_TIMEOUT)
@@ -120,14 +128,13 @@ def test_unread_log_keeps_event_type_masked(ctrl: Controller,
     ctrl.set_features(FID_TEMPERATURE_THRESHOLD, over_threshold(temperature - 20))
     again = events.get(timeout=EVENT_TIMEOUT)
     assert again.type == AET_SMART_HEALTH and "temperature" in again.info_name.lower()
-    events.close()
+    events.read_logs = True
 
 
 def test_controller_close_ends_requests(vfio_bdfs: list[str]) -> None:
     """Closing the controller aborts the outstanding requests: no event, iteration ends."""
     with Controller.open(vfio_bdfs[0]) as c:
-        events = AsyncEvents(c)
-        events.arm()
-        assert events.armed >= 1
+        events = c.events
+        assert events is not None and events.armed >= 1
     assert events.armed == 0
     assert list(events) == []
