@@ -14,6 +14,7 @@ import os
 import stat
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from iommu_dma.cli import output
@@ -24,8 +25,10 @@ from iommu_dma.cli.common import (
     namespace,
     nonnegative,
     positive,
+    seconds,
     set_handler,
 )
+from iommu_dma.nvme.recovery import DEFAULT_IO_TIMEOUT, DEFAULT_RETRIES
 
 if TYPE_CHECKING:
     from iommu_dma.nvme.namespace import Namespace
@@ -168,7 +171,7 @@ def _open_output(path: str | None) -> BinaryIO:
 def cmd_read(args: argparse.Namespace) -> int:
     if args.output_format == "json" and args.data in (None, "-"):
         raise CliError("--output-format json needs --data FILE (stdout carries the data)")
-    with namespace(args.bdf, args.nsid) as ns:
+    with _namespace(args) as ns:
         check_range(ns, args.start_block, args.block_count)
         out = _open_output(args.data)
         try:
@@ -214,6 +217,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextmanager
+def _namespace(args: argparse.Namespace) -> Iterator[Namespace]:
+    """The namespace, with the command's --retries and --timeout in its controller's policy."""
+    with namespace(args.bdf, args.nsid) as ns:
+        ns.ctrl.recovery.retries = args.retries
+        ns.ctrl.recovery.io_timeout = args.timeout
+        yield ns
+
+
 def _parser(sub: Any, common: argparse.ArgumentParser, name: str, what: str,
             func: Any) -> argparse.ArgumentParser:
     p = sub.add_parser(name, parents=[common], help=what, description=f"{what}. {__doc__}",
@@ -222,6 +234,12 @@ def _parser(sub: Any, common: argparse.ArgumentParser, name: str, what: str,
     add_nsid(p)
     p.add_argument("-s", "--start-block", type=nonnegative, default=0,
                    help="first LBA (default 0)")
+    p.add_argument("--retries", type=nonnegative, default=DEFAULT_RETRIES,
+                   help="send a command that failed with DNR clear again up to this many times "
+                   f"(default {DEFAULT_RETRIES}, as Linux; 0 shows every status)")
+    p.add_argument("--timeout", type=seconds(), default=DEFAULT_IO_TIMEOUT,
+                   help="seconds a command may take before it is aborted and, if it does not "
+                   f"come back, the controller reset (default {DEFAULT_IO_TIMEOUT:g})")
     add_output_format(p)
     set_handler(p, func)
     return p

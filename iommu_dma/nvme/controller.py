@@ -56,7 +56,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ADMIN_DEPTH = 32
-ADMIN_TIMEOUT = 10.0
+ADMIN_TIMEOUT: float | None = None     # wait until done; ctrl.recovery.admin_timeout applies
 MAX_QUEUE_DEPTH = 4096       # the engine's CIDs hold a 12-bit tracker index
 WANTED_IO_QUEUES = 64
 ADMIN_MAX_TRANSFER = 2 << 20
@@ -397,9 +397,15 @@ class Controller:
         each (§5.1); one that does not come back within abort_timeout gets the controller
         reset. Nested timeouts (of the Abort itself) wait for the outer recovery."""
         with self._lock:                    # before any reset: one lock order for all
-            self._deferred.extend((q, p) for p in expired)
-            if self._recovering:
+            if self.resetting or (self._recovering and q.qid == 0):
+                # A command of the recovery itself (an Abort, a command of the restart) did
+                # not come back: it cannot wait for a reset; the one under way settles it.
+                for p in expired:
+                    q.give_up(p, NvmeTimeoutError(
+                        f"{p.future.what}: no completion within {p.timeout} s while the "
+                        f"controller {self.bdf} was being recovered"))
                 return
+            self._deferred.extend((q, p) for p in expired)
             self._recovering = True
             try:
                 while self._deferred:
@@ -462,14 +468,14 @@ class Controller:
     # ---- admin commands ---------------------------------------------------------------------
 
     def admin_command(self, cmd: sqe.Sqe, buf: DmaBuffer | None = None, length: int = 0,
-                      what: str = "", timeout: float = ADMIN_TIMEOUT) -> int:
+                      what: str = "", timeout: float | None = ADMIN_TIMEOUT) -> int:
         """Run one admin command and return DW0 of its completion; NvmeError on error status.
         buf (DMA memory) carries the data, length bytes of it (default: all of buf)."""
         self.check_open()
         return self._admin(cmd, buf, length, what, timeout)
 
     def _admin(self, cmd: sqe.Sqe, buf: DmaBuffer | None = None, length: int = 0,
-               what: str = "", timeout: float = ADMIN_TIMEOUT) -> int:
+               what: str = "", timeout: float | None = ADMIN_TIMEOUT) -> int:
         if self.admin is None:
             raise ClosedError(f"controller {self.bdf} (no admin queue)")
         addr, n = 0, 0

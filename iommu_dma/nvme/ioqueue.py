@@ -191,6 +191,7 @@ class IoQueue:
         # (engine in-flight count before, commands, tags) while a submission is in progress
         self._submitting: tuple[int, list[_Pending], list[int]] | None = None
         self._abandoned: list[_Pending] = []
+        self._orphans: list[_Pending] = []     # failed while the device may hold them
         self._delayed: list[_Pending] = []     # retries waiting for their CRD delay
         self._next_expiry = 0.0
         self._paused = False                   # a controller reset owns the rings
@@ -443,6 +444,16 @@ class IoQueue:
                 return None
             return self.qpair.find_cid(p.tag)
 
+    def give_up(self, p: _Pending, error: BaseException) -> None:
+        """End p now with error although the device may still hold it (a command that timed
+        out while a reset is under way): its memory stays the device's until the controller
+        is disabled (fail_in_flight, or close with device_quiet)."""
+        with self._lock:
+            if self._inflight.get(p.tag) is p:
+                del self._inflight[p.tag]
+                self._orphans.append(p)
+                p.future._finish(None, error)
+
     def pause(self) -> None:
         """Stop touching the rings (a controller reset is about to take them): submissions
         wait in the backlog and process() only sleeps, until resume()."""
@@ -471,6 +482,9 @@ class IoQueue:
             for p in ended:
                 self._release(p)
                 p.future._finish(None, error(p))
+            for p in self._orphans:
+                self._release(p)
+            self._orphans.clear()
 
     def reinit(self, shadow: tuple[int, int] | None) -> None:
         """Empty rings and a fresh engine queue pair over the same memory (after a reset,
@@ -514,6 +528,12 @@ class IoQueue:
             self._inflight.clear()
             self._backlog.clear()
             self._delayed.clear()
+            for p in self._orphans:
+                if device_quiet:
+                    self._release(p)
+                else:
+                    self._abandoned.append(p)
+            self._orphans.clear()
             self.qpair.close()
             if device_quiet:
                 self._free_memory()

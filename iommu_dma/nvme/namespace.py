@@ -25,7 +25,10 @@ if TYPE_CHECKING:
     # in mapped memory (registered with the allocator).
     DataBuffer = DmaBuffer | WriteableBuffer
 
-IO_TIMEOUT = 30.0
+# The default `timeout` of the calls below: wait until the command ends; its own deadline
+# (ctrl.recovery.io_timeout) decides when it is aborted. A number: wait that long, then the
+# command counts as timed out and is recovered (Abort, then a reset if needed).
+IO_TIMEOUT: float | None = None
 
 
 class InactiveNamespaceError(IommuDmaError, LookupError):
@@ -53,7 +56,9 @@ class Request:
         return all(f.done() for f in self.futures)
 
     def result(self, timeout: float | None = IO_TIMEOUT) -> Any:
-        """Wait (polling) for every command; then raise the first piece's error, if any."""
+        """Wait (polling) for every command; then raise the first piece's error, if any.
+        timeout: seconds to wait; a piece not done by then is timed out and recovered (it
+        then fails with NvmeTimeoutError). None: until each ends (its deadline applies)."""
         if self._finished:
             return self._value
         deadline = None if timeout is None else time.monotonic() + timeout
