@@ -377,13 +377,14 @@ class AsyncEvents:
                 # no deadline: an AER stays outstanding until an event (§5.2)
                 fut = admin.submit(Sqe(ADM_ASYNC_EVENT_REQUEST),
                                    what="Asynchronous Event Request", timeout=None)
-                with self._lock:
+                with self._lock:                # counted once: armed, no longer submitting
                     self._armed.append(fut)
+                    self._submitting -= 1
                 sent += 1
                 fut.add_done_callback(self._completed.append)   # record only: no submitting
         finally:
             with self._lock:
-                self._submitting -= n
+                self._submitting -= n - sent
         return sent
 
     # ---- events --------------------------------------------------------------------------------
