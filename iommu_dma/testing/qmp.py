@@ -4,9 +4,12 @@ Where the monitors are (see bench.monitor_args):
 
 - On the host: every bench guest has a QMP unix socket `qmp.sock` in its work directory
   (`bench.qmp_socket_path(work_dir)`); `iommu-dma vm` prints its path when it boots, so a
-  person can drive it while the command runs, e.g.
-  `socat - UNIX-CONNECT:/tmp/iommu-dma-bench-XXXX/qmp.sock` then type
-  `{"execute": "qmp_capabilities"}` and commands. From Python: `Qmp.connect(path)`.
+  person can drive it while the command runs:
+  `python -m iommu_dma.testing.qmp SOCKET query-status`,
+  `python -m iommu_dma.testing.qmp SOCKET block_set_io_throttle '{"id": "c0n2dev", ...}'`,
+  `python -m iommu_dma.testing.qmp SOCKET --hmp 'info qtree'`, or interactively
+  `socat - UNIX-CONNECT:SOCKET` (type `{"execute": "qmp_capabilities"}` first).
+  From Python: `Qmp.connect(path)`.
 - Inside the guest of a bench with fault injection (`Bench.fault_injection`): a second QMP
   monitor of the same QEMU on the virtio-serial port `org.iommu-dma.qmp`. The guest script
   exports IOMMU_DMA_QMP=<port name>; the port is /dev/virtio-ports/<name> when udev made the
@@ -395,3 +398,33 @@ class Qmp:
         if not wait:
             return None
         return self.wait_event("DEVICE_DELETED", timeout, device=controller_id(ci))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m iommu_dma.testing.qmp SOCKET COMMAND [JSON-ARGS]` or `... SOCKET --hmp TEXT`"""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m iommu_dma.testing.qmp",
+                                     description="Run one QMP (or HMP) command on a bench "
+                                                 "guest's monitor socket; print the answer.")
+    parser.add_argument("socket", help="the QMP socket `iommu-dma vm` printed")
+    parser.add_argument("--hmp", action="store_true", help="COMMAND is a human monitor command")
+    parser.add_argument("command", help="QMP command name (or HMP text with --hmp)")
+    parser.add_argument("arguments", nargs="?", default="{}", help="QMP arguments as JSON")
+    args = parser.parse_args(argv)
+    try:
+        with Qmp.connect(args.socket) as qmp:
+            if args.hmp:
+                print(qmp.hmp(args.command), end="")
+            else:
+                print(json.dumps(qmp.command(args.command, **json.loads(args.arguments)),
+                                 indent=2))
+    except (QmpError, QmpConnectionError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -4,8 +4,9 @@ The guest is started with virtme-ng: it runs the host's kernel image with the ho
 filesystem shared read-only, so the guest sees this checkout and its virtualenv.
 
 QEMU's monitor: every guest has a QMP unix socket in its work directory, which run() prints
-first ("[iommu-dma] QMP monitor: ..."); drive it with `socat - UNIX-CONNECT:PATH` or
-iommu_dma.testing.qmp.Qmp.connect(PATH) while the command runs. A bench with fault injection
+first ("[iommu-dma] QMP monitor: ..."); drive it with `python -m iommu_dma.testing.qmp PATH
+COMMAND [JSON-ARGS]`, `socat - UNIX-CONNECT:PATH` or iommu_dma.testing.qmp.Qmp.connect(PATH)
+while the command runs. A bench with fault injection
 also has a QMP monitor inside the guest (the guest script exports IOMMU_DMA_QMP, the name of
 its virtio-serial port; Qmp.guest() opens it). See iommu_dma/testing/qmp.py.
 """
@@ -318,7 +319,8 @@ def run(
     emit = on_line or (lambda line: print(line, flush=True))
     cmd = vng_command(bench, work_dir, command, cwd or Path.cwd())
     sock = qmp_socket_path(work_dir)
-    emit(f"[iommu-dma] QMP monitor: {sock} (while the guest runs: socat - UNIX-CONNECT:{sock})")
+    emit(f"[iommu-dma] QMP monitor: {sock} (while the guest runs: "
+         f"python -m iommu_dma.testing.qmp {sock} query-status)")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
     start = time.monotonic()
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,

@@ -63,7 +63,7 @@ def test_json_round_trip() -> None:
         (lambda: NamespaceConfig(size=1 << 20, read_errors=(256,)),
          r"read_errors: LBA 256 is outside the namespace \(0..255\)"),
         (lambda: NamespaceConfig(write_errors=(-1,)), "write_errors: LBA -1 is outside"),
-        (lambda: NamespaceConfig(read_errors=[1]), "must be a tuple of LBAs"),   # type: ignore
+        (lambda: NamespaceConfig(read_errors=[1]), "must be a tuple of LBAs"),
         (lambda: NamespaceConfig(read_errors=(1.5,)), "LBA 1.5 is not an integer"),
         (lambda: NamespaceConfig(read_errors=(True,)), "LBA True is not an integer"),
         (lambda: NamespaceConfig(write_errors=(3, 3)), "LBAs repeat"),
@@ -257,7 +257,7 @@ def test_run_prints_the_host_qmp_socket(tmp_path: Path, monkeypatch: pytest.Monk
     assert result.returncode == 0
     sock = tmp_path / "qmp.sock"
     assert lines == [f"[iommu-dma] QMP monitor: {sock} (while the guest runs: "
-                     f"socat - UNIX-CONNECT:{sock})", "guest output"]
+                     f"python -m iommu_dma.testing.qmp {sock} query-status)", "guest output"]
 
 
 def test_faults_json_round_trip_keeps_tuples() -> None:

@@ -266,6 +266,38 @@ def test_connect_to_a_unix_socket(tmp_path: Path) -> None:
         Qmp.connect(tmp_path / "nothing.sock")
 
 
+def test_command_line_runs_one_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                       ) -> None:
+    from iommu_dma.testing.qmp import main
+
+    path = tmp_path / "qmp.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(2)
+    fakes: list[FakeQemu] = []
+
+    def handler(req):
+        if req["execute"] == "human-monitor-command":
+            return [ok(req, "hmp: " + req["arguments"]["command-line"] + "\n")]
+        if req["execute"] == "block_set_io_throttle":
+            return [{"error": {"class": "GenericError", "desc": "bad id"}, "id": req["id"]}]
+        return [ok(req, {"echo": req.get("arguments", {})})]
+
+    def accept() -> None:
+        for _ in range(3):
+            conn, _ = listener.accept()
+            fakes.append(FakeQemu(conn, handler))
+
+    threading.Thread(target=accept, daemon=True).start()
+    assert main([str(path), "query-status", '{"a": 1}']) == 0
+    assert json.loads(capsys.readouterr().out) == {"echo": {"a": 1}}
+    assert main([str(path), "--hmp", "info pci"]) == 0
+    assert capsys.readouterr().out == "hmp: info pci\n"
+    assert main([str(path), "block_set_io_throttle", '{"id": "x"}']) == 1
+    assert "QMP block_set_io_throttle: GenericError: bad id" in capsys.readouterr().err
+    listener.close()
+
+
 def test_guest_outside_a_guest(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("IOMMU_DMA_BENCH", raising=False)
     with pytest.raises(QmpConnectionError, match="only inside a bench guest"):
