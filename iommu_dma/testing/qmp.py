@@ -34,12 +34,17 @@ block nodes (see bench.NamespaceConfig: read_errors/write_errors are static, in 
   request is suspended, anything that drains the block node (the nvme controller reset path,
   device_del, unthrottle...) hangs QEMU's vCPU until the request is resumed, and the guest
   can no longer reach its monitor. Always resume in a `finally`; for recovery tests (reset,
-  timeouts) use throttle instead.
+  timeouts) use throttle instead. qemu-io reports its own failures ("Could not resume request")
+  on QEMU's stdout (the bench console output), not to the monitor: resume() is safe to call
+  when nothing is stalled, and gives no feedback.
 - `throttle(ci, nsid, bps_total)`: QMP block_set_io_throttle on the nvme-ns device. With
   bps_total=1 the first request passes and the following ones wait (essentially forever); a
   drain (controller reset) or `unthrottle(ci, nsid)` releases them.
 - `device_del(ci)`: hot-unplug a controller (needs ControllerConfig.hotplug) and, by default,
-  wait for its DEVICE_DELETED event. Under TCG the guest's pciehp takes 5 s or more.
+  wait for its DEVICE_DELETED event. A booted guest's pciehp waits 5 s after QEMU's
+  attention-button press, then the driver must let go (a vfio-pci user must close the
+  device); seen on the bench: DEVICE_DELETED 0.1 s after device_del while the guest was still
+  booting (slot not yet powered by the guest).
 """
 
 from __future__ import annotations
