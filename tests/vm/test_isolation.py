@@ -24,7 +24,8 @@ What QEMU 7.2 + Linux 6.1 did on the default bench (seen 2026-11-29; the asserts
 - The other direction, a Write whose PRP1 is the page: also Success, and
     DMAR: [DMA Read NO_PASID] Request device [00:0a.0] fault addr 0x7f21007ca000
           [fault reason 0x06] PTE Read access is not set
-  the block on the media does not hold the page's pattern.
+  the block on the media does not hold the page's pattern (it held zeroes: QEMU wrote its
+  bounce buffer, not our memory).
 - The fault lines are rate limited by the kernel (10 per 5 s): each test here makes one.
 """
 
