@@ -177,7 +177,9 @@ class SimController:
         entry = struct.pack("<IIHHI", 0, 0, q["head"], q["qid"], dw3)
         at = q["cq"] + q["tail"] * 16
         _write(at, entry[:12])
-        _write(at + 12, entry[12:])                         # the phase tag last
+        # the phase tag last, in one 32-bit store (a byte-wise copy could show the new phase
+        # with an old CID, e.g. under ASan's memmove)
+        ctypes.c_uint32.from_address(at + 12).value = dw3
         q["tail"] += 1
         if q["tail"] == q["depth"]:
             q["tail"], q["phase"] = 0, q["phase"] ^ 1
