@@ -222,7 +222,7 @@ class ControllerFailedError(IommuDmaError):
         self.bdf = bdf
         self.command = command
         self.why = why
-        super().__init__(f"{command}: {why}" if command else why)
+        super().__init__(f"{bdf}: {command}: {why}" if command else f"{bdf}: {why}")
 
     def again(self, command: str = "") -> ControllerFailedError:
         """A fresh error of the same kind (for the next caller), naming its command."""
