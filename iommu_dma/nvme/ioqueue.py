@@ -124,6 +124,11 @@ class IoFuture:
         else:
             self._callbacks.append(fn)
 
+    def expire(self, waited: float | None = None) -> None:
+        """Give up waiting: the command counts as timed out now (after `waited` seconds, for
+        its error text) and goes to recovery; done() once that has settled it."""
+        self._queue._expire(self, waited)
+
     def wait(self, timeout: float | None = None) -> bool:
         """Poll the queue until this command completes or timeout seconds pass; done()."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -141,7 +146,7 @@ class IoFuture:
         back, the controller is reset (see RecoveryPolicy); it then fails with
         NvmeTimeoutError. Its memory stays the device's until then."""
         if not self.wait(timeout):
-            self._queue._expire(self)
+            self.expire(timeout)
         if not self.done():
             raise NvmeTimeoutError(
                 f"{self.what}: no completion within {timeout} s on queue {self._queue.qid}; "
@@ -358,7 +363,7 @@ class IoQueue:
             p.timed_out = True
         return out
 
-    def _expire(self, future: IoFuture) -> None:
+    def _expire(self, future: IoFuture, waited: float | None = None) -> None:
         """The caller stopped waiting for future: end it now. Not yet sent (backlog, retry
         delay): it fails with NvmeTimeoutError at once. In flight: its deadline is now, and
         the next process() hands it to the recovery."""
@@ -375,8 +380,9 @@ class IoQueue:
                         "a retry delay running)"))
                     return
             for p in self._inflight.values():
-                if p.future is future:
+                if p.future is future and not p.timed_out:
                     p.deadline = 0.0
+                    p.timeout = waited
                     self._next_expiry = 0.0
         if self.on_timeout is not None:
             self.process()

@@ -67,7 +67,8 @@ class Request:
             f.wait(left)
         for f in self.futures:
             if not f.done():
-                f.result(0)                 # raises NvmeTimeoutError naming the piece
+                f.expire(timeout)           # recovered: ends with NvmeTimeoutError
+                f.result(0)
         for f in self.futures:
             if f.exception() is not None:
                 f.result()

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from iommu_dma.errors import IommuDmaError
+from iommu_dma.errors import ClosedError, IommuDmaError
 from iommu_dma.native import ffi, lib
 from iommu_dma.nvme.queue import (
     EBUSY,
@@ -334,6 +334,7 @@ class PerfRun:
             self._release()
         failed = next((e for e in self.failures if e is not None), None)
         if failed is not None:
+            self.ns.ctrl.check_open()       # a controller that failed (e.g. removed) says why
             raise failed
         return combine([r for r in self.results if r is not None])
 
@@ -341,7 +342,10 @@ class PerfRun:
         if any(t.is_alive() for t in self.threads):
             return                                  # never free memory a job still uses
         for q in self.queues:
-            self.ns.ctrl.delete_io_queue(q.qid)
+            try:
+                self.ns.ctrl.delete_io_queue(q.qid)
+            except ClosedError:                     # the controller is gone: so are its queues
+                break
         for b in self.buffers:
             b.free()
 

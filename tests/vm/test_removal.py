@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -34,15 +35,28 @@ def test_device_del_mid_perf(vfio_bdfs: list[str]) -> None:
         [sys.executable, "-m", "iommu_dma.cli.main", "perf", bdf, "-n", "1", "--rw", "randread",
          "--iodepth", "32", "--runtime", "300", "--size", "16m"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    time.sleep(8)                                       # perf is running under TCG
-    assert perf.poll() is None, perf.communicate()[0]
+    lines: list[str] = []
+    running = threading.Event()
+
+    def read() -> None:
+        assert perf.stdout is not None
+        for line in perf.stdout:
+            lines.append(line)
+            if "IOPS" in line:                          # the live line: I/O is flowing
+                running.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert running.wait(180), "".join(lines)
     with Qmp.guest() as qmp:
         t0 = time.monotonic()
         qmp.device_del(REMOVABLE, wait=False)
-        out, _ = perf.communicate(timeout=120)
+        perf.wait(120)
         perf_end = time.monotonic() - t0
         event = qmp.wait_event("DEVICE_DELETED", 120)
         deleted = time.monotonic() - t0
+    reader.join(10)
+    out = "".join(lines)
     print(f"device_del: perf ended {perf_end:.2f} s later (rc {perf.returncode}), "
           f"DEVICE_DELETED after {deleted:.2f} s; perf said:\n{out}")
     assert event is not None
