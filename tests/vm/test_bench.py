@@ -23,7 +23,7 @@ from iommu_dma.testing.guest import (
     nvme_subsystem,
 )
 
-BENCHES = ["default", "aw39", "two_ctrl", "edge"]
+BENCHES = ["default", "aw39", "two_ctrl", "edge", "faults"]
 pytestmark = pytest.mark.iommu_dma_vm
 every_bench = pytest.mark.parametrize("idma_bench", BENCHES, indirect=True)
 edge = pytest.mark.parametrize("idma_bench", ["edge"], indirect=True)
