@@ -7,6 +7,7 @@ only with --debug), 2 usage error, 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import traceback
 from collections.abc import Sequence
@@ -48,9 +49,19 @@ def describe(exc: BaseException) -> str:
     return cli_hints(text)
 
 
+def _logging(debug: bool) -> None:
+    """The library's log records (recovery steps, a removed device) on stderr with --debug;
+    otherwise the one error line says it all."""
+    if debug:
+        logging.basicConfig(level=logging.DEBUG, format=f"{PROG}: %(name)s: %(message)s")
+    else:
+        logging.getLogger("iommu_dma").addHandler(logging.NullHandler())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _logging(args.debug)
     try:
         return int(args.func(args))
     except KeyboardInterrupt:

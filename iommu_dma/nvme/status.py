@@ -222,7 +222,8 @@ class ControllerFailedError(IommuDmaError):
         self.bdf = bdf
         self.command = command
         self.why = why
-        super().__init__(f"{bdf}: {command}: {why}" if command else f"{bdf}: {why}")
+        # Exception's own __init__: ClosedError (a base of DeviceGoneError) words differently
+        Exception.__init__(self, f"{bdf}: {command}: {why}" if command else f"{bdf}: {why}")
 
     def again(self, command: str = "") -> ControllerFailedError:
         """A fresh error of the same kind (for the next caller), naming its command."""
