@@ -137,7 +137,11 @@ class IoFuture:
                                                            POLL_SLICE)
             if left <= 0:
                 return False
-            self._queue.process(timeout=left)
+            try:
+                self._queue.process(timeout=left)
+            except ClosedError:
+                if not self.done():     # the queue closed before this command was sent
+                    raise
         return True
 
     def result(self, timeout: float | None = None) -> int:
