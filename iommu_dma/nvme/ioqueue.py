@@ -139,8 +139,8 @@ class IoFuture:
                 return False
             try:
                 self._queue.process(timeout=left)
-            except ClosedError:
-                if not self.done():     # the queue closed before this command was sent
+            except IommuDmaError:       # e.g. the queue closed: this command's own error
+                if not self.done():     # wins once it has one
                     raise
         return True
 
