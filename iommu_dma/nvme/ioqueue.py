@@ -368,9 +368,10 @@ class IoQueue:
         return out
 
     def _expire(self, future: IoFuture, waited: float | None = None) -> None:
-        """The caller stopped waiting for future: end it now. Not yet sent (backlog, retry
-        delay): it fails with NvmeTimeoutError at once. In flight: its deadline is now, and
-        the next process() hands it to the recovery."""
+        """The caller stopped waiting for future: it is timed out now, also if its completion
+        is about to be reaped. Not yet sent (backlog, retry delay): it fails with
+        NvmeTimeoutError at once. In flight: it goes to the recovery (on_timeout)."""
+        expired: list[_Pending] = []
         with self._lock:
             if self.closed or future.done():
                 return
@@ -385,11 +386,11 @@ class IoQueue:
                     return
             for p in self._inflight.values():
                 if p.future is future and not p.timed_out:
-                    p.deadline = 0.0
+                    p.timed_out = True
                     p.timeout = waited
-                    self._next_expiry = 0.0
-        if self.on_timeout is not None:
-            self.process()
+                    expired.append(p)
+        if expired and self.on_timeout is not None:
+            self.on_timeout(self, expired)
 
     def _release_delayed(self) -> None:
         if not self._delayed:
