@@ -119,8 +119,10 @@ def report(args: argparse.Namespace, w: Workload, result: PerfResult) -> int:
         output.print_lines(failed_lines(result))
     sys.stdout.flush()
     if result.problems:
-        raise CliError(f"perf: {'; '.join(result.problems)} (so its figures cannot be "
-                       "trusted)")
+        only_io_errors = result.problems == [p for p in result.problems if "I/O error" in p]
+        why = ("; every other I/O completed" if only_io_errors and not result.timed_out
+               else " (so its figures cannot be trusted)")
+        raise CliError(f"perf: {'; '.join(result.problems)}{why}")
     return 0
 
 
