@@ -38,7 +38,7 @@ from iommu_dma.nvme.identify import (
     parse_error_log,
     parse_ns_list,
 )
-from iommu_dma.nvme.ioqueue import IoQueue, _Pending
+from iommu_dma.nvme.ioqueue import IoQueue, PendingCommand
 from iommu_dma.nvme.recovery import RecoveryPolicy
 from iommu_dma.nvme.status import (
     ControllerFailedError,
@@ -97,7 +97,7 @@ class Controller:
         self.resetting = False
         self._failure: ControllerFailedError | None = None   # why it stopped serving
         self._recovering = False
-        self._deferred: list[tuple[IoQueue, _Pending]] = []
+        self._deferred: list[tuple[IoQueue, PendingCommand]] = []
         self._health: HealthWatch | None = None
         self.events: AsyncEvents | None = None
         self.cap = regs.Capabilities(pci.read64(regs.CAP))
@@ -392,7 +392,7 @@ class Controller:
         for q in [*self.io_queues.values(), *([self.admin] if self.admin else [])]:
             q.close(self._failure, device_quiet=quiet)
 
-    def _on_timeout(self, q: IoQueue, expired: list[_Pending]) -> None:
+    def _on_timeout(self, q: IoQueue, expired: list[PendingCommand]) -> None:
         """Commands past their deadline (called by the queue, from a waiting thread): Abort
         each (§5.1); one that does not come back within abort_timeout gets the controller
         reset. Nested timeouts (of the Abort itself) wait for the outer recovery."""
@@ -416,7 +416,7 @@ class Controller:
                 self._recovering = False
                 self._deferred.clear()
 
-    def _recover_command(self, q: IoQueue, p: _Pending) -> None:
+    def _recover_command(self, q: IoQueue, p: PendingCommand) -> None:
         what = p.future.what
         log.warning("%s: %s timed out after %s s; recovering", self.bdf, what, p.timeout)
         cid = q.command_id(p) if q.qid else None
@@ -656,9 +656,9 @@ class Controller:
 
 
 def _ended_by_reset(q: IoQueue, why: Callable[[str], BaseException]
-                    ) -> Callable[[_Pending], BaseException]:
+                    ) -> Callable[[PendingCommand], BaseException]:
     """The error of each command a reset took away: timed out, or aborted by the reset."""
-    def error(p: _Pending) -> BaseException:
+    def error(p: PendingCommand) -> BaseException:
         if p.timed_out:
             return NvmeTimeoutError(f"{p.future.what}: no completion within {p.timeout} s on "
                                     f"queue {q.qid}; the controller was reset to recover it")

@@ -76,7 +76,10 @@ class _Lease:
 
 
 @dataclass(eq=False)
-class _Pending:
+class PendingCommand:
+    """One command the queue holds: queued, in flight, or waiting for a retry; what the
+    recovery (Controller) is handed when it times out."""
+
     cmd: Command
     future: IoFuture
     lease: _Lease | None = None          # the device's hold on the command's data memory
@@ -179,7 +182,7 @@ class IoQueue:
         self.policy = policy if policy is not None else RecoveryPolicy()
         # Called (without the queue lock) with commands past their deadline: the controller
         # aborts them or resets. Without it, they stay with the device until they complete.
-        self.on_timeout: Callable[[IoQueue, list[_Pending]], None] | None = None
+        self.on_timeout: Callable[[IoQueue, list[PendingCommand]], None] | None = None
         pages_each = max(1, prp_list_pages(max_transfer, page_size))
         self._memory: list[DmaBuffer] = []
         self.sq_mem = self._zeroed(depth * SQE_SIZE, page_size)
@@ -195,13 +198,13 @@ class IoQueue:
             raise
         self._lock = threading.Lock()
         self._tags = itertools.count(1)
-        self._inflight: dict[int, _Pending] = {}
-        self._backlog: deque[_Pending] = deque()
+        self._inflight: dict[int, PendingCommand] = {}
+        self._backlog: deque[PendingCommand] = deque()
         # (engine in-flight count before, commands, tags) while a submission is in progress
-        self._submitting: tuple[int, list[_Pending], list[int]] | None = None
-        self._abandoned: list[_Pending] = []
-        self._orphans: list[_Pending] = []     # failed while the device may hold them
-        self._delayed: list[_Pending] = []     # retries waiting for their CRD delay
+        self._submitting: tuple[int, list[PendingCommand], list[int]] | None = None
+        self._abandoned: list[PendingCommand] = []
+        self._orphans: list[PendingCommand] = []     # failed while the device may hold them
+        self._delayed: list[PendingCommand] = []     # retries waiting for their CRD delay
         self._next_expiry = 0.0
         self._paused = False                   # a controller reset owns the rings
         self.closed = False
@@ -256,7 +259,7 @@ class IoQueue:
             raise ValueError(f"timeout must be positive seconds or None, not {timeout}")
         with self._lock:
             self._check_open()
-            items = [_Pending(c, IoFuture(self, c.what or _describe(c.sqe)), timeout=timeout)
+            items = [PendingCommand(c, IoFuture(self, c.what or _describe(c.sqe)), timeout=timeout)
                      for c in cmds]
             if owner is not None and items:
                 lease = _Lease(owner)
@@ -276,7 +279,7 @@ class IoQueue:
         with self._lock:
             self._check_open()
             self._recover()
-            p = _Pending(Command(sqe, 0, 0, next(self._tags), what), IoFuture(self, what or
+            p = PendingCommand(Command(sqe, 0, 0, next(self._tags), what), IoFuture(self, what or
                                                                             _describe(sqe)))
             self._submitting = (self.qpair.inflight, [p], [p.cmd.tag])
             if self.qpair.submit_unchecked([p.cmd]) == 0:
@@ -286,7 +289,7 @@ class IoQueue:
         return p.future
 
     @staticmethod
-    def _release(p: _Pending) -> None:
+    def _release(p: PendingCommand) -> None:
         """The device is done with p's memory: p lets go of its lease."""
         p.lease = None
 
@@ -355,7 +358,7 @@ class IoQueue:
             self.on_timeout(self, expired)
         return n
 
-    def _expired(self) -> list[_Pending]:
+    def _expired(self) -> list[PendingCommand]:
         """In-flight commands past their deadline, marked timed out (checked every
         EXPIRY_CHECK seconds at most)."""
         now = time.monotonic()
@@ -371,7 +374,7 @@ class IoQueue:
         """The caller stopped waiting for future: it is timed out now, also if its completion
         is about to be reaped. Not yet sent (backlog, retry delay): it fails with
         NvmeTimeoutError at once. In flight: it goes to the recovery (on_timeout)."""
-        expired: list[_Pending] = []
+        expired: list[PendingCommand] = []
         with self._lock:
             if self.closed or future.done():
                 return
@@ -448,14 +451,14 @@ class IoQueue:
 
     # ---- controller reset ------------------------------------------------------------------
 
-    def command_id(self, p: _Pending) -> int | None:
+    def command_id(self, p: PendingCommand) -> int | None:
         """The CID of p while it is in flight (for an Abort), else None."""
         with self._lock:
             if self.closed or self._inflight.get(p.tag) is not p:
                 return None
             return self.qpair.find_cid(p.tag)
 
-    def give_up(self, p: _Pending, error: BaseException) -> None:
+    def give_up(self, p: PendingCommand, error: BaseException) -> None:
         """End p now with error although the device may still hold it (a command that timed
         out while a reset is under way): its memory stays the device's until the controller
         is disabled (fail_in_flight, or close with device_quiet)."""
@@ -474,7 +477,7 @@ class IoQueue:
             self._handle_reaped()
             self._paused = True
 
-    def fail_in_flight(self, error: Callable[[_Pending], BaseException], *,
+    def fail_in_flight(self, error: Callable[[PendingCommand], BaseException], *,
                        queued_too: bool = False) -> None:
         """After the controller is disabled (the device can no longer touch this queue's
         memory): end every command in flight with error(p) and release its memory; with
@@ -563,7 +566,7 @@ def _describe(sqe: object) -> str:
     return "command"
 
 
-def _refusal(e: QueueError, p: _Pending) -> IommuDmaError:
+def _refusal(e: QueueError, p: PendingCommand) -> IommuDmaError:
     addr, length = p.cmd.addr, p.cmd.length
     if e.rc == EUNMAPPED:
         return NotMappedError(

@@ -10,7 +10,7 @@ import pytest
 
 from iommu_dma import NvmeError, NvmeTimeoutError
 from iommu_dma.nvme import sqe
-from iommu_dma.nvme.ioqueue import IoQueue, _Pending
+from iommu_dma.nvme.ioqueue import IoQueue, PendingCommand
 from iommu_dma.nvme.recovery import RecoveryPolicy, retry_delay, should_retry
 from iommu_dma.nvme.status import Status, decode_status, make_status
 from tests.host.sim_nvme import LBA
@@ -99,7 +99,7 @@ def test_crd_delays_each_retry(bench: Bench) -> None:
 
 def test_expired_command_goes_to_the_recovery_hook(bench: Bench) -> None:
     q: IoQueue = bench.queue
-    seen: list[_Pending] = []
+    seen: list[PendingCommand] = []
     q.on_timeout = lambda queue, expired: seen.extend(expired)
     buf = bench.mem.alloc(LBA)
     bench.dev.hold_next = 1
@@ -119,7 +119,7 @@ def test_expired_command_goes_to_the_recovery_hook(bench: Bench) -> None:
 
 def test_per_call_timeout_none_never_expires(bench: Bench) -> None:
     q: IoQueue = bench.queue
-    seen: list[_Pending] = []
+    seen: list[PendingCommand] = []
     q.on_timeout = lambda queue, expired: seen.extend(expired)
     q.policy = RecoveryPolicy(io_timeout=0.01)
     buf = bench.mem.alloc(LBA)
