@@ -38,7 +38,7 @@ from iommu_dma.nvme.identify import (
     parse_error_log,
     parse_ns_list,
 )
-from iommu_dma.nvme.ioqueue import IoQueue, PendingCommand
+from iommu_dma.nvme.ioqueue import QUEUE_DEFAULT, IoQueue, PendingCommand
 from iommu_dma.nvme.recovery import RecoveryPolicy
 from iommu_dma.nvme.status import (
     ControllerFailedError,
@@ -542,9 +542,11 @@ class Controller:
 
     # ---- I/O queues ---------------------------------------------------------------------------
 
-    def create_io_queue(self, depth: int = 256) -> IoQueue:
+    def create_io_queue(self, depth: int = 256, *, timeout: float | None = QUEUE_DEFAULT
+                        ) -> IoQueue:
         """A new polled I/O queue pair (CQ with interrupts off, then its SQ); at most CAP.MQES
-        (and 4096) entries. Thread-safe."""
+        (and 4096) entries. timeout: this queue's own command deadline in seconds (None: no
+        limit); by default the queue follows ctrl.recovery.io_timeout. Thread-safe."""
         with self._lock:
             self.check_open()
             qid = next((q for q in range(1, self.max_io_queues + 1) if q not in self.io_queues),
@@ -555,6 +557,7 @@ class Controller:
             depth = max(2, min(depth, self.cap.mqes, MAX_QUEUE_DEPTH))
             q = self._new_queue(qid, depth, self.max_transfer,
                                 self.dbbuf.addrs if self.dbbuf is not None else None)
+            q.timeout = timeout
             self._create_on_device(q)
             self.io_queues[qid] = q
             return q

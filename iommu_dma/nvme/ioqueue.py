@@ -180,6 +180,9 @@ class IoQueue:
         self.allocator = allocator
         self.max_transfer = max_transfer
         self.policy = policy if policy is not None else RecoveryPolicy()
+        # this queue's own command deadline in seconds (None: no limit); QUEUE_DEFAULT: the
+        # policy's (io_timeout, or admin_timeout for the admin queue)
+        self.timeout: float | None = QUEUE_DEFAULT
         # Called (without the queue lock) with commands past their deadline: the controller
         # aborts them or resets. Without it, they stay with the device until they complete.
         self.on_timeout: Callable[[IoQueue, list[PendingCommand]], None] | None = None
@@ -253,6 +256,8 @@ class IoQueue:
         it belongs to the device until each command's completion is reaped. timeout: seconds
         each command may be in flight before it is recovered (default: the policy's; None:
         no limit)."""
+        if timeout == QUEUE_DEFAULT:
+            timeout = self.timeout
         if timeout == QUEUE_DEFAULT:
             timeout = self.policy.timeout_for(self.qid)
         if timeout is not None and not timeout > 0:

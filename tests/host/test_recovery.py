@@ -130,3 +130,21 @@ def test_per_call_timeout_none_never_expires(bench: Bench) -> None:
     assert not seen and not fut.done()
     bench.dev.release_held()
     assert fut.result(5) == 0
+
+
+def test_queue_timeout_overrides_the_policy(bench: Bench) -> None:
+    q: IoQueue = bench.queue
+    seen: list[PendingCommand] = []
+    q.on_timeout = lambda queue, expired: seen.extend(expired)
+    q.policy = RecoveryPolicy(io_timeout=None)              # the controller's: no limit
+    q.timeout = 0.05                                        # this queue's own deadline
+    buf = bench.mem.alloc(LBA)
+    bench.dev.hold_next = 1
+    fut = q.submit(sqe.read(1, 0, 1), buf.addr, LBA, owner=buf)
+    deadline = time.monotonic() + 5
+    while not seen and time.monotonic() < deadline:
+        q.process(0.01)
+    assert [p.future for p in seen] == [fut]
+    bench.dev.release_held()
+    with pytest.raises(NvmeTimeoutError):
+        fut.result(5)
