@@ -34,10 +34,18 @@ def vfio_bdfs(idma_nvme_bdfs: list[str]) -> Iterator[list[str]]:
     yield idma_nvme_bdfs
 
 
+@pytest.fixture
+def any_driver() -> None:
+    """For VM tests that touch no controller: the controllers stay on whatever driver they
+    are (rebinding costs tens of seconds under TCG)."""
+
+
 @pytest.fixture(autouse=True)
 def _kernel_driver_unless_vfio(request: pytest.FixtureRequest) -> None:
-    """VM tests that do not ask for vfio_bdfs start with every controller on `nvme`."""
-    if current_bench() is None or "vfio_bdfs" in request.fixturenames:
+    """VM tests that do not ask for vfio_bdfs (or any_driver) start with every controller on
+    `nvme`."""
+    names = request.fixturenames
+    if current_bench() is None or "vfio_bdfs" in names or "any_driver" in names:
         return
     bound = [b for b in guest_nvme_bdfs() if driver_of(b) == "vfio-pci"]
     if bound:

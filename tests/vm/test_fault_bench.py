@@ -33,7 +33,8 @@ def _image_blocks(images: Path, ci: int, nsid: int, lba: int, nlb: int) -> bytes
         return f.read(nlb * BLOCK)
 
 
-def test_bench_injects_what_its_configuration_says(idma_bench: Bench) -> None:
+def test_bench_injects_what_its_configuration_says(idma_bench: Bench,
+                                                   any_driver: None) -> None:
     ns1 = idma_bench.controllers[0].namespaces[0]
     assert ns1.read_errors == (1000, 5000, 12000) and ns1.write_errors == (3000,)
     assert idma_bench.fault_injection
@@ -154,7 +155,7 @@ def test_throttled_read_completes_after_unthrottle(vfio_bdfs: list[str], qmp: Qm
         assert ns.read(300, 1, timeout=30) == data       # no limit left
 
 
-def test_qmp_errors_name_the_command(qmp: Qmp) -> None:
+def test_qmp_errors_name_the_command(qmp: Qmp, any_driver: None) -> None:
     from iommu_dma.testing.qmp import QmpError
 
     with pytest.raises(QmpError, match="block_set_io_throttle: .*") as err:
@@ -168,7 +169,8 @@ def test_qmp_errors_name_the_command(qmp: Qmp) -> None:
         qmp.stall(1, 1)
 
 
-def test_hotplug_controller_sits_behind_a_root_port(idma_nvme_bdfs: list[str]) -> None:
+def test_hotplug_controller_sits_behind_a_root_port(idma_nvme_bdfs: list[str],
+                                                    any_driver: None) -> None:
     bdf = idma_nvme_bdfs[1]
     assert int(bdf.split(":")[1], 16) >= 1                       # bus 01+, not pcie.0
     port = (PCI_DEVICES / bdf).resolve().parent

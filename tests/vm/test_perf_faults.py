@@ -27,7 +27,8 @@ EXPECTED = {("read", 1000): (READ_ERROR, 2, 0x81), ("read", 5000): (READ_ERROR, 
             ("read", 12000): (READ_ERROR, 2, 0x81), ("write", 3000): (WRITE_FAULT, 2, 0x80)}
 
 
-def test_bench_injects_the_errors_this_file_expects(idma_bench: Bench) -> None:
+def test_bench_injects_the_errors_this_file_expects(idma_bench: Bench,
+                                                    any_driver: None) -> None:
     ns1 = idma_bench.controllers[0].namespaces[0]
     assert ns1.lba_size == BLOCK and ns1.size >= SIZE
     assert ns1.read_errors == (1000, 5000, 12000) and ns1.write_errors == (3000,)

@@ -63,12 +63,17 @@ def wheelhouse() -> list[str]:
 
 
 def make_venv(root: Path) -> Venv:
-    """A fresh virtualenv at root with iommu-dma installed offline from the wheelhouse."""
+    """A fresh virtualenv at root with iommu-dma installed offline from the wheelhouse.
+
+    The venv gets no pip of its own and no .pyc files: the checkout's pip installs into it
+    (`pip --python`), which under TCG takes a fraction of the time of ensurepip plus
+    byte-compiling; what lands in the venv is the same wheels."""
     v = Venv(root)
     base = getattr(sys, "_base_executable", sys.executable)   # not the checkout's .venv itself
-    v.ok(base, "-m", "venv", root)
-    v.ok(v.bin / "python", "-m", "pip", "install", "-q", "--no-index", "--no-cache-dir",
-         "--disable-pip-version-check", "--find-links", WHEELHOUSE, "iommu-dma")
+    v.ok(base, "-m", "venv", "--without-pip", root)
+    v.ok(sys.executable, "-m", "pip", "--python", v.bin / "python", "install", "-q",
+         "--no-compile", "--no-index", "--no-cache-dir", "--disable-pip-version-check",
+         "--find-links", WHEELHOUSE, "iommu-dma")
     return v
 
 
