@@ -423,11 +423,17 @@ class IoQueue:
         return n
 
     def _complete(self, cpl: Completion) -> None:
-        """Resolve the command of one completion; safe to repeat for the same completion."""
-        p = self._inflight.pop(cpl.tag, None)
+        """Resolve the command of one completion; safe to repeat for the same completion (it
+        leaves the in-flight table only once resolved, so an interrupt in between leaves it
+        for the next call to resolve again)."""
+        p = self._inflight.get(cpl.tag)
         if p is None:                   # handled already, or a tag we never used
             self.unknown_completions += 1
             return
+        self._resolve(p, cpl)
+        del self._inflight[cpl.tag]
+
+    def _resolve(self, p: PendingCommand, cpl: Completion) -> None:
         if p.timed_out:                 # came back after its deadline (aborted, or late)
             status = "success" if cpl.ok else NvmeError(cpl.status, "").name
             p.future._finish(cpl, NvmeTimeoutError(
