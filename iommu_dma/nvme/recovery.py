@@ -21,7 +21,6 @@ DEFAULT_RETRIES = 5           # as the Linux driver's nvme_core.max_retries
 DEFAULT_IO_TIMEOUT = 30.0     # as the Linux driver's nvme_core.io_timeout
 DEFAULT_ADMIN_TIMEOUT = 60.0  # as the Linux driver's nvme_core.admin_timeout
 DEFAULT_ABORT_TIMEOUT = 5.0   # how long an aborted command may take to come back
-MAX_RETRY_DELAY = 6553.5      # CRDT is 16 bits of 100 ms
 
 def should_retry(status: Status, retries_done: int, limit: int) -> bool:
     """True when a command that ended with `status` is to be sent again."""
