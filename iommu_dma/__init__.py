@@ -10,7 +10,7 @@ from iommu_dma.container import Container
 from iommu_dma.errors import ClosedError, IommuDmaError
 from iommu_dma.memory import DmaAllocator, DmaBuffer
 from iommu_dma.nvme.controller import Controller
-from iommu_dma.nvme.namespace import Namespace
+from iommu_dma.nvme.namespace import Namespace, Request
 from iommu_dma.nvme.status import (
     ControllerFailedError,
     ControllerFatalError,
@@ -36,6 +36,7 @@ __all__ = [
     "Namespace",
     "NvmeError",
     "NvmeTimeoutError",
+    "Request",
     "native_version",
 ]
 

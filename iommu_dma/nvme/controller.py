@@ -8,16 +8,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from iommu_dma.container import Container
 from iommu_dma.errors import ClosedError, IommuDmaError
 from iommu_dma.memory import DmaAllocator, DmaBuffer
-from iommu_dma.nvme import dbbuf, regs, sqe
+from iommu_dma.nvme import aio, dbbuf, regs, sqe
 from iommu_dma.nvme.constants import (
     CNS_ACTIVE_NS_LIST,
     CNS_CONTROLLER,
@@ -38,6 +40,7 @@ from iommu_dma.nvme.identify import (
     parse_error_log,
     parse_ns_list,
 )
+from iommu_dma.nvme.interrupts import QueueInterrupt, WaitMode, check_mode
 from iommu_dma.nvme.ioqueue import QUEUE_DEFAULT, IoQueue, PendingCommand
 from iommu_dma.nvme.recovery import RecoveryPolicy
 from iommu_dma.nvme.status import (
@@ -70,6 +73,14 @@ class ControllerError(IommuDmaError):
     """The controller did not behave as the spec says (not ready in time, fatal status...)."""
 
 
+class QueuesExhaustedError(ControllerError):
+    """Every I/O queue pair the controller granted is in use."""
+
+
+class _Owner:
+    """Kept in a thread's local storage: its death (the thread ended) frees the queue."""
+
+
 class Controller:
     """One NVMe controller behind VFIO. Open with Controller.open(bdf); close() (or the context
     manager) deletes the I/O queues, shuts the controller down and releases everything.
@@ -78,6 +89,14 @@ class Controller:
     called from any thread. After close() every object derived from the controller (queues,
     requests, namespaces, and buffers of an allocator it owns) raises ClosedError; requests
     still pending at close fail with ClosedError.
+
+    Which I/O queue pair a namespace call uses (queue_for_caller): inside a running asyncio
+    event loop, that loop's own interrupt-driven queue (created on first use, reaped by the
+    loop); else, with per_thread_queues set, the calling thread's own queue (created on first
+    use, deleted after the thread ends); else one default queue shared by all threads.
+    `wait` is how the default and per-thread queues wait: "poll" (spin on the CQ, lowest
+    latency, a core per waiting thread), "interrupt" (sleep on the MSI-X vector, no CPU while
+    waiting) or "hybrid" (spin `hybrid_spin` seconds, then sleep).
     """
 
     # Use shadow doorbells (Doorbell Buffer Config, §5.8) when OACS bit 8 says they exist.
@@ -108,6 +127,16 @@ class Controller:
         self._default_queue: IoQueue | None = None
         self.dbbuf: dbbuf.DoorbellBuffers | None = None
         self.max_io_queues = 0
+        self.wait: WaitMode = "poll"            # how default and per-thread queues wait
+        self.hybrid_spin: float | None = None   # hybrid: seconds of polling before sleeping
+        self.per_thread_queues = False
+        self.queue_depth = 256                  # of the queues created on demand
+        self._msix: list[int] = []              # MSI-X eventfds, one per vector (enabled lazily)
+        self._local = threading.local()
+        self._loop_queues: dict[int, tuple[weakref.ref[asyncio.AbstractEventLoop], IoQueue]] = {}
+        # queues created for a thread or a loop, with a test of whether their owner still lives
+        self._owned: list[tuple[Callable[[], bool], IoQueue]] = []
+        self._warned_full = False
         try:
             self._reset(admin_depth)
             self.identify = IdentifyController.parse(self._identify_raw(CNS_CONTROLLER))
@@ -135,9 +164,12 @@ class Controller:
 
     @classmethod
     def open(cls, bdf: str, *, container: Container | None = None,
-             allocator: DmaAllocator | None = None) -> Controller:
+             allocator: DmaAllocator | None = None, wait: WaitMode = "poll",
+             per_thread_queues: bool = False) -> Controller:
         """Take the controller at bdf (bound to vfio-pci). A given container (and allocator)
-        is shared, e.g. by several controllers; else the controller makes its own."""
+        is shared, e.g. by several controllers; else the controller makes its own. wait and
+        per_thread_queues: how namespace calls get their queue (see the class text)."""
+        check_mode(wait, None)
         owns = container is None
         cont = container if container is not None else Container()
         try:
@@ -149,7 +181,9 @@ class Controller:
                 cont.close()
             raise
         try:
-            return cls(pci, cont, alloc, owns_container=owns)
+            ctrl = cls(pci, cont, alloc, owns_container=owns)
+            ctrl.wait, ctrl.per_thread_queues = wait, per_thread_queues
+            return ctrl
         except BaseException:
             pci.close()
             if owns:
@@ -207,6 +241,8 @@ class Controller:
             q.close(error, device_quiet=quiet)
         self.io_queues.clear()
         self._default_queue = None
+        self._loop_queues.clear()
+        self._owned.clear()
         if self.dbbuf is not None and quiet:    # the disabled controller forgot the pages
             self.dbbuf.free()
         self.dbbuf = None
@@ -238,10 +274,12 @@ class Controller:
         self._wait_ready(True)
 
     def _new_queue(self, qid: int, depth: int, max_transfer: int,
-                   shadow: tuple[int, int] | None) -> IoQueue:
+                   shadow: tuple[int, int] | None, irq: QueueInterrupt | None = None
+                   ) -> IoQueue:
         q = IoQueue(qid, depth, self.allocator, self.pci.bar0_addr, self.pci.bar0_size,
                     dstrd=self.cap.dstrd, page_size=self.page_size, max_transfer=max_transfer,
-                    maptable=self.container.maptable, shadow=shadow, policy=self.recovery)
+                    maptable=self.container.maptable, shadow=shadow, policy=self.recovery,
+                    irq=irq)
         q.on_timeout = self._on_timeout
         return q
 
@@ -542,25 +580,48 @@ class Controller:
 
     # ---- I/O queues ---------------------------------------------------------------------------
 
-    def create_io_queue(self, depth: int = 256, *, timeout: float | None = QUEUE_DEFAULT
-                        ) -> IoQueue:
-        """A new polled I/O queue pair (CQ with interrupts off, then its SQ); at most CAP.MQES
-        (and 4096) entries. timeout: this queue's own command deadline in seconds (None: no
-        limit); by default the queue follows ctrl.recovery.io_timeout. Thread-safe."""
+    def create_io_queue(self, depth: int = 256, *, timeout: float | None = QUEUE_DEFAULT,
+                        wait: WaitMode = "poll", spin: float | None = None) -> IoQueue:
+        """A new I/O queue pair (its CQ, then its SQ); at most CAP.MQES (and 4096) entries.
+        wait: "poll" (CQ created with interrupts off), "interrupt" or "hybrid" (CQ with IEN
+        and an MSI-X vector of its own while vectors last; waiting sleeps on it, hybrid after
+        polling spin seconds). timeout: this queue's own command deadline in seconds (None:
+        no limit); by default the queue follows ctrl.recovery.io_timeout. Thread-safe."""
+        spin = check_mode(wait, spin)
         with self._lock:
             self.check_open()
             qid = next((q for q in range(1, self.max_io_queues + 1) if q not in self.io_queues),
                        None)
             if qid is None:
-                raise ControllerError(f"{self.bdf}: all {self.max_io_queues} I/O queue pairs "
-                                      "the controller granted are in use; delete one first")
+                raise QueuesExhaustedError(
+                    f"{self.bdf}: all {self.max_io_queues} I/O queue pairs the controller "
+                    "granted are in use; delete one first")
             depth = max(2, min(depth, self.cap.mqes, MAX_QUEUE_DEPTH))
+            irq = None
+            if wait != "poll":
+                vector = self._vector_for(qid)
+                irq = QueueInterrupt(vector, self._msix[vector], wait, spin)
             q = self._new_queue(qid, depth, self.max_transfer,
-                                self.dbbuf.addrs if self.dbbuf is not None else None)
+                                self.dbbuf.addrs if self.dbbuf is not None else None, irq)
             q.timeout = timeout
             self._create_on_device(q)
             self.io_queues[qid] = q
             return q
+
+    def _vector_for(self, qid: int) -> int:
+        """The MSI-X vector of I/O queue qid: its own while vectors last (vector 0 is the
+        admin CQ's, §3.1.4 ACQ; further queues share round robin). Enables MSI-X through VFIO
+        the first time, with as many vectors as queues (the count is fixed once enabled)."""
+        if not self._msix:
+            have = self.pci.irq_info().count
+            if have < 1:
+                raise ControllerError(f"{self.bdf}: the device offers no MSI-X vectors "
+                                      "(VFIO reports 0), so a queue cannot wait on an "
+                                      "interrupt; use wait='poll'")
+            self._msix = self.pci.enable_msix(min(have, self.max_io_queues + 1),
+                                              nonblocking=True)
+        n = len(self._msix)
+        return 0 if n == 1 else 1 + (qid - 1) % (n - 1)
 
     def _create_on_device(self, q: IoQueue) -> None:
         """Create I/O CQ then SQ (§5.4, §5.5); undo what was created when a step fails. The
@@ -592,8 +653,9 @@ class Controller:
         """Create I/O CQ (§5.4) over q's ring. The ring goes as the command's data buffer
         (its first page at most), so the engine checks it is mapped and puts its address in
         PRP1 (a physically contiguous queue's base, §5.4 Figure 149)."""
-        self._admin(sqe.create_io_cq(q.qid, q.depth), q.cq_mem, min(q.cq_mem.size,
-                    self.page_size), what=f"Create I/O CQ {q.qid}")
+        ien, iv = (True, q.irq.vector) if q.irq is not None else (False, 0)
+        self._admin(sqe.create_io_cq(q.qid, q.depth, ien=ien, iv=iv), q.cq_mem,
+                    min(q.cq_mem.size, self.page_size), what=f"Create I/O CQ {q.qid}")
 
     def _create_sq(self, q: IoQueue) -> None:
         """Create I/O SQ (§5.5) over q's ring, bound to the CQ of the same QID."""
@@ -601,12 +663,92 @@ class Controller:
                     self.page_size), what=f"Create I/O SQ {q.qid}")
 
     def default_io_queue(self) -> IoQueue:
-        """The I/O queue pair namespaces use unless given their own (created on first use)."""
+        """The I/O queue pair namespaces share by default (created on first use, waiting as
+        ctrl.wait says)."""
+        q = self._default_queue
+        if q is not None and not q.closed:
+            return q
         with self._lock:
             self.check_open()
-            if self._default_queue is None:
-                self._default_queue = self.create_io_queue()
+            if self._default_queue is None or self._default_queue.closed:
+                self._default_queue = self.create_io_queue(self.queue_depth, wait=self.wait,
+                                                           spin=self._spin())
             return self._default_queue
+
+    def _spin(self) -> float | None:
+        return self.hybrid_spin if self.wait == "hybrid" else None
+
+    def queue_for_caller(self) -> IoQueue:
+        """The I/O queue pair a namespace call from here uses (see the class text)."""
+        loop = asyncio._get_running_loop()
+        if loop is not None:
+            return self.loop_queue(loop)
+        if self.per_thread_queues:
+            return self.thread_queue()
+        return self.default_io_queue()
+
+    def thread_queue(self) -> IoQueue:
+        """The calling thread's own I/O queue pair (created on first use with ctrl.wait and
+        ctrl.queue_depth; deleted once the thread has ended and another queue is created).
+        When the controller has no queue pair left, the shared default queue (logged once)."""
+        q: IoQueue | None = getattr(self._local, "queue", None)
+        if q is not None and not q.closed:
+            return q
+        with self._lock:
+            self.check_open()
+            self._reclaim_queues()
+            try:
+                q = self.create_io_queue(self.queue_depth, wait=self.wait, spin=self._spin())
+            except QueuesExhaustedError as e:
+                return self._shared_instead(e)
+            token = _Owner()
+            self._local.queue, self._local.token = q, token
+            ref = weakref.ref(token)
+            self._owned.append((lambda: ref() is not None, q))
+            return q
+
+    def loop_queue(self, loop: asyncio.AbstractEventLoop) -> IoQueue:
+        """The I/O queue pair of an asyncio event loop: interrupt-driven, reaped by the loop
+        when its vector fires (created on first use; deleted once the loop is closed and
+        another queue is created). Call it from the loop's thread."""
+        entry = self._loop_queues.get(id(loop))
+        if entry is not None and entry[0]() is loop and not entry[1].closed:
+            return entry[1]
+        with self._lock:
+            self.check_open()
+            self._reclaim_queues()
+            try:
+                q = self.create_io_queue(self.queue_depth, wait="interrupt")
+            except QueuesExhaustedError as e:
+                return self._shared_instead(e)
+            aio.LoopReaper(q, loop, self._on_timeout)
+            ref = weakref.ref(loop)
+            self._loop_queues[id(loop)] = (ref, q)
+            self._owned.append((lambda: (lp := ref()) is not None and not lp.is_closed(), q))
+            return q
+
+    def _shared_instead(self, e: IommuDmaError) -> IoQueue:
+        if not self._warned_full:
+            self._warned_full = True
+            log.warning("%s; using the shared default queue instead", e)
+        return self.default_io_queue()
+
+    def _reclaim_queues(self) -> None:
+        """Delete the queues of threads that ended and loops that closed (under the lock)."""
+        keep = []
+        for alive, q in self._owned:
+            if alive() and not q.closed:
+                keep.append((alive, q))
+            elif not q.closed and self.io_queues.get(q.qid) is q:
+                try:
+                    self._delete_queue(q.qid)
+                except IommuDmaError as e:
+                    log.warning("%s: deleting the queue of a finished thread/loop: %s",
+                                self.bdf, e)
+        self._owned = keep
+        for key, (_, q) in list(self._loop_queues.items()):
+            if q.closed:
+                del self._loop_queues[key]
 
     def delete_io_queue(self, qid: int) -> None:
         """Delete I/O SQ then CQ (§5.6, §5.7); commands still pending fail with ClosedError."""

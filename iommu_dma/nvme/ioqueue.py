@@ -1,12 +1,16 @@
 """A queue pair with its DMA memory, futures for commands, back-pressure and device ownership.
 
-Used for the admin queue (qid 0) and each I/O queue. Completions are reaped by polling: a
-future's result() polls its queue until the command completes.
+Used for the admin queue (qid 0) and each I/O queue. A future's result() reaps its queue
+until the command completes: by polling the CQ, or (a queue with an interrupt, see
+interrupts.py) by sleeping on its MSI-X vector, or by polling a bounded time first (hybrid).
 
 Thread model: an IoQueue may be shared by threads. One lock guards its state and every call
 into the engine (which releases the GIL); a thread waiting for its command polls in slices of
 at most POLL_SLICE seconds and releases the lock in between, so other threads submit and reap
-meanwhile (a completion reaped by one thread resolves another thread's future).
+meanwhile (a completion reaped by one thread resolves another thread's future). With an
+interrupt, one waiting thread at a time sleeps on the vector (without the lock) and reaps
+when it fires; the others sleep on a condition it notifies when it has handled completions.
+Done-callbacks run after the lock is released, in the thread that ended the command.
 
 Ownership (NVMe Base 2.0 §3.3.1: the controller may access a command's memory until it posts
 the completion): the commands of one submission share a lease on the memory they point at,
@@ -39,6 +43,7 @@ from typing import Any
 
 from iommu_dma.errors import ClosedError, IommuDmaError
 from iommu_dma.memory import DmaAllocator, DmaBuffer, owning_buffer
+from iommu_dma.nvme.interrupts import QueueInterrupt
 from iommu_dma.nvme.queue import (
     EUNMAPPED,
     Command,
@@ -55,6 +60,7 @@ log = logging.getLogger(__name__)
 
 CQE_SIZE = 16
 POLL_SLICE = 0.001          # longest a waiter holds the queue lock inside the engine
+IRQ_SLICE = 0.05            # longest a waiter sleeps on an interrupt before looking around
 EXPIRY_CHECK = 0.01         # how often process() looks for commands past their deadline
 QUEUE_DEFAULT = -1.0        # a submission's timeout: the queue's policy decides
 
@@ -111,21 +117,25 @@ class IoFuture:
         return self._error
 
     def _finish(self, cpl: Completion | None, error: BaseException | None = None) -> None:
+        """Called with the queue lock held; callbacks run once it is released."""
         self.completion, self._error = cpl, error
         callbacks, self._callbacks = self._callbacks, None
-        for fn in callbacks or ():
-            _run_callback(fn, self)
+        if callbacks:
+            self._queue._due.extend((fn, self) for fn in callbacks)
 
     def add_done_callback(self, fn: Callable[[IoFuture], object]) -> None:
-        """Call fn(future) when the command ends (at once if it has). It runs in the thread
-        that reaps the completion, with the queue's lock held: it must be quick and must not
-        submit to or wait on this queue. An exception it raises is logged, not propagated."""
-        if self.done():
-            _run_callback(fn, self)
-        elif self._callbacks is None:
-            self._callbacks = [fn]
-        else:
-            self._callbacks.append(fn)
+        """Call fn(future) when the command ends (at once if it has), like
+        concurrent.futures.Future. It runs in the thread that reaps the completion (or ends
+        the command: a reset, close), after the queue's lock is released, so it may submit
+        more commands; it should be quick. An exception it raises is logged."""
+        with self._queue._lock:
+            if not self.done():
+                if self._callbacks is None:
+                    self._callbacks = [fn]
+                else:
+                    self._callbacks.append(fn)
+                return
+        _run_callback(fn, self)
 
     def expire(self, waited: float | None = None) -> None:
         """Give up waiting: the command counts as timed out now (after `waited` seconds, for
@@ -135,9 +145,9 @@ class IoFuture:
     def wait(self, timeout: float | None = None) -> bool:
         """Poll the queue until this command completes or timeout seconds pass; done()."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        step = self._queue.wait_slice
         while not self.done():
-            left = POLL_SLICE if deadline is None else min(deadline - time.monotonic(),
-                                                           POLL_SLICE)
+            left = step if deadline is None else min(deadline - time.monotonic(), step)
             if left <= 0:
                 return False
             try:
@@ -171,10 +181,12 @@ class IoQueue:
     def __init__(self, qid: int, depth: int, allocator: DmaAllocator, bar0_addr: int,
                  bar0_size: int, *, dstrd: int, page_size: int, max_transfer: int,
                  maptable: object, shadow: tuple[int, int] | None = None,
-                 policy: RecoveryPolicy | None = None) -> None:
+                 policy: RecoveryPolicy | None = None, irq: QueueInterrupt | None = None
+                 ) -> None:
         """max_transfer: the largest data transfer of one command (sizes the PRP lists);
         shadow: (shadow doorbell page, EventIdx page) addresses when the controller has
-        Doorbell Buffer Config enabled (NVMe Base 2.0 §5.8)."""
+        Doorbell Buffer Config enabled (NVMe Base 2.0 §5.8); irq: the MSI-X vector its CQ
+        signals (None: polled), which the queue owns from now on."""
         self.qid = qid
         self.depth = depth
         self.allocator = allocator
@@ -186,6 +198,12 @@ class IoQueue:
         # Called (without the queue lock) with commands past their deadline: the controller
         # aborts them or resets. Without it, they stay with the device until they complete.
         self.on_timeout: Callable[[IoQueue, list[PendingCommand]], None] | None = None
+        self.irq = irq
+        self.loop: object | None = None        # the asyncio loop that reaps it (aio.py)
+        self.watch: Callable[[], None] | None = None   # told when a command is awaited
+        # called once, after the lock is released, when the queue closes (e.g. an event
+        # loop stops watching its interrupt)
+        self.on_close: list[Callable[[IoQueue], None]] = []
         pages_each = max(1, prp_list_pages(max_transfer, page_size))
         self._memory: list[DmaBuffer] = []
         self.sq_mem = self._zeroed(depth * SQE_SIZE, page_size)
@@ -198,8 +216,14 @@ class IoQueue:
             self.qpair = self._new_qpair(shadow)
         except BaseException:
             self._free_memory()
+            if irq is not None:
+                irq.close()
             raise
         self._lock = threading.Lock()
+        self._due: deque[tuple[Callable[[IoFuture], object], IoFuture]] = deque()
+        self._sleeper = threading.Lock()        # held by the one thread asleep on the irq
+        self._wakeup = threading.Condition(self._lock)   # the other waiters sleep on this
+        self._handled = 0                       # completions handled so far (wakeup test)
         self._tags = itertools.count(1)
         self._inflight: dict[int, PendingCommand] = {}
         self._backlog: deque[PendingCommand] = deque()
@@ -241,6 +265,18 @@ class IoQueue:
         if self.closed:
             raise ClosedError(f"I/O queue {self.qid}" if self.qid else "the admin queue")
 
+    def _run_due(self) -> None:
+        """Run the done-callbacks of commands that ended while the lock was held (called
+        after releasing it, so a callback may use the queue; an interrupted run leaves the
+        rest for the next call)."""
+        due = self._due
+        while due:
+            try:
+                fn, future = due.popleft()
+            except IndexError:          # another thread took the last one
+                return
+            _run_callback(fn, future)
+
     # ---- submission ---------------------------------------------------------------------
 
     def submit(self, sqe: Sqe, addr: int = 0, length: int = 0, what: str = "",
@@ -275,6 +311,7 @@ class IoQueue:
                     p.lease = lease
             self._backlog.extend(items)
             self._send_backlog()
+        self._run_due()
         return [p.future for p in items]
 
     def submit_unchecked(self, sqe: Sqe, what: str = "") -> IoFuture:
@@ -337,10 +374,33 @@ class IoQueue:
 
     # ---- completion ----------------------------------------------------------------------
 
+    @property
+    def wait_slice(self) -> float:
+        """Longest single wait of a waiting thread before it looks around again."""
+        return IRQ_SLICE if self.irq is not None and self.irq.mode != "poll" else POLL_SLICE
+
     def process(self, timeout: float = 0.0) -> int:
-        """Reap completions (waiting up to timeout for at least one), resolve their futures,
-        retry what may be retried, send backlog, and hand commands past their deadline to
-        the recovery (on_timeout); returns how many completed."""
+        """Reap completions (waiting up to timeout for at least one: polling, or sleeping on
+        the interrupt), resolve their futures, retry what may be retried, send backlog, and
+        hand commands past their deadline to the recovery (on_timeout); returns how many
+        completed."""
+        irq = self.irq
+        spin = timeout if irq is None or irq.mode == "poll" else min(timeout, irq.spin)
+        n, expired, idle, seen = self._reap(spin)
+        if n == 0 and not idle and timeout > spin and irq is not None:
+            self._sleep(timeout - spin, seen)
+            n, expired2, idle, _ = self._reap(0.0)
+            expired += expired2
+        if idle and timeout > 0:
+            time.sleep(min(timeout, POLL_SLICE))   # nothing to poll: a reset or a retry delay
+        self._run_due()
+        if expired and self.on_timeout is not None:
+            self.on_timeout(self, expired)
+        return n
+
+    def _reap(self, spin: float) -> tuple[int, list[PendingCommand], bool, int]:
+        """Reap (polling up to spin seconds for one completion) and handle what came back;
+        (completions, commands past their deadline, nothing to wait for, handled count)."""
         n, expired, idle = 0, [], False
         with self._lock:
             self._check_open()
@@ -348,8 +408,8 @@ class IoQueue:
             if self._paused:
                 idle = True
             else:
-                if timeout > 0 and self._inflight:
-                    self.qpair.wait_into(1, timeout)
+                if spin > 0 and self._inflight:
+                    self.qpair.wait_into(1, spin)
                 else:
                     self.qpair.reap_into()
                     idle = not self._inflight
@@ -357,11 +417,30 @@ class IoQueue:
                 self._release_delayed()
                 self._send_backlog()
                 expired = self._expired()
-        if idle and timeout > 0:
-            time.sleep(min(timeout, POLL_SLICE))   # nothing to poll: a reset or a retry delay
-        if expired and self.on_timeout is not None:
-            self.on_timeout(self, expired)
-        return n
+            return n, expired, idle, self._handled
+
+    def _sleep(self, timeout: float, seen: int) -> None:
+        """Sleep until completions arrive or timeout (see the module text): the first waiter
+        sleeps on the interrupt, the others on the condition. `seen`: the handled count the
+        caller saw; if it moved since, something completed and nobody sleeps."""
+        irq = self.irq
+        assert irq is not None
+        if not self._sleeper.acquire(blocking=False):
+            with self._lock:
+                if self._handled == seen and not self.closed:
+                    self._wakeup.wait(timeout)
+            return
+        try:
+            with self._lock:
+                if self._handled != seen or self.closed:
+                    return
+            irq.wait(timeout)
+        finally:
+            self._sleeper.release()
+            with self._lock:
+                if self.closed:
+                    irq.close()
+                self._wakeup.notify_all()       # another waiter takes over the interrupt
 
     def _expired(self) -> list[PendingCommand]:
         """In-flight commands past their deadline, marked timed out (checked every
@@ -391,12 +470,13 @@ class IoQueue:
                     p.future._finish(None, NvmeTimeoutError(
                         f"{future.what}: not sent within its timeout (queue {self.qid} full or "
                         "a retry delay running)"))
-                    return
+                    break
             for p in self._inflight.values():
                 if p.future is future and not p.timed_out:
                     p.timed_out = True
                     p.timeout = waited
                     expired.append(p)
+        self._run_due()
         if expired and self.on_timeout is not None:
             self.on_timeout(self, expired)
 
@@ -420,6 +500,9 @@ class IoQueue:
             n += 1
         for i in range(n - 1, -1, -1):
             out[i].tag = 0
+        if n and self.irq is not None:
+            self._handled += n
+            self._wakeup.notify_all()
         return n
 
     def _complete(self, cpl: Completion) -> None:
@@ -478,6 +561,7 @@ class IoQueue:
                 del self._inflight[p.tag]
                 self._orphans.append(p)
                 p.future._finish(None, error)
+        self._run_due()
 
     def pause(self) -> None:
         """Stop touching the rings (a controller reset is about to take them): submissions
@@ -487,6 +571,7 @@ class IoQueue:
             self._recover()
             self._handle_reaped()
             self._paused = True
+        self._run_due()
 
     def fail_in_flight(self, error: Callable[[PendingCommand], BaseException], *,
                        queued_too: bool = False) -> None:
@@ -510,6 +595,7 @@ class IoQueue:
             for p in self._orphans:
                 self._release(p)
             self._orphans.clear()
+        self._run_due()
 
     def reinit(self, shadow: tuple[int, int] | None) -> None:
         """Empty rings and a fresh engine queue pair over the same memory (after a reset,
@@ -530,6 +616,7 @@ class IoQueue:
                 return
             self._paused = False
             self._send_backlog()
+        self._run_due()
 
     # ---- teardown ------------------------------------------------------------------------
 
@@ -562,6 +649,25 @@ class IoQueue:
             self.qpair.close()
             if device_quiet:
                 self._free_memory()
+            self._close_irq()
+        self._run_due()
+        for hook in self.on_close:
+            try:
+                hook(self)
+            except Exception:
+                log.exception("close hook %r of queue %d raised", hook, self.qid)
+        self.on_close.clear()
+
+    def _close_irq(self) -> None:
+        """Wake the waiters; the descriptor is closed now, or by the sleeper as it leaves."""
+        if self.irq is None:
+            return
+        self._wakeup.notify_all()
+        if self._sleeper.acquire(blocking=False):
+            self.irq.close()
+            self._sleeper.release()
+        else:
+            self.irq.wake()
 
 
 def _run_callback(fn: Callable[[IoFuture], object], future: IoFuture) -> None:

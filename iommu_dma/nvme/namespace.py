@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Generator, Iterable
 from typing import TYPE_CHECKING, Any
 
 from iommu_dma.errors import IommuDmaError
 from iommu_dma.memory import DmaBuffer
-from iommu_dma.nvme import sqe
+from iommu_dma.nvme import aio, sqe
 from iommu_dma.nvme.constants import DSM_MAX_RANGES, MAX_NLB, SC_COMPARE_FAILURE, SCT_MEDIA
 from iommu_dma.nvme.identify import IdentifyNamespace
 from iommu_dma.nvme.ioqueue import QUEUE_DEFAULT, IoFuture, IoQueue, NotMappedError
@@ -43,17 +45,73 @@ class Request:
     """An asynchronous request: one or more commands (a transfer split at the largest transfer
     the controller and engine allow). Every piece is waited for before an error is raised, so
     no piece is still running when the caller sees the failure (a piece that times out stays
-    with the device and keeps its buffer quarantined)."""
+    with the device and keeps its buffer quarantined).
 
-    def __init__(self, futures: list[IoFuture], on_done: Callable[[], Any] | None = None
-                 ) -> None:
+    Like a concurrent.futures.Future: result(timeout), exception(), done(),
+    add_done_callback(fn). Awaitable in a coroutine (`await ns.read_async(...)`): on the
+    running loop's own queue the loop reaps it when the interrupt fires; a request on another
+    queue is waited for in a worker thread. Cancelling the awaiting task does not cancel the
+    commands (NVMe has no take-back): their buffer stays the device's until they end."""
+
+    def __init__(self, futures: list[IoFuture], on_done: Callable[[], Any] | None = None,
+                 value: Any = None) -> None:
         self.futures = futures
         self._on_done = on_done
-        self._value: Any = None
+        self._value: Any = value
         self._finished = False
+        self._left = len(futures)
+        self._all_done = not futures
+        self._watching = False
+        self._callbacks: list[Callable[[Request], object]] = []
+        self._cb_lock = threading.Lock()
 
     def done(self) -> bool:
         return all(f.done() for f in self.futures)
+
+    def exception(self) -> BaseException | None:
+        """The first piece's error once every piece has ended (None: success or not done)."""
+        if not self.done():
+            return None
+        return next((f.exception() for f in self.futures if f.exception() is not None), None)
+
+    def add_done_callback(self, fn: Callable[[Request], object]) -> None:
+        """Call fn(request) once every command of it has ended (at once if they have), in
+        the thread that ended the last one, after the queue lock is released: it may call
+        result() (which does not wait then) and submit more. Exceptions it raises are
+        logged."""
+        with self._cb_lock:
+            now = self._all_done
+            if not now:
+                self._callbacks.append(fn)
+                start, self._watching = not self._watching, True
+        if now:
+            _run_request_callback(fn, self)
+        elif start:
+            for f in self.futures:
+                f.add_done_callback(self._piece_done)
+
+    def _piece_done(self, _: object) -> None:
+        with self._cb_lock:
+            self._left -= 1
+            if self._left > 0:
+                return
+            self._all_done = True
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            _run_request_callback(fn, self)
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        if not self.done():
+            loop = asyncio.get_running_loop()
+            queues = {id(f._queue): f._queue for f in self.futures}
+            if all(q.loop is loop for q in queues.values()):
+                for q in queues.values():
+                    if q.watch is not None:
+                        q.watch()
+                yield from aio.completion_future(self, loop).__await__()
+            else:                       # nobody reaps that queue for this loop: a thread waits
+                yield from loop.run_in_executor(None, self.result).__await__()
+        return self.result(0)
 
     def result(self, timeout: float | None = IO_TIMEOUT) -> Any:
         """Wait (polling) for every command; then raise the first piece's error, if any.
@@ -72,9 +130,17 @@ class Request:
         for f in self.futures:
             if f.exception() is not None:
                 f.result()
-        self._value = self._on_done() if self._on_done else None
+        if self._on_done is not None:
+            self._value = self._on_done()
         self._finished = True
         return self._value
+
+
+def _run_request_callback(fn: Callable[[Request], object], request: Request) -> None:
+    try:
+        fn(request)
+    except Exception:
+        aio.log.exception("done-callback %r of a request raised", fn)
 
 
 def buffer_address(obj: DataBuffer) -> tuple[int, int]:
@@ -151,9 +217,12 @@ class Namespace:
 
     @property
     def queue(self) -> IoQueue:
-        if self._queue is None:
-            self._queue = self.ctrl.default_io_queue()
-        return self._queue
+        """The queue pair this call's commands go to: the one given at creation, else the
+        caller's (Controller.queue_for_caller: the running event loop's, the thread's own
+        with per-thread queues, or the controller's shared default queue)."""
+        if self._queue is not None:
+            return self._queue
+        return self.ctrl.queue_for_caller()
 
     def __repr__(self) -> str:
         return (f"<Namespace {self.ctrl.bdf} nsid={self.nsid} {self.blocks} x {self.lba_size} B>")
@@ -187,8 +256,8 @@ class Namespace:
     # ---- asynchronous data transfers ------------------------------------------------------
 
     def _transfer(self, build: Callable[[int, int, int], sqe.Sqe], name: str, slba: int,
-                  nlb: int, buf: DataBuffer, timeout: float | None = QUEUE_DEFAULT
-                  ) -> Request:
+                  nlb: int, buf: DataBuffer, timeout: float | None = QUEUE_DEFAULT,
+                  value: Any = None) -> Request:
         what = f"{name} nsid {self.nsid} LBAs {slba}+{nlb}"
         self._check_range(slba, nlb, what)
         addr = self._data(buf, nlb, what)
@@ -198,13 +267,14 @@ class Namespace:
             cmds.append(Command(build(self.nsid, slba + off, n), addr + off * self.lba_size,
                                 n * self.lba_size, 0,
                                 f"{name} nsid {self.nsid} LBAs {slba + off}+{n}"))
-        return Request(self.queue.submit_many(cmds, owner=buf, timeout=timeout))
+        return Request(self.queue.submit_many(cmds, owner=buf, timeout=timeout), value=value)
 
     def read_async(self, slba: int, nlb: int, buf: DataBuffer, *,
                    timeout: float | None = QUEUE_DEFAULT) -> Request:
-        """Read nlb blocks into DMA-mapped buf (zero copy). timeout: seconds each command may
+        """Read nlb blocks into DMA-mapped buf (zero copy); the request's result is buf
+        (`data = await ns.read_async(...)` in a coroutine). timeout: seconds each command may
         take before it is aborted (default: ctrl.recovery.io_timeout; None: no limit)."""
-        return self._transfer(sqe.read, "Read", slba, nlb, buf, timeout)
+        return self._transfer(sqe.read, "Read", slba, nlb, buf, timeout, value=buf)
 
     def write_async(self, slba: int, buf: DataBuffer, nlb: int | None = None, *,
                     timeout: float | None = QUEUE_DEFAULT) -> Request:

@@ -113,10 +113,21 @@ def test_event_dataclass() -> None:
 
 # ---- AsyncEvents over a fake controller ----------------------------------------------------------
 
+class _RunNow:
+    """A queue's list of due done-callbacks that runs each at once (no lock is held here)."""
+
+    @staticmethod
+    def extend(items: Any) -> None:
+        for fn, future in items:
+            fn(future)
+
+
 class FakeAdmin:
     """Admin queue stand-in: records submissions; the test completes their real IoFutures."""
 
     qid = 0
+    _lock = threading.Lock()
+    _due = _RunNow()
 
     def __init__(self) -> None:
         self.futures: list[IoFuture] = []
