@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import os
 import struct
 import threading
 import time
@@ -94,10 +95,12 @@ class SimController:
         self._stop = True
         self._thread.join(5)
 
-    def serve(self, qid: int, depth: int, sq_addr: int, cq_addr: int) -> None:
+    def serve(self, qid: int, depth: int, sq_addr: int, cq_addr: int,
+              irq_fd: int | None = None) -> None:
+        """irq_fd: an eventfd signalled after each posted CQE (as VFIO does for MSI-X)."""
         with self._lock:
             self.queues.append(dict(qid=qid, depth=depth, sq=sq_addr, cq=cq_addr, head=0,
-                                    tail=0, phase=1))
+                                    tail=0, phase=1, irq=irq_fd))
 
     def release_held(self, count: int = 1, timeout: float = 10.0) -> None:
         """Complete the held commands, once `count` of them have been fetched."""
@@ -183,9 +186,11 @@ class SimController:
         q["tail"] += 1
         if q["tail"] == q["depth"]:
             q["tail"], q["phase"] = 0, q["phase"] ^ 1
+        if q["irq"] is not None:
+            os.eventfd_write(q["irq"], 1)
 
 
-def attach_queue(dev: SimController, queue: Any) -> None:
+def attach_queue(dev: SimController, queue: Any, irq_fd: int | None = None) -> None:
     """Let the simulated controller serve an IoQueue (as Create I/O CQ/SQ would)."""
     qp: QueuePair = queue.qpair
-    dev.serve(qp.qid, qp.depth, queue.sq_mem.addr, queue.cq_mem.addr)
+    dev.serve(qp.qid, qp.depth, queue.sq_mem.addr, queue.cq_mem.addr, irq_fd)
