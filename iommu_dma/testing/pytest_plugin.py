@@ -5,9 +5,11 @@ marker `iommu_dma_vm`, the fixtures `idma_bench`, `idma_bench_images`, `idma_nvm
 `idma_qmp` and the `--iommu-dma-*` and `--idma-vm-*` options. Tests without the marker are left
 alone.
 
-On the host, the first `iommu_dma_vm` test of a bench boots one guest for that bench, runs every
-selected test of that bench inside it (`pytest` in the guest, same checkout, same node ids), and the
-guest's reports are replayed on the host as if the tests had run here. Host-only tests run as usual.
+On the host, each bench with selected `iommu_dma_vm` tests gets one guest, which runs every
+selected test of that bench (`pytest` in the guest, same checkout, same node ids); the guest's
+reports are replayed on the host as if the tests had run here. Guests start as soon as the tests
+are collected, `--idma-vm-jobs` of them at a time (default 2), the bench with the most tests
+first; host-only tests run meanwhile as usual.
 
 A test names its bench with `@pytest.mark.iommu_dma_vm(bench="aw39")` (default: "default") or
 by indirect parametrization of `idma_bench`:
@@ -20,8 +22,10 @@ import json
 import os
 import shlex
 import sys
+import threading
 from collections import defaultdict, deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -47,6 +51,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="seconds one bench guest may run before it is killed")
     group.addoption("--idma-vm-verbose", action="store_true",
                     help="copy the guests' console output to the terminal")
+    group.addoption("--idma-vm-jobs", type=int, default=2,
+                    help="bench guests running at once (default 2; each takes about one core)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -144,12 +150,24 @@ class HostRunner:
         self.by_bench: dict[str, list[pytest.Item]] = defaultdict(list)
         self.reports: dict[str, list[pytest.TestReport]] = {}
         self.errors: dict[str, str] = {}
+        self.runs: dict[str, Future[list[str]]] = {}
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
 
     @pytest.hookimpl(trylast=True)
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
         for item in items:
             if item.get_closest_marker(MARKER) is not None:
                 self.by_bench[bench_name(item)].append(item)
+        jobs = self.config.getoption("--idma-vm-jobs")
+        if jobs > 1 and len(self.by_bench) > 1:
+            self._pool = ThreadPoolExecutor(jobs, thread_name_prefix="idma-bench")
+            for name in sorted(self.by_bench, key=lambda n: -len(self.by_bench[n])):
+                self.runs[name] = self._pool.submit(self._run_bench, name)
+
+    def pytest_unconfigure(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_protocol(self, item: pytest.Item,
@@ -157,8 +175,12 @@ class HostRunner:
         if item.get_closest_marker(MARKER) is None:
             return None
         name = bench_name(item)
-        if name not in self.reports and name not in self.errors:
-            self._run_bench(name)
+        if name in self.runs:
+            for line in self.runs.pop(name).result():
+                self._say(line)
+        elif name not in self.reports and name not in self.errors:
+            for line in self._run_bench(name):
+                self._say(line)
         ihook = item.ihook
         ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
         reports = [r for r in self.reports.get(name, []) if r.nodeid == item.nodeid]
@@ -169,23 +191,28 @@ class HostRunner:
         ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
         return True
 
-    def _run_bench(self, name: str) -> None:
+    def _say(self, line: str) -> None:
+        tw = self.config.get_terminal_writer()
+        tw.line()
+        tw.line(line, bold=True)
+
+    def _run_bench(self, name: str) -> list[str]:
+        """Run the bench's guest (possibly in a pool thread); the lines to show the user."""
         items = self.by_bench[name]
         try:
             bench = get_bench(name)
         except KeyError as e:
             self.errors[name] = str(e)
-            return
-        tw = self.config.get_terminal_writer()
-        tw.line()
-        tw.line(f"[iommu-dma] booting bench {name!r} for {len(items)} test(s)", bold=True)
+            return []
+        said = [f"[iommu-dma] bench {name!r}: one guest for {len(items)} test(s)"]
         verbose = self.config.getoption("--idma-vm-verbose")
         tail: deque[str] = deque(maxlen=60)
 
         def on_line(line: str) -> None:
             tail.append(line)
             if verbose:
-                tw.line(f"  guest| {line}")
+                with self._lock:
+                    self.config.get_terminal_writer().line(f"  {name}| {line}")
 
         with vm.work_directory() as work:
             report_file = work / "reports.jsonl"
@@ -196,12 +223,13 @@ class HostRunner:
             except vm.VmError as e:
                 self.errors[name] = str(e)
                 self.reports[name] = self._load(report_file)
-                return
+                return [*said, f"[iommu-dma] bench {name!r} failed: {e}"]
             self.reports[name] = self._load(report_file)
-            tw.line(f"[iommu-dma] bench {name!r} finished in {result.seconds:.0f} s "
-                    f"(guest pytest exit {result.returncode})")
+            said.append(f"[iommu-dma] bench {name!r} finished in {result.seconds:.0f} s "
+                        f"(guest pytest exit {result.returncode})")
             self.errors[name] = ("the guest ended without reporting this test; last guest output:\n"
                                  + "\n".join(tail))
+        return said
 
     def _load(self, path: Path) -> list[pytest.TestReport]:
         if not path.exists():
