@@ -166,9 +166,9 @@ def buffer_address(obj: DataBuffer) -> tuple[int, int]:
 class Namespace:
     """Namespace nsid of a controller. LBAs and block counts are in logical blocks.
 
-    Thread-safe: threads may share one Namespace; its commands go to one I/O queue pair (the
-    controller's default queue unless one is given), whose lock serializes submission and
-    reaping while each thread waits for its own commands.
+    Thread-safe: threads (and event loops) may share one Namespace; each call's commands go
+    to the queue given at creation, else to the caller's queue (see `queue`), whose lock
+    serializes submission and reaping while each thread waits for its own commands.
     """
 
     def __init__(self, ctrl: Controller, nsid: int, queue: IoQueue | None = None) -> None:
