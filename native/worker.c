@@ -5,6 +5,7 @@
 #ifdef __linux__
 #include <sys/prctl.h>
 #endif
+#include "irq.h"
 #include "worker.h"
 
 _Static_assert(IDMA_HIST_BUCKETS == (64 - IDMA_HIST_SUB_BITS + 1) << IDMA_HIST_SUB_BITS,
@@ -20,6 +21,9 @@ _Static_assert(sizeof(((struct idma_worker_result *)0)->failed) ==
 #define DEFAULT_IDLE_SPIN_NS 50000ull       /* measured on the TCG bench under host load */
 #define DEFAULT_IDLE_SLEEP_NS 20000ull
 #define PREEMPT_GAP_NS 100000ull            /* two polls this far apart: we lost the CPU */
+/* Longest single sleep on the interrupt: bounds how late a stop request, a queue being closed
+ * (its quiesce waits for us) and the I/O timeout are noticed while nothing completes. */
+#define IRQ_SLICE_NS 10000000ull
 
 /* ---- data pattern ---- */
 
@@ -387,6 +391,29 @@ static uint32_t reap(struct wstate *w, uint64_t *now)
     return (uint32_t)n;
 }
 
+/*
+ * Interrupt wait: nothing was reaped, commands are in flight. After irq_spin ns without a
+ * completion (0: at once), sleep on the MSI-X eventfd for one bounded slice; the caller polls
+ * again whatever woke us. No completion is missed: the poll that found the CQ empty came
+ * first, and a vector that fired since left the eventfd's counter non-zero, so the wait
+ * returns at once (a count left over from a completion already reaped only costs one extra
+ * empty poll). Returns 1 when it slept (*now updated), 0 while still spinning.
+ */
+static int irq_sleep(int *fd, uint64_t irq_spin, uint64_t last, uint64_t *now)
+{
+    uint64_t t = idma_fast_ns();
+    int64_t n;
+
+    if (t - last < irq_spin)
+        return 0;                       /* hybrid: still spinning */
+    n = idma_eventfd_wait(*fd, IRQ_SLICE_NS);
+    if (n < 0)
+        *fd = -1;                       /* unusable fd (cannot happen while the queue is
+                                         * open): poll for the rest of the run */
+    *now = idma_fast_ns();
+    return 1;
+}
+
 static int loop(struct wstate *w)
 {
     const struct idma_worker_cfg *c = w->cfg;
@@ -396,6 +423,7 @@ static int loop(struct wstate *w)
     uint64_t sleep_ns = c->idle_sleep_ns ? c->idle_sleep_ns : DEFAULT_IDLE_SLEEP_NS;
     uint64_t prev = w->start, loaded_until = 0, t;
     uint32_t idle = 0;
+    int irq_fd = c->irq_fd;             /* < 0: polled */
 
     for (uint32_t i = 0; i < c->qd && may_issue(w, now); i++)
         queue_io(w, i);
@@ -413,13 +441,20 @@ static int loop(struct wstate *w)
             last = prev = now;
             continue;
         }
+        if (irq_fd >= 0 && irq_sleep(&irq_fd, c->idle_spin_ns, last, &now)) {
+            if (now - last > timeout) { /* checked after every sleep, not every 64 polls */
+                w->res->timed_out = 1;
+                return IDMA_ETIMEDOUT;
+            }
+            continue;                   /* poll again before any further sleep */
+        }
         /*
          * Spin, unless the host is short of cores: a gap between two empty polls means this
          * (virtual) CPU was descheduled, so the device emulation competes with our spinning
          * for a host core. Then, past spin_ns without a completion, sleep in sleep_ns steps
          * (an idle guest CPU halts and hands its host core over) for the next 256 I/Os.
          */
-        if (!c->spin_only) {
+        if (irq_fd < 0 && !c->spin_only) {
             t = idma_fast_ns();
             if (t - prev > PREEMPT_GAP_NS)
                 loaded_until = w->res->ios + 256;

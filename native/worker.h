@@ -30,8 +30,12 @@ struct idma_worker_cfg {
     uint64_t buf;               /* DMA area of qd * block_lbas * lba_size bytes (IOVA = VA) */
     uint64_t io_timeout_ns;     /* give up when nothing completes for this long (0 = 30 s) */
     uint32_t spin_only;         /* 1: always busy-poll; 0: sleep when the host is loaded */
-    uint32_t reserved;
-    uint64_t idle_spin_ns;      /* loaded host: spin this long before sleeping (0 = 50 us) */
+    int32_t irq_fd;             /* eventfd of the queue's MSI-X vector: sleep on it while
+                                 * waiting (interrupt/hybrid mode); -1 (any negative) = none,
+                                 * polled. 0 is a valid fd: a zeroed cfg must set -1 */
+    uint64_t idle_spin_ns;      /* polled, loaded host: spin this long before sleeping (0 =
+                                 * 50 us); with irq_fd: spin this long after the last
+                                 * completion before sleeping on it (0 = no spin: interrupt) */
     uint64_t idle_sleep_ns;     /* loaded host: nanosleep step while waiting (0 = 20 us) */
 };
 
@@ -96,6 +100,10 @@ struct idma_worker_result {
  * that fails makes its block's content unknown, so reads of it are not checked (verify_skipped)
  * until a later write of the block succeeds. Every failed I/O is counted in errors and listed in
  * failed[] by command and status (the first IDMA_WORKER_MAX_FAILED distinct ones).
+ * With irq_fd >= 0 (the queue's CQ created with IEN and that fd's MSI-X vector), the worker
+ * sleeps on the eventfd whenever an empty poll follows idle_spin_ns without a completion, in
+ * slices of at most 10 ms (so stop, closing and the I/O timeout are still noticed); it polls
+ * the CQ after every wake-up and before every sleep. The fd must stay open for the run.
  * progress may be NULL. Returns 0 or an idma_rc (also stored in res->rc).
  */
 int idma_worker_run(struct idma_qpair *q, const struct idma_worker_cfg *cfg,

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from iommu_dma.nvme.perf import PerfResult, PerfRun, Workload
 
 RW_CHOICES = ("read", "write", "randread", "randwrite", "rw", "randrw")
+WAIT_CHOICES = ("poll", "interrupt", "hybrid")      # iommu_dma.nvme.interrupts.WAIT_MODES
 WRITES = {"write", "randwrite", "rw", "randrw"}
 PROBE_HEAD = 4 << 20            # bytes read from the start of the namespace
 PROBE_SAMPLES = 64              # random LBAs read besides
@@ -78,13 +79,14 @@ def workload(args: argparse.Namespace) -> Workload:
 
     return Workload(rw=args.rw, bs=args.bs, iodepth=args.iodepth, runtime=args.runtime,
                     numjobs=args.numjobs, rwmixread=args.rwmixread, offset=args.offset,
-                    size=args.size, verify=args.verify)
+                    size=args.size, verify=args.verify, wait=args.wait)
 
 
 def describe(w: Workload, ns: Namespace) -> str:
     mix = f" rwmixread={w.read_pct()}" if w.rw in ("rw", "randrw") else ""
     return (f"{ns.ctrl.bdf} nsid {ns.nsid}: rw={w.rw}{mix} bs={w.bs} iodepth={w.iodepth} "
-            f"numjobs={w.numjobs} runtime={w.runtime:g}s{' verify' if w.verify else ''}")
+            f"numjobs={w.numjobs} runtime={w.runtime:g}s wait={w.wait}"
+            f"{' verify' if w.verify else ''}")
 
 
 def cmd_perf(args: argparse.Namespace) -> int:
@@ -111,7 +113,8 @@ def report(args: argparse.Namespace, w: Workload, result: PerfResult) -> int:
     timed out or failed, I/O errors, verify failures), even though some I/O finished."""
     data = {"workload": {"rw": w.rw, "bs": w.bs, "iodepth": w.iodepth, "numjobs": w.numjobs,
                          "runtime": w.runtime, "read_pct": w.read_pct(), "offset": w.offset,
-                         "size": w.size, "verify": w.verify}, **result.to_dict()}
+                         "size": w.size, "verify": w.verify, "wait": w.wait},
+            **result.to_dict()}
     if args.output_format == "json":
         output.emit_json(data)
     else:
@@ -168,6 +171,12 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="bytes of the namespace to use from --offset (default: to the end)")
     p.add_argument("--offset", type=parse_size, default=0, help="where the range starts")
     p.add_argument("--verify", action="store_true", help="check the data read back")
+    p.add_argument("--wait", choices=WAIT_CHOICES, default="poll",
+                   help="how each job waits for completions: poll (default) spins on the "
+                        "queue, a whole core per job, for the lowest latency; interrupt "
+                        "sleeps on the queue's MSI-X vector while nothing has completed "
+                        "(little CPU at low --iodepth, some latency per wake-up); hybrid "
+                        "spins briefly (50 us) after each completion, then sleeps")
     p.add_argument("--force", action="store_true",
                    help="write even when the namespace holds data, without asking")
     add_output_format(p)

@@ -9,10 +9,18 @@ others. The result's `failed_ios` name each one (LBA, blocks, read/write, the sp
 name), `failed_ios_not_listed` counts those beyond the worker's list, and `problems`/`ok` say
 that the run had errors. With verify, a failed read is an error, not a verify failure, and a
 block whose write failed is not checked again until a write of it succeeds.
+
+Workload.wait says how a job waits for its completions: "poll" spins on the CQ (a core per
+job, the lowest latency); "interrupt" runs the job on a queue whose CQ signals an MSI-X vector
+and sleeps on it whenever nothing has completed (little CPU at low queue depths); "hybrid"
+spins briefly (HYBRID_SPIN) after each completion, then sleeps. Jobs on queues that share a
+vector (more jobs than the device has vectors) may wake each other's sleep, or wake late (by
+at most the worker's 10 ms sleep slice).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time
@@ -22,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from iommu_dma.errors import ClosedError, IommuDmaError
 from iommu_dma.native import ffi, lib
+from iommu_dma.nvme.interrupts import WaitMode, check_mode
 from iommu_dma.nvme.queue import (
     EBUSY,
     ECLOSED,
@@ -165,6 +174,7 @@ class Workload:
     size: int = 0                     # bytes of the namespace to use; 0 = to the end
     verify: bool = False              # with numjobs > 1: each job its own slice of the range
     seed: int = 1
+    wait: WaitMode = "poll"           # poll, interrupt or hybrid (see the module text)
 
     def read_pct(self) -> int:
         if self.rwmixread is not None and self.rw in ("rw", "randrw"):
@@ -223,6 +233,7 @@ def check_workload(ns: Namespace, w: Workload) -> tuple[int, int, int]:
     """Validate w against ns; (block_lbas, lba_start, lba_count) of the job's LBA range."""
     if w.rw not in RW_MODES:
         raise ValueError(f"--rw {w.rw!r}: choose one of {', '.join(RW_MODES)}")
+    check_mode(w.wait, None)
     if w.bs <= 0 or w.bs % ns.lba_size:
         raise ValueError(f"--bs {w.bs} is not a multiple of the {ns.lba_size}-byte block")
     if w.bs > ns.ctrl.max_transfer:
@@ -284,7 +295,17 @@ class PerfRun:
             raise IommuDmaError(f"--numjobs {w.numjobs}: the controller has only "
                                 f"{ctrl.max_io_queues - len(ctrl.io_queues)} free I/O queues")
         self.ns, self.w = ns, w
-        self.queues = [ctrl.create_io_queue(depth=w.iodepth + 1) for _ in range(w.numjobs)]
+        # poll: the plain call (what a polled queue always was, stand-ins of ctrl included)
+        wait: dict[str, Any] = {"wait": w.wait} if w.wait != "poll" else {}
+        self.queues = []
+        try:
+            for _ in range(w.numjobs):
+                self.queues.append(ctrl.create_io_queue(depth=w.iodepth + 1, **wait))
+        except BaseException:
+            for q in self.queues:                   # e.g. no MSI-X vectors: undo, then say so
+                with contextlib.suppress(Exception):     # the first error is the news
+                    ctrl.delete_io_queue(q.qid)
+            raise
         self.buffers = [ctrl.alloc(w.iodepth * w.bs) for _ in range(w.numjobs)]
         self.progress = [new_progress() for _ in range(w.numjobs)]
         self.results: list[WorkerResult | None] = [None] * w.numjobs
@@ -298,11 +319,16 @@ class PerfRun:
 
     def _job(self, i: int, block: int, start: int, count: int) -> None:
         w = self.w
+        irq = self.queues[i].irq                # None on a polled queue
         cfg = WorkerConfig(nsid=self.ns.nsid, lba_size=self.ns.lba_size, lba_count=count,
                            buf_addr=self.buffers[i].addr, lba_start=start, block_lbas=block,
                            qd=w.iodepth, read_pct=w.read_pct(), random=RW_MODES[w.rw][0],
                            verify=w.verify, duration=w.runtime, io_count=w.ios,
-                           seed=w.seed + i)
+                           seed=w.seed + i,
+                           # the worker sleeps on the queue's own eventfd, which stays open
+                           # while it runs (closing the queue waits for the worker first)
+                           irq_fd=irq.fd if irq is not None else -1,
+                           idle_spin=irq.spin if irq is not None else 0.0)
         try:
             self.results[i] = run_worker(self.queues[i].qpair, cfg, self.progress[i])
         except BaseException as e:              # re-raised by wait(), not printed by threading

@@ -412,8 +412,11 @@ class WorkerConfig:
     seed: int = 1
     io_timeout: float = 30.0
     spin_only: bool = False         # False: sleep while waiting when the host CPU is contended
-    idle_spin: float = 0.0          # seconds of spinning before sleeping (0 = 50 us)
+    idle_spin: float = 0.0          # seconds of spinning before sleeping (0 = 50 us; with
+                                    # irq_fd: 0 = sleep at once, > 0 = hybrid spin)
     idle_sleep: float = 0.0         # sleep step (0 = 20 us)
+    irq_fd: int = -1                # the queue's MSI-X eventfd to sleep on while waiting
+                                    # (interrupt/hybrid queue: q.irq.fd); -1 = poll
 
     @property
     def buffer_bytes(self) -> int:
@@ -464,6 +467,7 @@ def _cfg_struct(c: WorkerConfig) -> Any:
     cfg.seed, cfg.buf, cfg.io_timeout_ns = c.seed, c.buf_addr, int(c.io_timeout * 1e9)
     cfg.spin_only = int(c.spin_only)
     cfg.idle_spin_ns, cfg.idle_sleep_ns = int(c.idle_spin * 1e9), int(c.idle_sleep * 1e9)
+    cfg.irq_fd = c.irq_fd if c.irq_fd >= 0 else -1     # 0 is a valid fd: -1 = none
     return cfg
 
 
