@@ -5,14 +5,19 @@
 Boots the "perf" bench (null-co 4 KiB-block namespace) and, in that one guest boot, measures
 4 KiB random reads of namespace 1:
 
-- the kernel nvme driver with fio (psync QD1, io_uring QD32), as a baseline;
+- the kernel nvme driver with fio (psync QD1, io_uring QD32), as a baseline (CPU%: fio's
+  usr + sys CPU of the job; psync QD1 sleeps on the kernel driver's interrupt, so it shows
+  what one sleep and wake-up per I/O costs in this guest);
 - then on vfio-pci: the C I/O worker at QD32 (the reference for what Python reaches) and
-  QD1 (the device's latency without Python in the I/O path);
+  QD1 in each wait mode (perf's --wait: poll, interrupt, hybrid), the device's latency without
+  Python in the I/O path and what sleeping on the MSI-X vector saves in CPU;
 - 32 asyncio tasks on one event loop, each awaiting ns.read_async() on the loop's own
   interrupt-driven queue pair;
 - 4 Python threads x QD8 with per-thread queue pairs, with ctrl.wait "poll" and "interrupt";
-- synchronous QD1 reads (read_into) on a queue pair of each wait mode: poll, interrupt and
-  hybrid (average and p99 latency).
+- synchronous QD1 reads (read_into, "Python sync") on a queue pair of each wait mode: poll,
+  interrupt and hybrid (average and p99 latency). Python costs ~0.5-1 ms of CPU per I/O in
+  the TCG guest, so these cannot go far below 100% CPU whatever the wait; the "QD1 interrupt
+  CPU% < 20" target is the C worker's.
 
 Each figure comes with the process CPU time over the run as a share of the wall time (CPU%;
 more than 100% means more than one core). Prints IOPS, latency, CPU% and ratios (asyncio and
@@ -39,7 +44,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from benchmarks.randread import SETUP, fio, ours
+from benchmarks.randread import SETUP, ours
 
 if TYPE_CHECKING:
     from iommu_dma import Controller, Namespace, Request
@@ -85,6 +90,20 @@ def figures(ios: int, wall: float, cpu_pct: float, inflight: int) -> Figures:
     return {"iops": iops, "lat_us": inflight / iops * 1e6, "cpu_pct": cpu_pct}
 
 
+# ---- kernel driver (fio) -------------------------------------------------------------------
+
+def fio(dev: str, engine: str, qd: int, runtime: float) -> Figures:
+    """benchmarks.randread.fio, also keeping the CPU fio's job used (usr + sys, % of its
+    runtime)."""
+    cmd = ["fio", "--name=kernel", f"--filename={dev}", "--direct=1", "--rw=randread",
+           "--bs=4k", f"--iodepth={qd}", f"--ioengine={engine}", f"--runtime={runtime}",
+           "--time_based", "--ramp_time=1", "--output-format=json"]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    job = json.loads(out[out.index("{"):])["jobs"][0]
+    return {"iops": job["read"]["iops"], "lat_us": job["read"]["lat_ns"]["mean"] / 1000,
+            "cpu_pct": job["usr_cpu"] + job["sys_cpu"]}
+
+
 # ---- C worker ------------------------------------------------------------------------------
 
 def c_worker(ns: Namespace, qd: int, runtime: float) -> Figures:
@@ -92,6 +111,19 @@ def c_worker(ns: Namespace, qd: int, runtime: float) -> Figures:
     r = ours(ns, qd, runtime)
     _, cpu = w.stop()
     return {**r, "cpu_pct": cpu}
+
+
+def c_worker_wait(ns: Namespace, mode: WaitMode, runtime: float) -> Figures:
+    """The C worker at QD1 on a queue of the given wait mode (perf --wait)."""
+    from iommu_dma.nvme.perf import Workload, run
+
+    w = Window(runtime)
+    r = run(ns, Workload(rw="randread", bs=BS, iodepth=1, runtime=runtime, wait=mode))
+    _, cpu = w.stop()
+    if r.problems:                      # a timed-out or failing run is no measurement
+        raise SystemExit(f"C worker QD1 {mode}: {'; '.join(r.problems)}")
+    return {"iops": r.iops, "lat_us": r.lat_avg_ns / 1000, "p99_us": r.lat_p99_ns / 1000,
+            "cpu_pct": cpu}
 
 
 # ---- asyncio -------------------------------------------------------------------------------
@@ -235,14 +267,16 @@ def on_vfio(bdf: str, runtime: float, res: dict[str, Figures]) -> None:
         ours(ns, 32, 1.0)                                   # warm-up, not reported
         steps: list[tuple[str, Callable[[], Figures]]] = [
             ("C worker QD32", partial(c_worker, ns, 32, runtime)),
-            ("C worker QD1", partial(c_worker, ns, 1, runtime)),
+            *((f"C worker QD1 {m}", partial(c_worker_wait, ns, m, runtime))
+              for m in QD1_MODES),
             (f"asyncio {ASYNC_TASKS} tasks", partial(asyncio_tasks, ctrl, ns, runtime)),
             (f"threads {THREADS}xQD{THREAD_QD} poll",
              partial(threads, ctrl, ns, "poll", runtime)),
             (f"threads {THREADS}xQD{THREAD_QD} interrupt",
              partial(threads, ctrl, ns, "interrupt", runtime)),
         ]
-        steps += [(f"QD1 {m}", partial(qd1, ctrl, m, runtime)) for m in QD1_MODES]
+        steps += [(f"Python sync QD1 {m}", partial(qd1, ctrl, m, runtime))
+                  for m in QD1_MODES]
         for name, step in steps:
             print(f"running {name}...", flush=True)
             res[name] = step()
@@ -299,8 +333,13 @@ def targets(res: dict[str, Figures]) -> dict[str, Any]:
             res[f"threads {THREADS}xQD{THREAD_QD} poll"]["iops"] / c32,
         f"threads {THREADS}xQD{THREAD_QD} interrupt IOPS / C worker QD32 (>= 0.5)":
             res[f"threads {THREADS}xQD{THREAD_QD} interrupt"]["iops"] / c32,
-        "QD1 interrupt CPU% (< 20)": res["QD1 interrupt"]["cpu_pct"],
-        "QD1 poll CPU% (~100)": res["QD1 poll"]["cpu_pct"],
+        "C worker QD1 interrupt CPU% (< 20)": res["C worker QD1 interrupt"]["cpu_pct"],
+        "C worker QD1 poll CPU% (~100)": res["C worker QD1 poll"]["cpu_pct"],
+        "kernel psync QD1 CPU% (fio; sleeps on the kernel's interrupt)":
+            res["kernel psync QD1"]["cpu_pct"],
+        "Python sync QD1 interrupt CPU% (Python's own cost: ~90+)":
+            res["Python sync QD1 interrupt"]["cpu_pct"],
+        "Python sync QD1 poll CPU% (~100)": res["Python sync QD1 poll"]["cpu_pct"],
     }
     met = {
         k: (v >= 0.5 if "(>= 0.5)" in k else v < 20 if "(< 20)" in k else None)
