@@ -6,7 +6,7 @@ DEB_PACKAGES := qemu-system-x86 linux-image-amd64 fio python3-venv python3-dev g
                 linux-libc-dev e2fsprogs util-linux kmod pciutils busybox-static file
 NATIVE_SOURCES := $(wildcard native/*.c native/*.h native/*.py) setup.py pyproject.toml
 
-.PHONY: all setup deps venv demo test test-host test-vm lint wheelhouse bench clean
+.PHONY: all setup deps venv demo test test-host test-vm lint wheelhouse bench bench-embedding clean
 
 all: test
 
@@ -59,6 +59,9 @@ build/wheelhouse/.built: $(NATIVE_SOURCES) $(wildcard iommu_dma/*.py iommu_dma/*
 
 bench: setup
 	$(PY) -m benchmarks.randread
+
+bench-embedding: setup
+	$(PY) -m benchmarks.embedding
 
 clean:
 	rm -rf $(VENV) build *.egg-info iommu_dma/_native*.so iommu_dma/_native.c
