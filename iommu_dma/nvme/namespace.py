@@ -338,23 +338,30 @@ class Namespace:
             return True
 
     def _no_data(self, build: Callable[[int, int, int], sqe.Sqe], name: str, slba: int,
-                 nlb: int, timeout: float | None) -> None:
+                 nlb: int) -> Request:
         what = f"{name} nsid {self.nsid} LBAs {slba}+{nlb}"
         self._check_range(slba, nlb, what)
         cmds = [Command(build(self.nsid, slba + off, min(MAX_NLB, nlb - off)), 0, 0, 0, what)
                 for off in range(0, nlb, MAX_NLB)]
-        Request(self.queue.submit_many(cmds)).result(timeout)
+        return Request(self.queue.submit_many(cmds))
+
+    def write_zeroes_async(self, slba: int, nlb: int) -> Request:
+        return self._no_data(sqe.write_zeroes, "Write Zeroes", slba, nlb)
 
     def write_zeroes(self, slba: int, nlb: int, *, timeout: float | None = IO_TIMEOUT) -> None:
-        self._no_data(sqe.write_zeroes, "Write Zeroes", slba, nlb, timeout)
+        self.write_zeroes_async(slba, nlb).result(timeout)
 
     def verify(self, slba: int, nlb: int, *, timeout: float | None = IO_TIMEOUT) -> None:
         """Verify command: the device reads and checks the blocks; NvmeError if it cannot."""
-        self._no_data(sqe.verify, "Verify", slba, nlb, timeout)
+        self._no_data(sqe.verify, "Verify", slba, nlb).result(timeout)
+
+    def flush_async(self) -> Request:
+        """Flush (NVM Command Set §3.3.2): what was written reaches non-volatile media."""
+        self.ctrl.check_open()
+        return Request([self.queue.submit(sqe.flush(self.nsid), what=f"Flush nsid {self.nsid}")])
 
     def flush(self, *, timeout: float | None = IO_TIMEOUT) -> None:
-        self.ctrl.check_open()
-        self.queue.submit(sqe.flush(self.nsid), what=f"Flush nsid {self.nsid}").result(timeout)
+        self.flush_async().result(timeout)
 
     def deallocate(self, ranges: Iterable[tuple[int, int]], *,
                    timeout: float | None = IO_TIMEOUT) -> None:

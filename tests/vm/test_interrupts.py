@@ -152,6 +152,9 @@ def test_asyncio_errors_and_cancellation(ctrl: Controller) -> None:
         while q.outstanding:
             await asyncio.sleep(0.001)
         assert not other.device_owned and bytes(other) == pattern(base, 1)
+        await ns.write_zeroes_async(base, 1)
+        await ns.flush_async()
+        assert (await ns.read_async(base, 1, other)) is other and bytes(other) == bytes(LBA)
 
     asyncio.run(main())
 
