@@ -31,10 +31,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import random
-import shlex
 import subprocess
 import sys
 import threading
@@ -44,14 +42,13 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from benchmarks.randread import SETUP, ours
+from benchmarks.randread import SETUP, boot_perf_bench, ours
 
 if TYPE_CHECKING:
     from iommu_dma import Controller, Namespace, Request
     from iommu_dma.memory import DmaBuffer
     from iommu_dma.nvme.interrupts import WaitMode
 
-ROOT = Path(__file__).resolve().parent.parent
 BS = 4096
 LBA_COUNT = 1 << 14                 # random LBAs drawn beforehand (a power of two: index & mask)
 ASYNC_TASKS = 32
@@ -374,16 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.in_guest:
         return in_guest(args.runtime)
-    from iommu_dma.testing import vm
-    from iommu_dma.testing.bench import get_bench
-
-    cmd = [sys.executable, "-m", "benchmarks.embedding", "--in-guest", "--runtime",
-           str(args.runtime)]
-    print("booting the 'perf' bench (TCG, about 30 s)...", flush=True)
-    bench = get_bench("perf")
-    if args.cpus:
-        bench = dataclasses.replace(bench, cpus=args.cpus)
-    return vm.run(bench, shlex.join(cmd), cwd=ROOT).returncode
+    return boot_perf_bench("benchmarks.embedding", args.runtime, args.cpus)
 
 
 if __name__ == "__main__":

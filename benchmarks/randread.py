@@ -116,6 +116,19 @@ def report(res: dict[str, dict[str, float]]) -> None:
     print("RESULT " + json.dumps(res))
 
 
+def boot_perf_bench(module: str, runtime: float, cpus: int | None) -> int:
+    """Run `python -m module --in-guest --runtime R` in one boot of the 'perf' bench."""
+    from iommu_dma.testing import vm
+    from iommu_dma.testing.bench import get_bench
+
+    cmd = [sys.executable, "-m", module, "--in-guest", "--runtime", str(runtime)]
+    print("booting the 'perf' bench (TCG, about 30 s)...", flush=True)
+    bench = get_bench("perf")
+    if cpus:
+        bench = dataclasses.replace(bench, cpus=cpus)
+    return vm.run(bench, shlex.join(cmd), cwd=ROOT).returncode
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.randread", description=__doc__)
     parser.add_argument("--runtime", type=float, default=10.0, help="seconds per workload")
@@ -124,16 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.in_guest:
         return in_guest(args.runtime)
-    from iommu_dma.testing import vm
-    from iommu_dma.testing.bench import get_bench
-
-    cmd = [sys.executable, "-m", "benchmarks.randread", "--in-guest", "--runtime",
-           str(args.runtime)]
-    print("booting the 'perf' bench (TCG, about 30 s)...", flush=True)
-    bench = get_bench("perf")
-    if args.cpus:
-        bench = dataclasses.replace(bench, cpus=args.cpus)
-    return vm.run(bench, shlex.join(cmd), cwd=ROOT).returncode
+    return boot_perf_bench("benchmarks.randread", args.runtime, args.cpus)
 
 
 if __name__ == "__main__":

@@ -27,12 +27,6 @@ def ctrl(vfio_bdfs: list[str]) -> Iterator[Controller]:
         yield c
 
 
-@pytest.fixture
-def qmp() -> Iterator[Qmp]:
-    with Qmp.guest() as q:
-        yield q
-
-
 def _held_read(ctrl: Controller, qmp: Qmp, mode: str) -> tuple[float, float, bytes]:
     """One read waited for by a thread while QEMU holds it for 1.5 s: (the thread's CPU
     seconds, wall seconds, the data)."""
@@ -60,7 +54,8 @@ def _held_read(ctrl: Controller, qmp: Qmp, mode: str) -> tuple[float, float, byt
     return out[0], out[1], bytes(buf)
 
 
-def test_interrupt_wait_sleeps(ctrl: Controller, qmp: Qmp) -> None:
+def test_interrupt_wait_sleeps(ctrl: Controller, idma_qmp: Qmp) -> None:
+    qmp = idma_qmp
     ns = ctrl.namespace(STALL_NS)
     ns.write(700, b"\xa5" * LBA)
     cpu, wall, data = _held_read(ctrl, qmp, "interrupt")
@@ -73,9 +68,10 @@ def test_interrupt_wait_sleeps(ctrl: Controller, qmp: Qmp) -> None:
 
 
 def test_asyncio_loop_runs_on_while_a_command_is_recovered(ctrl: Controller,
-                                                           qmp: Qmp) -> None:
+                                                           idma_qmp: Qmp) -> None:
     """A held read with a 1 s deadline: the awaiting task gets NvmeTimeoutError after the
     Abort and the reset, which run outside the loop; a ticker task keeps ticking meanwhile."""
+    qmp = idma_qmp
     ctrl.recovery.abort_timeout = 0.5
     ns = ctrl.namespace(STALL_NS)
     ns.write(710, b"\x3c" * LBA)
