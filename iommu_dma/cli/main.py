@@ -12,7 +12,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from iommu_dma.cli import admin, devices, io, perf, vmcmd
+from iommu_dma.cli import admin, devices, io, perf, serve, vmcmd
 from iommu_dma.cli.common import PROG, cli_hints
 from iommu_dma.errors import IommuDmaError
 
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "controller to vfio-pci first: `iommu-dma bind BDF`.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     common = common_options(argparse.SUPPRESS)
-    for module in (devices, admin, io, perf, vmcmd):
+    for module in (devices, admin, io, perf, serve, vmcmd):
         module.register(sub, common)
     return parser
 

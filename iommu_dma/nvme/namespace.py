@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import functools
 import threading
 import time
 from collections.abc import Callable, Generator, Iterable
@@ -277,10 +278,12 @@ class Namespace:
         return self._transfer(sqe.read, "Read", slba, nlb, buf, timeout, value=buf)
 
     def write_async(self, slba: int, buf: DataBuffer, nlb: int | None = None, *,
-                    timeout: float | None = QUEUE_DEFAULT) -> Request:
-        """Write nlb blocks (default: all of buf) from DMA-mapped buf (zero copy)."""
+                    timeout: float | None = QUEUE_DEFAULT, fua: bool = False) -> Request:
+        """Write nlb blocks (default: all of buf) from DMA-mapped buf (zero copy). fua: Force
+        Unit Access (NVM Command Set §3.2.6: the data is on non-volatile media on completion)."""
         n = nlb if nlb is not None else self._blocks_of(buf)
-        return self._transfer(sqe.write, "Write", slba, n, buf, timeout)
+        build = functools.partial(sqe.write, fua=True) if fua else sqe.write
+        return self._transfer(build, "Write", slba, n, buf, timeout)
 
     def compare_async(self, slba: int, buf: DataBuffer, nlb: int | None = None, *,
                       timeout: float | None = QUEUE_DEFAULT) -> Request:
@@ -295,8 +298,8 @@ class Namespace:
         self.read_async(slba, n, buf).result(timeout)
 
     def write_from(self, slba: int, buf: DataBuffer, nlb: int | None = None, *,
-                   timeout: float | None = IO_TIMEOUT) -> None:
-        self.write_async(slba, buf, nlb).result(timeout)
+                   timeout: float | None = IO_TIMEOUT, fua: bool = False) -> None:
+        self.write_async(slba, buf, nlb, fua=fua).result(timeout)
 
     def read(self, slba: int, nlb: int, *, timeout: float | None = IO_TIMEOUT) -> bytes:
         """Read nlb blocks into fresh DMA memory and return them as bytes."""
@@ -345,11 +348,17 @@ class Namespace:
                 for off in range(0, nlb, MAX_NLB)]
         return Request(self.queue.submit_many(cmds))
 
-    def write_zeroes_async(self, slba: int, nlb: int) -> Request:
-        return self._no_data(sqe.write_zeroes, "Write Zeroes", slba, nlb)
+    def write_zeroes_async(self, slba: int, nlb: int, *, deallocate: bool = False,
+                           fua: bool = False) -> Request:
+        """Write Zeroes (NVM Command Set §3.2.8); deallocate sets DEAC (the device may
+        deallocate the blocks; useful when Identify Namespace DLFEAT says they then read as
+        zeroes), fua sets FUA."""
+        build = functools.partial(sqe.write_zeroes, deallocate=deallocate, fua=fua)
+        return self._no_data(build, "Write Zeroes", slba, nlb)
 
-    def write_zeroes(self, slba: int, nlb: int, *, timeout: float | None = IO_TIMEOUT) -> None:
-        self.write_zeroes_async(slba, nlb).result(timeout)
+    def write_zeroes(self, slba: int, nlb: int, *, timeout: float | None = IO_TIMEOUT,
+                     deallocate: bool = False, fua: bool = False) -> None:
+        self.write_zeroes_async(slba, nlb, deallocate=deallocate, fua=fua).result(timeout)
 
     def verify(self, slba: int, nlb: int, *, timeout: float | None = IO_TIMEOUT) -> None:
         """Verify command: the device reads and checks the blocks; NvmeError if it cannot."""

@@ -22,7 +22,8 @@ ROOT = "iommu_dma"
 # Bottom up; a module may import modules of strictly lower layers. Entries ending in ".*" match
 # a whole subpackage; in a layer marked free, its modules may also import each other.
 LAYERS: list[tuple[str, tuple[str, ...], bool]] = [
-    ("compiled engine", ("iommu_dma._native", "iommu_dma._native_asan"), False),
+    ("compiled engine", ("iommu_dma._native", "iommu_dma._native_asan",
+                         "iommu_dma._native_sim"), False),
     ("os", ("iommu_dma.errors", "iommu_dma.libc", "iommu_dma.native"), False),
     ("memlock", ("iommu_dma.memlock",), False),
     ("vfio", ("iommu_dma.vfio", "iommu_dma.discovery"), False),
@@ -42,6 +43,8 @@ LAYERS: list[tuple[str, tuple[str, ...], bool]] = [
                         "iommu_dma.nvme.events"), False),
     ("nvme controller", ("iommu_dma.nvme.controller", "iommu_dma.nvme.perf",
                          "iommu_dma.nvme.*"), False),
+    ("nbd export", ("iommu_dma.nbd", "iommu_dma.nbd.export"), False),
+    ("nbd server", ("iommu_dma.nbd.plugin", "iommu_dma.nbd.server"), False),
     ("testing", ("iommu_dma.testing", "iommu_dma.testing.*"), True),
     ("cli", ("iommu_dma.cli", "iommu_dma.cli.*"), True),
     ("demo", ("iommu_dma.demo",), False),
