@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEB_PACKAGES := qemu-system-x86 linux-image-amd64 fio python3-venv python3-dev gcc libc6-dev \
-                linux-libc-dev e2fsprogs util-linux kmod pciutils busybox-static file
+                linux-libc-dev e2fsprogs util-linux kmod pciutils busybox-static file \
+                valgrind
 NATIVE_SOURCES := $(wildcard native/*.c native/*.h native/*.py) setup.py pyproject.toml
 
 .PHONY: all setup deps venv demo test test-host test-vm lint wheelhouse bench bench-embedding clean
@@ -77,3 +78,9 @@ test-asan: setup
 	UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 	IOMMU_DMA_NATIVE=asan $(VENV)/bin/pytest -q -p no:cacheprovider --capture=sys tests/host \
 	    -m "not iommu_dma_vm"
+
+# Instructions per 4 KiB read of the engine against a simulated controller, counted by
+# valgrind's callgrind (host only, deterministic): C worker QD1/QD32 and Python batch QD32.
+.PHONY: bench-engine-cost
+bench-engine-cost: setup
+	$(PY) -m benchmarks.engine_cost

@@ -2,7 +2,10 @@
 
 Every Python call into C goes through `ffi` and `lib` from here. With IOMMU_DMA_NATIVE=asan the
 engine built with AddressSanitizer and UBSan (`make test-asan` builds it as
-iommu_dma._native_asan) is used instead; the process must then preload libasan.
+iommu_dma._native_asan) is used instead; the process must then preload libasan. With
+IOMMU_DMA_NATIVE=sim it is the engine whose doorbells drive the simulated controller of
+native/sim/ (`python native/build.py --sim` builds it as iommu_dma._native_sim; it is for the
+engine-cost benchmark and its tests, never for a device).
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ lib: Any
 
 if os.environ.get(SANITIZE_ENV) == "asan":
     from iommu_dma._native_asan import ffi, lib  # type: ignore[import-not-found,no-redef]
+elif os.environ.get(SANITIZE_ENV) == "sim":
+    from iommu_dma._native_sim import ffi, lib  # type: ignore[import-not-found,no-redef]
 else:
     from iommu_dma._native import ffi, lib  # type: ignore[import-not-found,no-redef]
 

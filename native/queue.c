@@ -6,6 +6,18 @@
 #include "engine.h"
 #include "queue.h"
 
+/*
+ * Doorbell writes (§3.1.3). The engine built with IDMA_SIM_DEVICE (native/build.py --sim, for
+ * the deterministic engine-cost figure and its tests) hands them to the simulated controller
+ * of native/sim/; every other build stores to BAR0 directly.
+ */
+#ifdef IDMA_SIM_DEVICE
+#include "sim/sim_device.h"
+#define idma_db_write(db, v) idma_sim_doorbell((db), (v))
+#else
+#define idma_db_write(db, v) (*(db) = (v))
+#endif
+
 _Static_assert(sizeof(struct idma_sqe) == 64, "SQE is 64 bytes (NVMe 2.0 §4.2)");
 _Static_assert(sizeof(struct idma_cqe) == 16, "CQE is 16 bytes (NVMe 2.0 §4.6)");
 
@@ -272,7 +284,7 @@ static void ring_cq(struct idma_qpair *q, int force)
         mmio = ring_dist(q, q->cq_mmio_head, head) >= q->cq_batch;
     }
     if (mmio) {
-        *q->cq_db = head;
+        idma_db_write(q->cq_db, head);
         q->cq_mmio_head = head;
         q->cq_mmio++;
     }
@@ -297,7 +309,7 @@ static void ring_sq(struct idma_qpair *q)
         mmio = q->mmio_always || q->sq_force || need_event(q, *q->sq_ei, tail, old);
     }
     if (mmio) {
-        *q->sq_db = tail;               /* §3.3.1: one SQ tail doorbell per batch */
+        idma_db_write(q->sq_db, tail); /* §3.3.1: one SQ tail doorbell per batch */
         q->sq_force = 0;
         q->sq_mmio++;
     }
@@ -325,7 +337,7 @@ int idma_qpair_set_shadow(struct idma_qpair *q, uint32_t *shadow_db, uint32_t *e
     if (!shadow_db) {
         q->sq_shadow = q->cq_shadow = q->sq_ei = q->cq_ei = NULL;
         q->cq_mmio_head = q->cq_db_head;
-        *q->cq_db = q->cq_db_head;      /* BAR0 is authoritative again */
+        idma_db_write(q->cq_db, q->cq_db_head);  /* BAR0 is authoritative again */
         idma_qpair_release(q);
         return IDMA_OK;
     }
