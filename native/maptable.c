@@ -1,13 +1,26 @@
 /* Sorted array of disjoint mappings; lookups are a binary search (the per-command path). */
 #include <pthread.h>
+#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
 #include "maptable.h"
 
 struct range { uint64_t start, end; };          /* [start, end) */
 
+/*
+ * Readers (contains/count: every submitted command) and writers (add/remove: map and unmap)
+ * share `rw`: the number of readers inside, plus WRITER while a writer is in. A reader enters
+ * with one atomic add when no writer is in (two atomic instructions a lookup, where a POSIX
+ * rwlock costs some sixty instructions of library calls); when one is, it backs out and
+ * sleeps on the writers' mutex until that writer is done. A writer takes the mutex (writers
+ * one at a time), sets WRITER, then waits for the readers inside (a short binary search) to
+ * leave. Every reader/writer pair is ordered by the atomic read-modify-writes on `rw`.
+ */
+#define WRITER 0x80000000u
+
 struct idma_maptable {
-    pthread_rwlock_t lock;      /* readers: contains/count; writer: add/remove */
+    pthread_mutex_t wlock;      /* writers: add/remove */
+    uint32_t rw;                /* atomic: readers inside | WRITER */
     uint32_t refs;              /* atomic */
     struct range *r;
     uint32_t n, cap;
@@ -19,7 +32,7 @@ struct idma_maptable *idma_maptable_new(void)
 
     if (!t)
         return NULL;
-    if (pthread_rwlock_init(&t->lock, NULL) != 0) {
+    if (pthread_mutex_init(&t->wlock, NULL) != 0) {
         free(t);
         return NULL;
     }
@@ -38,7 +51,7 @@ void idma_maptable_free(struct idma_maptable *t)
 {
     if (!t || __atomic_sub_fetch(&t->refs, 1, __ATOMIC_ACQ_REL) != 0)
         return;
-    pthread_rwlock_destroy(&t->lock);
+    pthread_mutex_destroy(&t->wlock);
     free(t->r);
     free(t);
 }
@@ -46,6 +59,34 @@ void idma_maptable_free(struct idma_maptable *t)
 uint32_t idma_maptable_refs(struct idma_maptable *t)
 {
     return __atomic_load_n(&t->refs, __ATOMIC_RELAXED);
+}
+
+static inline void read_lock(struct idma_maptable *t)
+{
+    while (__atomic_add_fetch(&t->rw, 1, __ATOMIC_ACQUIRE) & WRITER) {
+        __atomic_sub_fetch(&t->rw, 1, __ATOMIC_RELAXED);   /* back out, wait for the writer */
+        pthread_mutex_lock(&t->wlock);
+        pthread_mutex_unlock(&t->wlock);
+    }
+}
+
+static inline void read_unlock(struct idma_maptable *t)
+{
+    __atomic_sub_fetch(&t->rw, 1, __ATOMIC_RELEASE);
+}
+
+static void write_lock(struct idma_maptable *t)
+{
+    pthread_mutex_lock(&t->wlock);
+    __atomic_fetch_or(&t->rw, WRITER, __ATOMIC_ACQUIRE);
+    while (__atomic_load_n(&t->rw, __ATOMIC_ACQUIRE) != WRITER)
+        sched_yield();                  /* readers inside: each is one lookup from leaving */
+}
+
+static void write_unlock(struct idma_maptable *t)
+{
+    __atomic_fetch_and(&t->rw, ~WRITER, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&t->wlock);
 }
 
 /* Index of the first range whose start is greater than iova. */
@@ -100,9 +141,9 @@ int idma_maptable_add(struct idma_maptable *t, uint64_t iova, uint64_t len)
 
     if (len == 0 || end < iova)
         return -1;
-    pthread_rwlock_wrlock(&t->lock);
+    write_lock(t);
     rc = add_locked(t, iova, end);
-    pthread_rwlock_unlock(&t->lock);
+    write_unlock(t);
     return rc;
 }
 
@@ -111,7 +152,7 @@ int idma_maptable_remove(struct idma_maptable *t, uint64_t iova, uint64_t len)
     uint32_t i;
     int rc = -1;
 
-    pthread_rwlock_wrlock(&t->lock);
+    write_lock(t);
     i = upper(t, iova);
     if (i > 0 && t->r[i - 1].start == iova && t->r[i - 1].end == iova + len) {
         i--;
@@ -119,7 +160,7 @@ int idma_maptable_remove(struct idma_maptable *t, uint64_t iova, uint64_t len)
         t->n--;
         rc = 0;
     }
-    pthread_rwlock_unlock(&t->lock);
+    write_unlock(t);
     return rc;
 }
 
@@ -144,9 +185,9 @@ int idma_maptable_contains(struct idma_maptable *t, uint64_t iova, uint64_t len)
 
     if (len == 0 || end < iova)
         return 0;
-    pthread_rwlock_rdlock(&t->lock);
+    read_lock(t);
     rc = contains_locked(t, iova, end);
-    pthread_rwlock_unlock(&t->lock);
+    read_unlock(t);
     return rc;
 }
 
@@ -154,8 +195,8 @@ uint32_t idma_maptable_count(struct idma_maptable *t)
 {
     uint32_t n;
 
-    pthread_rwlock_rdlock(&t->lock);
+    read_lock(t);
     n = t->n;
-    pthread_rwlock_unlock(&t->lock);
+    read_unlock(t);
     return n;
 }

@@ -95,6 +95,7 @@ uint64_t idma_now_ns(void)
 #if defined(__x86_64__)
 static uint64_t tsc_base, ns_base, tsc_mult;    /* ns = ns_base + (tsc - tsc_base) * mult >> 32 */
 static int tsc_ok;                              /* written once, under tsc_once */
+static int tsc_ready;                           /* set (release) when calibrate_tsc is done */
 static pthread_once_t tsc_once = PTHREAD_ONCE_INIT;
 
 static inline uint64_t rdtsc(void)
@@ -114,20 +115,22 @@ static void calibrate_tsc(void)
         t1 = idma_now_ns();
     } while (t1 - t0 < 5000000);                /* 5 ms */
     c1 = rdtsc();
-    if (c1 <= c0)
-        return;
-    mult = (uint64_t)(((unsigned __int128)(t1 - t0) << 32) / (c1 - c0));
-    if (mult < (1ull << 32) / 20 || mult > (1ull << 32) * 10)
-        return;                                 /* not a 0.1-20 GHz counter: do not trust it */
-    tsc_base = c1;
-    ns_base = t1;
-    tsc_mult = mult;
-    tsc_ok = 1;
+    mult = c1 > c0 ? (uint64_t)(((unsigned __int128)(t1 - t0) << 32) / (c1 - c0)) : 0;
+    if (mult >= (1ull << 32) / 20 && mult <= (1ull << 32) * 10) {  /* a 0.1-20 GHz counter */
+        tsc_base = c1;
+        ns_base = t1;
+        tsc_mult = mult;
+        tsc_ok = 1;
+    }                                           /* else: do not trust it, use the clock */
+    __atomic_store_n(&tsc_ready, 1, __ATOMIC_RELEASE);
 }
 
 uint64_t idma_fast_ns(void)
 {
-    pthread_once(&tsc_once, calibrate_tsc);
+    /* tsc_ready (acquire) set: calibrate_tsc ran to its end, its results are visible, and
+     * the pthread_once call (a library call on every clock read) can be skipped. */
+    if (!__atomic_load_n(&tsc_ready, __ATOMIC_ACQUIRE))
+        pthread_once(&tsc_once, calibrate_tsc);
     if (!tsc_ok)
         return idma_now_ns();
     return ns_base + (uint64_t)(((unsigned __int128)(rdtsc() - tsc_base) * tsc_mult) >> 32);
@@ -243,6 +246,13 @@ static int prepare(const struct idma_qpair *q, const struct tracker *t,
         return IDMA_OK;
     if (q->maptable && !idma_maptable_contains(q->maptable, io->buf, io->len))
         return IDMA_EUNMAPPED;
+    /* Within one page (a 4 KiB read): PRP1 only, PRP2 stays 0, exactly what idma_prp_build
+     * returns for it (same alignment and wrap checks), without the call. */
+    if (!(io->buf & 3) && io->len <= q->page_size - (io->buf & (q->page_size - 1)) &&
+        io->buf + io->len > io->buf) {
+        *prp1 = io->buf;
+        return IDMA_OK;
+    }
     rc = idma_prp_build(io->buf, io->len, q->page_size, t->list, (uint64_t)(uintptr_t)t->list,
                         t->list ? q->list_slots : 0, prp1, prp2);
     if (rc == -1)

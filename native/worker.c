@@ -275,8 +275,10 @@ static int flush_pending(struct wstate *w, uint64_t now)
     for (int j = 0; j < k; j++)
         w->slots[w->io[j].tag].t_submit = now;
     w->npending -= (uint32_t)k;
-    memmove(w->cmds, w->cmds + k, w->npending * sizeof(*w->cmds));
-    memmove(w->io, w->io + k, w->npending * sizeof(*w->io));
+    if (w->npending) {                          /* usually all were accepted: no library call */
+        memmove(w->cmds, w->cmds + k, w->npending * sizeof(*w->cmds));
+        memmove(w->io, w->io + k, w->npending * sizeof(*w->io));
+    }
     return 0;
 }
 
