@@ -49,9 +49,12 @@ def _request(op: str) -> Callable[[F], F]:
             try:
                 return fn(*args)
             except Exception as e:  # noqa: BLE001 - every failure becomes an NBD error
-                nbdkit.set_error(nbd_errno(e))
-                raise RequestError(f"{op}: {' '.join(str(e).split()) or type(e).__name__}"
-                                   ) from None
+                code = nbd_errno(e)
+                nbdkit.set_error(code)
+                text = " ".join(str(e).split()) or type(e).__name__
+                if not isinstance(e, ExportError):          # its text names the errno
+                    text += f" [{errno.errorcode.get(code, code)}]"
+                raise RequestError(f"{op}: {text}") from None
         return run  # type: ignore[return-value]
     return wrap
 

@@ -125,22 +125,35 @@ class LogRelay:
         self.thread.start()
 
     def _run(self) -> None:
-        op = None
         for line in self.source:
-            line = line.rstrip("\n")
-            m = _TRACEBACK.match(line)
-            if m and not self.verbose:
-                op = m["op"]
-                continue
-            if op is not None:
-                e = _EXCEPTION.match(line)
-                if e is None:
-                    continue                        # a frame of the traceback
-                text = e["text"] if e["cls"] == "RequestError" else f"{op}: {e['text']}"
-                line, op = f"iommu-dma serve: {text}", None
-            if "error" in line:
-                self.last_error = line
-            self.sink(line)
+            out = self.line(line.rstrip("\n"))
+            if out is not None:
+                if "error" in out:
+                    self.last_error = out
+                self.sink(out)
+
+    _op: str | None = None
+    _collapsed = False
+
+    def line(self, line: str) -> str | None:
+        """What to print for one line of nbdkit's stderr (None: nothing)."""
+        if self.verbose:
+            return line
+        m = _TRACEBACK.match(line)
+        if m:
+            self._op = m["op"]
+            return None
+        if self._op is not None:
+            e = _EXCEPTION.match(line)
+            if e is None:
+                return None                         # a frame of the traceback
+            text = e["text"] if e["cls"] == "RequestError" else f"{self._op}: {e['text']}"
+            self._op, self._collapsed = None, True
+            return f"iommu-dma serve: {text}"
+        if self._collapsed and not line.strip():
+            return None                             # the empty line ending the traceback
+        self._collapsed = False
+        return line
 
 
 class Server:
