@@ -3,7 +3,8 @@
 On the host, `python -m iommu_dma.demo` boots the bench and runs itself inside the guest with
 `--in-guest`; there it runs each step as a shell command and prints it as it goes:
 list -> bind -> id-ctrl / id-ns -> write random data, read it back, compare -> perf randread
-QD32 -> the same workload on the kernel driver with fio -> unbind -> list, then the IOPS ratio.
+QD32 -> unbind -> the same workload on the kernel driver with fio -> list -> bind -> serve the
+namespace over NBD, read by qemu-img -> the IOPS ratio.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import contextlib
 import io
 import json
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -101,6 +103,30 @@ def data_round_trip(bdf: str) -> None:
          cli("compare", bdf, "-n", "1", "--start-block", "0", "--data", src))
 
 
+def serve_over_nbd(bdf: str) -> None:
+    """Namespace 1 exported over NBD (`iommu-dma serve`, nbdkit), read by qemu-img."""
+    sock, copy = "/tmp/demo-nbd.sock", "/tmp/demo-nbd.bin"
+    argv = cli("serve", bdf, "-n", "1", "--socket", sock)
+    print(f"\n== serve namespace 1 over NBD (nbdkit + our plugin), in the background\n"
+          f"$ {shlex.join(argv)} &", flush=True)
+    server = subprocess.Popen([sys.executable, "-m", "iommu_dma.cli.main", *argv[1:]],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None
+        uri = server.stdout.readline().strip()
+        if not uri:
+            raise SystemExit(f"demo step failed: serve ended ({server.wait()})")
+        print(uri, flush=True)
+        step("what an NBD client sees", ["nbdinfo", uri])
+        step(f"a real NBD client (qemu-img) copies the first {DATA_MIB} MiB out of the export",
+             ["qemu-img", "dd", "-f", "raw", "-O", "raw", f"if={uri}", f"of={copy}", "bs=1M",
+              f"count={DATA_MIB}"])
+        step("the bytes we wrote at the start", ["cmp", "/tmp/demo-data.bin", copy])
+    finally:
+        server.send_signal(signal.SIGTERM)
+        print(f"\n== stop serving (SIGTERM): exit status {server.wait(120)}", flush=True)
+
+
 def story(ours: float, kernel: float) -> None:
     ratio = ours / kernel if kernel else float("nan")
     print(f"\n== what we saw\n"
@@ -134,6 +160,8 @@ def tour() -> None:
          ["cmp", "-n", str(DATA_MIB << 20), "/tmp/demo-data.bin", dev])
     kernel = fio_iops(dev)
     step("back on the kernel driver", cli("list"))
+    step("and to vfio-pci once more, to serve over NBD", cli("bind", bdf))
+    serve_over_nbd(bdf)
     story(ours, kernel)
 
 
