@@ -84,3 +84,9 @@ test-asan: setup
 .PHONY: bench-engine-cost
 bench-engine-cost: setup
 	$(PY) -m benchmarks.engine_cost
+
+# The namespace over NBD with fio's nbd ioengine: `iommu-dma serve` (each --wait mode) against
+# nbdkit's file plugin on the kernel nvme driver, 4 KiB randread QD16 and 1 MiB seq write QD4.
+.PHONY: bench-nbd
+bench-nbd: setup
+	$(PY) -m benchmarks.nbd
