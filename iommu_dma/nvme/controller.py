@@ -9,7 +9,9 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import os
 import threading
 import time
 import weakref
@@ -77,8 +79,9 @@ class QueuesExhaustedError(ControllerError):
     """Every I/O queue pair the controller granted is in use."""
 
 
-class _Owner:
-    """Kept in a thread's local storage: its death (the thread ended) frees the queue."""
+def _thread_alive(tid: int) -> bool:
+    """The OS thread tid of this process still runs (Linux: /proc/self/task/TID)."""
+    return os.path.exists(f"/proc/self/task/{tid}")
 
 
 class Controller:
@@ -132,7 +135,7 @@ class Controller:
         self.per_thread_queues = False
         self.queue_depth = 256                  # of the queues created on demand
         self._msix: list[int] = []              # MSI-X eventfds, one per vector (enabled lazily)
-        self._local = threading.local()
+        self._thread_queues: dict[int, IoQueue] = {}     # OS thread id -> its queue
         self._loop_queues: dict[int, tuple[weakref.ref[asyncio.AbstractEventLoop], IoQueue]] = {}
         # queues created for a thread or a loop, with a test of whether their owner still lives
         self._owned: list[tuple[Callable[[], bool], IoQueue]] = []
@@ -242,6 +245,7 @@ class Controller:
         self.io_queues.clear()
         self._default_queue = None
         self._loop_queues.clear()
+        self._thread_queues.clear()
         self._owned.clear()
         if self.dbbuf is not None and quiet:    # the disabled controller forgot the pages
             self.dbbuf.free()
@@ -691,7 +695,11 @@ class Controller:
         """The calling thread's own I/O queue pair (created on first use with ctrl.wait and
         ctrl.queue_depth; deleted once the thread has ended and another queue is created).
         When the controller has no queue pair left, the shared default queue (logged once)."""
-        q: IoQueue | None = getattr(self._local, "queue", None)
+        # Keyed by the OS thread, not threading.local: a C thread calling in through
+        # PyGILState_Ensure (nbdkit's workers, for one) gets a new Python thread state, and so
+        # empty thread-locals, on every call.
+        tid = threading.get_native_id()
+        q = self._thread_queues.get(tid)
         if q is not None and not q.closed:
             return q
         with self._lock:
@@ -701,10 +709,8 @@ class Controller:
                 q = self.create_io_queue(self.queue_depth, wait=self.wait, spin=self._spin())
             except QueuesExhaustedError as e:
                 return self._shared_instead(e)
-            token = _Owner()
-            self._local.queue, self._local.token = q, token
-            ref = weakref.ref(token)
-            self._owned.append((lambda: ref() is not None, q))
+            self._thread_queues[tid] = q
+            self._owned.append((functools.partial(_thread_alive, tid), q))
             return q
 
     def loop_queue(self, loop: asyncio.AbstractEventLoop) -> IoQueue:
@@ -749,6 +755,9 @@ class Controller:
         for key, (_, q) in list(self._loop_queues.items()):
             if q.closed:
                 del self._loop_queues[key]
+        for tid, q in list(self._thread_queues.items()):
+            if q.closed:
+                del self._thread_queues[tid]
 
     def delete_io_queue(self, qid: int) -> None:
         """Delete I/O SQ then CQ (§5.6, §5.7); commands still pending fail with ClosedError."""
