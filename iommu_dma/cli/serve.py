@@ -14,6 +14,8 @@ from iommu_dma.nbd.export import NamespaceExport
 from iommu_dma.nbd.server import DEFAULT_PORT, ServeError, ServeOptions, Server
 from iommu_dma.nvme.interrupts import WAIT_MODES
 
+DEFAULT_THREADS = 4
+
 
 class _Stop(IommuDmaError):
     """SIGINT or SIGTERM: stop serving."""
@@ -80,9 +82,10 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--address", metavar="ADDR", default=None,
                    help="TCP address to listen on (default: all)")
     p.add_argument("--readonly", action="store_true", help="refuse writes, trims and zeroes")
-    p.add_argument("--threads", type=positive, default=None,
-                   help="nbdkit threads per connection, each with its own queue pair "
-                        "(default: nbdkit's, 16)")
+    p.add_argument("--threads", type=positive, default=DEFAULT_THREADS,
+                   help="nbdkit threads per connection, each with its own queue pair (default "
+                        f"{DEFAULT_THREADS}: the plugin runs under Python's GIL, so more threads "
+                        "mostly contend for it; nbdkit's own default is 16)")
     p.add_argument("--wait", choices=WAIT_MODES, default="interrupt",
                    help="how each queue pair waits: interrupt (default: no CPU while idle), "
                         "poll or hybrid")
