@@ -107,7 +107,8 @@ def cleanup() -> None:
                 print(f"{PREFIX}: flush at shutdown failed: {e}", file=sys.stderr, flush=True)
     if ctrl is not None:
         ctrl.close()
-        print(f"{PREFIX}: controller {ctrl.bdf} shut down", file=sys.stderr, flush=True)
+        print(f"{PREFIX}: controller {ctrl.bdf} shut down ({ctrl.queues_created} I/O queue "
+              "pairs were created while serving)", file=sys.stderr, flush=True)
 
 
 def unload() -> None:

@@ -136,6 +136,7 @@ class Controller:
         self.queue_depth = 256                  # of the queues created on demand
         self._msix: list[int] = []              # MSI-X eventfds, one per vector (enabled lazily)
         self._thread_queues: dict[int, IoQueue] = {}     # OS thread id -> its queue
+        self.queues_created = 0             # I/O queue pairs created since open (a statistic)
         self._loop_queues: dict[int, tuple[weakref.ref[asyncio.AbstractEventLoop], IoQueue]] = {}
         # queues created for a thread or a loop, with a test of whether their owner still lives
         self._owned: list[tuple[Callable[[], bool], IoQueue]] = []
@@ -610,6 +611,7 @@ class Controller:
             q.timeout = timeout
             self._create_on_device(q)
             self.io_queues[qid] = q
+            self.queues_created += 1
             return q
 
     def _vector_for(self, qid: int) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 import signal
 import subprocess
 import time
@@ -184,3 +185,15 @@ def test_server_killed_mid_write_then_restarted(vfio_bdfs: list[str], tmp_path: 
     for i in range(acked):
         assert image[i * block:(i + 1) * block] == block_pattern(i, block), i
     print(f"{acked} writes acknowledged before nbdkit was killed: all on the media")
+
+
+def test_each_nbdkit_thread_keeps_its_queue_pair(vfio_bdfs: list[str], tmp_path: Path) -> None:
+    """nbdkit's worker threads enter Python with a new thread state per request; each still
+    keeps one queue pair (they are keyed by the OS thread), not one per request."""
+    with serving(vfio_bdfs[1], 1, tmp_path / "s", "--threads", "2") as s:
+        qemu_io(s.uri, *(f"read {i * 4096} 4096" for i in range(60)))
+        assert s.stop() == 0
+    m = re.search(r"\((\d+) I/O queue pairs were created while serving\)", s.text())
+    assert m is not None, s.text()
+    # one per nbdkit worker thread, and one for the flush at shutdown (nbdkit's main thread)
+    assert 1 <= int(m.group(1)) <= 3, s.text()
