@@ -3,7 +3,8 @@
 Everything this plugin adds is namespaced so that it cannot clash with other projects' suites: the
 marker `iommu_dma_vm`, the fixtures `idma_bench`, `idma_bench_images`, `idma_nvme_bdfs`,
 `idma_qmp` and the `--iommu-dma-*` and `--idma-vm-*` options. Tests without the marker are left
-alone.
+alone. The device-test fixtures (`--pciaddr`, nvme0, nvme0n1, qpair, buf, pcie: see
+device_fixtures) keep pynvme's names; a suite's own fixtures of the same name take precedence.
 
 On the host, each bench with selected `iommu_dma_vm` tests gets one guest, which runs every
 selected test of that bench (`pytest` in the guest, same checkout, same node ids); the guest's
@@ -31,8 +32,17 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from iommu_dma.testing import vm
+from iommu_dma.testing import device_fixtures, vm
 from iommu_dma.testing.bench import Bench, current_bench, get_bench
+from iommu_dma.testing.device_fixtures import (  # noqa: F401 - fixtures of the plugin
+    buf,
+    idma_devices,
+    nvme0,
+    nvme0n1,
+    nvme1,
+    pcie,
+    qpair,
+)
 
 if TYPE_CHECKING:
     from iommu_dma.testing.qmp import Qmp
@@ -53,6 +63,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="copy the guests' console output to the terminal")
     group.addoption("--idma-vm-jobs", type=int, default=2,
                     help="bench guests running at once (default 2; each takes about one core)")
+    device_fixtures.add_options(parser)
 
 
 def pytest_configure(config: pytest.Config) -> None:
