@@ -20,3 +20,14 @@ def test_readme_daemon_is_the_tested_example() -> None:
     missing = [line for line in lines if line and not line.startswith("async def ")
                and line not in stripped]
     assert not missing, f"README lines not in examples/block_server.py: {missing}"
+
+
+def test_readme_device_suite_is_the_tested_example() -> None:
+    """The README's device-test suite is examples/test_device_example.py, verbatim (a VM test
+    runs the file with --pciaddr)."""
+    readme = (ROOT / "README.md").read_text()
+    example = (ROOT / "examples" / "test_device_example.py").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S)
+                 if "def test_write_read_on_a_fresh_queue_pair" in b)
+    body = example[example.index("import os"):]
+    assert block == body, "README's device suite differs from examples/test_device_example.py"
