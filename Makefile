@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEB_PACKAGES := qemu-system-x86 linux-image-amd64 fio python3-venv python3-dev gcc libc6-dev \
                 linux-libc-dev e2fsprogs util-linux kmod pciutils busybox-static file \
-                valgrind qemu-utils nbdkit nbdkit-plugin-python nbd-client libnbd-bin python3-libnbd
+                valgrind qemu-utils nbdkit nbdkit-plugin-python nbd-client libnbd-bin python3-libnbd nvme-cli
 NATIVE_SOURCES := $(wildcard native/*.c native/*.h native/*.py) setup.py pyproject.toml
 
 .PHONY: all setup deps venv demo test test-host test-vm lint wheelhouse bench bench-embedding clean

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from iommu_dma.cli import output
+from iommu_dma.cli import nvme_json, output
 from iommu_dma.cli.common import (
     CliError,
     add_nsid,
@@ -29,7 +29,8 @@ def cmd_id_ctrl(args: argparse.Namespace) -> int:
     with controller(args.bdf) as ctrl:
         idc = ctrl.identify
     if _json(args):
-        output.emit_json(idc.to_dict())
+        # nvme-cli's keys and values; sn, mn, fr trimmed (nvme_json.CHANGED_ID_CTRL)
+        output.emit_json(nvme_json.id_ctrl(idc, padded_strings=False))
     else:
         output.print_lines(output.id_ctrl_lines(idc))
     return 0
@@ -43,7 +44,9 @@ def cmd_id_ns(args: argparse.Namespace) -> int:
             raise InactiveNamespaceError(f"{ctrl.bdf}: namespace {args.nsid} is not active; "
                                          f"active NSIDs: {active}")
     if _json(args):
-        output.emit_json({"nsid": args.nsid, **idn.to_dict()})
+        # nvme-cli's keys and values, plus nsid and lba_size (nvme_json.EXTRA_ID_NS)
+        output.emit_json({"nsid": args.nsid, **nvme_json.id_ns(idn),
+                          "lba_size": idn.lba_size})
     else:
         output.print_lines(output.id_ns_lines(idn, args.nsid))
     return 0

@@ -7,13 +7,22 @@ import sys
 from collections.abc import Iterable, Sequence
 from typing import Any, TextIO
 
-from iommu_dma.nvme.identify import ErrorLogEntry, IdentifyController, IdentifyNamespace, SmartLog
+from iommu_dma.cli import nvme_json
+from iommu_dma.nvme.identify import (
+    ErrorLogEntry,
+    IdentifyController,
+    IdentifyNamespace,
+    PowerState,
+    SmartLog,
+)
 from iommu_dma.nvme.status import status_name
 
 # Identify Controller fields nvme-cli prints in hex (%#x); the others are decimal or text.
-CTRL_HEX = {"vid", "ssvid", "ieee", "cmic", "cntlid", "ver", "oacs", "frmw", "lpa", "sqes",
-            "cqes", "oncs", "fuses", "fna", "vwc", "sgls"}
-NS_HEX = {"nsze", "ncap", "nuse", "nsfeat", "flbas", "mc", "dpc", "dps", "nmic"}
+CTRL_HEX = {"vid", "ssvid", "ieee", "cmic", "cntlid", "ver", "oaes", "ctratt", "cntrltype",
+            "oacs", "frmw", "lpa", "avscc", "apsta", "sanicap", "anacap", "sqes", "cqes", "oncs",
+            "fuses", "fna", "vwc", "icsvscc", "nwpc", "ocfs", "sgls", "fcatt", "ofcs"}
+NS_HEX = {"nsze", "ncap", "nuse", "nsfeat", "flbas", "mc", "dpc", "dps", "nmic", "rescap", "fpi",
+          "dlfeat", "nsattr"}
 DATA_UNIT = 512 * 1000          # a SMART data unit: 1000 blocks of 512 bytes
 FEATURE_NAMES = {
     0x01: "Arbitration", 0x02: "Power Management", 0x03: "LBA Range Type",
@@ -55,6 +64,8 @@ def field_lines(pairs: Iterable[tuple[str, str]], width: int = 10) -> list[str]:
 def id_ctrl_lines(idc: IdentifyController) -> list[str]:
     pairs = []
     for name, value in idc.to_dict().items():
+        if name == "psds":
+            continue
         if isinstance(value, str):
             shown = value
         elif name in CTRL_HEX:
@@ -62,7 +73,17 @@ def id_ctrl_lines(idc: IdentifyController) -> list[str]:
         else:
             shown = str(value)
         pairs.append((name, shown))
-    return ["NVME Identify Controller:", *field_lines(pairs)]
+    lines = ["NVME Identify Controller:", *field_lines(pairs)]
+    lines += [psd_line(i, p) for i, p in enumerate(idc.psds)]
+    return lines
+
+
+def psd_line(index: int, p: PowerState) -> str:
+    """One power state, the fields of nvme-cli's "ps N :" lines (raw units)."""
+    return (f"ps {index:4d} : mp:{p.max_power} flags:{c_hex(p.flags)} enlat:{p.entry_lat} "
+            f"exlat:{p.exit_lat} rrt:{p.read_tput} rrl:{p.read_lat} rwt:{p.write_tput} "
+            f"rwl:{p.write_lat} idlp:{p.idle_power} ips:{p.idle_scale} actp:{p.active_power} "
+            f"apw:{p.active_power_work} aps:{p.active_scale}")
 
 
 def lbaf_line(index: int, ms: int, lbads: int, rp: int, in_use: bool) -> str:
@@ -90,9 +111,9 @@ def celsius(kelvin: int) -> int:
 
 
 def smart_dict(log: SmartLog) -> dict[str, Any]:
-    d = log.to_dict()
+    """nvme-cli's JSON of the log, plus temperature_celsius (nvme_json.EXTRA_SMART)."""
+    d = nvme_json.smart_log(log)
     d["temperature_celsius"] = celsius(log.temperature)
-    d["temperature_sensors"] = list(log.temperature_sensors)
     return d
 
 
@@ -125,7 +146,9 @@ def smart_lines(log: SmartLog, bdf: str) -> list[str]:
         ("critical_comp_time", str(log.critical_comp_time)),
     ]
     pairs += [(f"temperature_sensor_{i}", temp(t))
-              for i, t in enumerate(log.temperature_sensors, start=1)]
+              for i, t in enumerate(log.temp_sensor, start=1) if t]
+    pairs += [(k, str(getattr(log, k))) for k in ("thm_temp1_trans_count",
+              "thm_temp2_trans_count", "thm_temp1_total_time", "thm_temp2_total_time")]
     return [f"Smart Log for NVME device:{bdf} namespace-id:ffffffff",
             *field_lines(pairs, 40)]
 

@@ -18,6 +18,9 @@ SMART_SIZE = 512                     # LID_SMART log page (Base §5.16.1)
 FW_SLOT_SIZE = 512                   # LID_FW_SLOT log page
 ERROR_ENTRY_SIZE = 64                # one LID_ERROR entry
 MAX_LBA_FORMATS = 64                 # NLBAF is 0's based, at most 63 (Base §5.17.2, NVM CS)
+MAX_POWER_STATES = 32                # NPSS is 0's based, at most 31 (Base §5.17.2.1)
+PSD_OFFSET, PSD_SIZE = 2048, 32      # power state descriptors 0..31, bytes 3071:2048
+VS_OFFSET = 3072                     # vendor specific, bytes 4095:3072
 MIN_LBADS = 9                        # LBADS: 2^9 = 512 bytes is the smallest LBA data size
 
 
@@ -27,6 +30,11 @@ def _u(raw: bytes, offset: int, size: int) -> int:
 
 def _ascii(raw: bytes, offset: int, size: int) -> str:
     return raw[offset:offset + size].decode("ascii", "replace").rstrip(" \x00")
+
+
+def _cstr(raw: bytes, offset: int, size: int) -> str:
+    """A fixed-size field as C reads it: up to the first NUL, padding kept (nvme-cli's %-.*s)."""
+    return raw[offset:offset + size].split(b"\x00", 1)[0].decode("ascii", "replace")
 
 
 def _version(vs: int) -> str:
@@ -45,11 +53,40 @@ class _Parsed:
 
 
 @dataclass(frozen=True)
+class PowerState:
+    """Power State Descriptor (Base §5.17.2.1, Figure 276), named as nvme-cli's JSON names it."""
+
+    max_power: int            # MP, in the units of MXPS (flags bit 0)
+    flags: int                # byte 3: MXPS (bit 0), NOPS (bit 1)
+    entry_lat: int            # ENLAT, microseconds
+    exit_lat: int             # EXLAT, microseconds
+    read_tput: int            # RRT (bits 4:0 of byte 12; the byte as read)
+    read_lat: int             # RRL
+    write_tput: int           # RWT
+    write_lat: int            # RWL
+    idle_power: int           # IDLP
+    idle_scale: int           # IPS, bits 7:6 of byte 18
+    active_power: int         # ACTP
+    active_power_work: int    # APW, bits 2:0 of byte 22
+    active_scale: int         # APS, bits 7:6 of byte 22
+
+    @classmethod
+    def parse(cls, raw: bytes) -> PowerState:
+        return cls(
+            max_power=_u(raw, 0, 2), flags=raw[3], entry_lat=_u(raw, 4, 4),
+            exit_lat=_u(raw, 8, 4), read_tput=raw[12], read_lat=raw[13], write_tput=raw[14],
+            write_lat=raw[15], idle_power=_u(raw, 16, 2), idle_scale=(raw[18] >> 6) & 3,
+            active_power=_u(raw, 20, 2), active_power_work=raw[22] & 7,
+            active_scale=(raw[22] >> 6) & 3,
+        )
+
+
+@dataclass(frozen=True)
 class IdentifyController(_Parsed):
     raw: bytes = field(repr=False)
     vid: int
     ssvid: int
-    sn: str
+    sn: str                       # spaces trimmed (nvme-cli keeps the padding: see nvme_json)
     mn: str
     fr: str
     rab: int
@@ -58,8 +95,17 @@ class IdentifyController(_Parsed):
     mdts: int
     cntlid: int
     ver: int
+    rtd3r: int
+    rtd3e: int
     oaes: int
+    ctratt: int
+    rrls: int
+    cntrltype: int
+    fguid: str                    # 8-4-4-4-12 hex, bytes in order
     crdt: tuple[int, int, int]    # Command Retry Delay Times 1..3, in 100 ms units
+    nvmsr: int
+    vwci: int
+    mec: int
     oacs: int
     acl: int
     aerl: int
@@ -67,10 +113,35 @@ class IdentifyController(_Parsed):
     lpa: int
     elpe: int
     npss: int
+    avscc: int
+    apsta: int
     wctemp: int
     cctemp: int
+    mtfa: int
+    hmpre: int
+    hmmin: int
     tnvmcap: int
     unvmcap: int
+    rpmbs: int
+    edstt: int
+    dsto: int
+    fwug: int
+    kas: int
+    hctma: int
+    mntmt: int
+    mxtmt: int
+    sanicap: int
+    hmminds: int
+    hmmaxd: int
+    nsetidmax: int
+    endgidmax: int
+    anatt: int
+    anacap: int
+    anagrpmax: int
+    nanagrpid: int
+    pels: int
+    domainid: int
+    megcap: int
     sqes: int
     cqes: int
     maxcmd: int
@@ -81,26 +152,65 @@ class IdentifyController(_Parsed):
     vwc: int
     awun: int
     awupf: int
+    icsvscc: int
+    nwpc: int
+    acwu: int
+    ocfs: int
     sgls: int
+    mnan: int
+    maxdna: int
+    maxcna: int
     subnqn: str
+    ioccsz: int
+    iorcsz: int
+    icdoff: int
+    fcatt: int
+    msdbd: int
+    ofcs: int
+    psds: tuple[PowerState, ...]  # NPSS + 1 descriptors (at most 32)
 
     @classmethod
     def parse(cls, raw: bytes) -> IdentifyController:
-        raw = bytes(raw[:IDENTIFY_SIZE])
+        raw = bytes(raw[:IDENTIFY_SIZE]).ljust(IDENTIFY_SIZE, b"\x00")
+        npss = raw[263]
+        count = min(npss, MAX_POWER_STATES - 1) + 1       # NPSS is a 0's based count
+        psds = tuple(PowerState.parse(raw[PSD_OFFSET + PSD_SIZE * i:][:PSD_SIZE])
+                     for i in range(count))
+        fg = raw[112:128].hex()
         return cls(
             raw=raw, vid=_u(raw, 0, 2), ssvid=_u(raw, 2, 2), sn=_ascii(raw, 4, 20),
             mn=_ascii(raw, 24, 40), fr=_ascii(raw, 64, 8), rab=raw[72],
             ieee=_u(raw, 73, 3), cmic=raw[76], mdts=raw[77], cntlid=_u(raw, 78, 2),
-            ver=_u(raw, 80, 4), oaes=_u(raw, 92, 4),
-            crdt=(_u(raw, 134, 2), _u(raw, 136, 2), _u(raw, 138, 2)),
+            ver=_u(raw, 80, 4), rtd3r=_u(raw, 84, 4), rtd3e=_u(raw, 88, 4), oaes=_u(raw, 92, 4),
+            ctratt=_u(raw, 96, 4), rrls=_u(raw, 100, 2), cntrltype=raw[111],
+            fguid=f"{fg[:8]}-{fg[8:12]}-{fg[12:16]}-{fg[16:20]}-{fg[20:]}",
+            crdt=(_u(raw, 128, 2), _u(raw, 130, 2), _u(raw, 132, 2)),
+            nvmsr=raw[253], vwci=raw[254], mec=raw[255],
             oacs=_u(raw, 256, 2), acl=raw[258], aerl=raw[259],
-            frmw=raw[260], lpa=raw[261], elpe=raw[262], npss=raw[263],
-            wctemp=_u(raw, 266, 2), cctemp=_u(raw, 268, 2), tnvmcap=_u(raw, 280, 16),
-            unvmcap=_u(raw, 296, 16), sqes=raw[512], cqes=raw[513], maxcmd=_u(raw, 514, 2),
+            frmw=raw[260], lpa=raw[261], elpe=raw[262], npss=npss, avscc=raw[264],
+            apsta=raw[265], wctemp=_u(raw, 266, 2), cctemp=_u(raw, 268, 2),
+            mtfa=_u(raw, 270, 2), hmpre=_u(raw, 272, 4), hmmin=_u(raw, 276, 4),
+            tnvmcap=_u(raw, 280, 16), unvmcap=_u(raw, 296, 16), rpmbs=_u(raw, 312, 4),
+            edstt=_u(raw, 316, 2), dsto=raw[318], fwug=raw[319], kas=_u(raw, 320, 2),
+            hctma=_u(raw, 322, 2), mntmt=_u(raw, 324, 2), mxtmt=_u(raw, 326, 2),
+            sanicap=_u(raw, 328, 4), hmminds=_u(raw, 332, 4), hmmaxd=_u(raw, 336, 2),
+            nsetidmax=_u(raw, 338, 2), endgidmax=_u(raw, 340, 2), anatt=raw[342],
+            anacap=raw[343], anagrpmax=_u(raw, 344, 4), nanagrpid=_u(raw, 348, 4),
+            pels=_u(raw, 352, 4), domainid=_u(raw, 356, 2), megcap=_u(raw, 368, 16),
+            sqes=raw[512], cqes=raw[513], maxcmd=_u(raw, 514, 2),
             nn=_u(raw, 516, 4), oncs=_u(raw, 520, 2), fuses=_u(raw, 522, 2), fna=raw[524],
-            vwc=raw[525], awun=_u(raw, 526, 2), awupf=_u(raw, 528, 2), sgls=_u(raw, 536, 4),
-            subnqn=_ascii(raw, 768, 256),
+            vwc=raw[525], awun=_u(raw, 526, 2), awupf=_u(raw, 528, 2), icsvscc=raw[530],
+            nwpc=raw[531], acwu=_u(raw, 532, 2), ocfs=_u(raw, 534, 2), sgls=_u(raw, 536, 4),
+            mnan=_u(raw, 540, 4), maxdna=_u(raw, 544, 16), maxcna=_u(raw, 560, 4),
+            subnqn=_cstr(raw, 768, 256), ioccsz=_u(raw, 1792, 4), iorcsz=_u(raw, 1796, 4),
+            icdoff=_u(raw, 1800, 2), fcatt=raw[1802], msdbd=raw[1803], ofcs=_u(raw, 1804, 2),
+            psds=psds,
         )
+
+    @property
+    def vs(self) -> bytes:
+        """Vendor Specific area, bytes 4095:3072 (nvme-cli's JSON leaves it out)."""
+        return self.raw[VS_OFFSET:IDENTIFY_SIZE]
 
     @property
     def version(self) -> str:
@@ -141,21 +251,43 @@ class IdentifyNamespace(_Parsed):
     ncap: int
     nuse: int
     nsfeat: int
-    nlbaf: int
+    nlbaf: int                    # bounded to 63 (the byte as read: raw[25])
     flbas: int
     mc: int
     dpc: int
     dps: int
     nmic: int
+    rescap: int
+    fpi: int
     dlfeat: int
+    nawun: int
+    nawupf: int
+    nacwu: int
+    nabsn: int
+    nabo: int
+    nabspf: int
+    noiob: int
     nvmcap: int
+    npwg: int
+    npwa: int
+    npdg: int
+    npda: int
+    nows: int
+    mssrl: int
+    mcl: int
+    msrc: int
+    nulbaf: int
+    anagrpid: int
+    nsattr: int
+    nvmsetid: int
+    endgid: int
     nguid: str
     eui64: str
     lbaf: tuple[LbaFormat, ...]
 
     @classmethod
     def parse(cls, raw: bytes) -> IdentifyNamespace:
-        raw = bytes(raw[:IDENTIFY_SIZE])
+        raw = bytes(raw[:IDENTIFY_SIZE]).ljust(IDENTIFY_SIZE, b"\x00")
         nlbaf = min(raw[25], MAX_LBA_FORMATS - 1)
         formats = []
         for i in range(nlbaf + 1):                      # NLBAF is a 0's based count
@@ -164,7 +296,14 @@ class IdentifyNamespace(_Parsed):
         return cls(
             raw=raw, nsze=_u(raw, 0, 8), ncap=_u(raw, 8, 8), nuse=_u(raw, 16, 8),
             nsfeat=raw[24], nlbaf=nlbaf, flbas=raw[26], mc=raw[27], dpc=raw[28], dps=raw[29],
-            nmic=raw[30], dlfeat=raw[33], nvmcap=_u(raw, 48, 16),
+            nmic=raw[30], rescap=raw[31], fpi=raw[32], dlfeat=raw[33], nawun=_u(raw, 34, 2),
+            nawupf=_u(raw, 36, 2), nacwu=_u(raw, 38, 2), nabsn=_u(raw, 40, 2),
+            nabo=_u(raw, 42, 2), nabspf=_u(raw, 44, 2), noiob=_u(raw, 46, 2),
+            nvmcap=_u(raw, 48, 16), npwg=_u(raw, 64, 2), npwa=_u(raw, 66, 2),
+            npdg=_u(raw, 68, 2), npda=_u(raw, 70, 2), nows=_u(raw, 72, 2),
+            mssrl=_u(raw, 74, 2), mcl=_u(raw, 76, 4), msrc=raw[80], nulbaf=raw[82],
+            anagrpid=_u(raw, 92, 4), nsattr=raw[99], nvmsetid=_u(raw, 100, 2),
+            endgid=_u(raw, 102, 2),
             nguid=raw[104:120].hex(), eui64=raw[120:128].hex(), lbaf=tuple(formats),
         )
 
@@ -228,12 +367,17 @@ class SmartLog(_Parsed):
     num_err_log_entries: int
     warning_temp_time: int
     critical_comp_time: int
-    temperature_sensors: tuple[int, ...]
+    temperature_sensors: tuple[int, ...]   # the sensors that report (non-zero), kelvin
+    temp_sensor: tuple[int, ...]           # Temperature Sensors 1..8 as read (0: none)
+    thm_temp1_trans_count: int
+    thm_temp2_trans_count: int
+    thm_temp1_total_time: int
+    thm_temp2_total_time: int
 
     @classmethod
     def parse(cls, raw: bytes) -> SmartLog:
-        raw = bytes(raw[:SMART_SIZE])
-        sensors = tuple(t for t in (_u(raw, 200 + 2 * i, 2) for i in range(8)) if t)
+        raw = bytes(raw[:SMART_SIZE]).ljust(SMART_SIZE, b"\x00")
+        sensors = tuple(_u(raw, 200 + 2 * i, 2) for i in range(8))
         return cls(
             raw=raw, critical_warning=raw[0], temperature=_u(raw, 1, 2), avail_spare=raw[3],
             spare_thresh=raw[4], percent_used=raw[5],
@@ -244,7 +388,9 @@ class SmartLog(_Parsed):
             power_on_hours=_u(raw, 128, 16), unsafe_shutdowns=_u(raw, 144, 16),
             media_errors=_u(raw, 160, 16), num_err_log_entries=_u(raw, 176, 16),
             warning_temp_time=_u(raw, 192, 4), critical_comp_time=_u(raw, 196, 4),
-            temperature_sensors=sensors,
+            temperature_sensors=tuple(t for t in sensors if t), temp_sensor=sensors,
+            thm_temp1_trans_count=_u(raw, 216, 4), thm_temp2_trans_count=_u(raw, 220, 4),
+            thm_temp1_total_time=_u(raw, 224, 4), thm_temp2_total_time=_u(raw, 228, 4),
         )
 
 
