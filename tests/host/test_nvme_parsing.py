@@ -131,3 +131,9 @@ def test_nvme_error_message_names_everything() -> None:
     e = NvmeError(make_status(0x80, dnr=True), "Read nsid=1 slba=999 nlb=8")
     assert str(e) == "Read nsid=1 slba=999 nlb=8: LBA Out of Range (SCT 0x0, SC 0x80, DNR)"
     assert (e.sct, e.sc, e.dnr, e.retryable, e.name) == (0, 0x80, True, False, "LBA Out of Range")
+
+
+def test_identify_controller_crdt_at_bytes_133_128() -> None:
+    raw = bytearray(4096)
+    struct.pack_into("<HHHH", raw, 128, 3, 20, 0xFFFF, 9)   # CRDT1..3, then reserved
+    assert IdentifyController.parse(bytes(raw)).crdt == (3, 20, 0xFFFF)
