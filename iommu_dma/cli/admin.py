@@ -29,8 +29,8 @@ def cmd_id_ctrl(args: argparse.Namespace) -> int:
     with controller(args.bdf) as ctrl:
         idc = ctrl.identify
     if _json(args):
-        # nvme-cli's keys and values; sn, mn, fr trimmed (nvme_json.CHANGED_ID_CTRL)
-        output.emit_json(nvme_json.id_ctrl(idc, padded_strings=False))
+        # nvme-cli's keys and values, sn, mn and fr with their space padding as nvme-cli's
+        output.emit_json(nvme_json.id_ctrl(idc))
     else:
         output.print_lines(output.id_ctrl_lines(idc))
     return 0

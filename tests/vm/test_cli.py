@@ -121,8 +121,9 @@ def test_list_bind_unbind(cli: Cli, idma_bench: Bench, idma_nvme_bdfs: list[str]
 def test_id_ctrl_and_id_ns(cli: Cli, idma_bench: Bench, vfio_bdfs: list[str]) -> None:
     bdf, cfg = vfio_bdfs[0], idma_bench.controllers[0]
     idc = cli.ok("id-ctrl", bdf, "-o", "json").json()
-    assert (idc["sn"], idc["mn"], idc["mdts"], idc["vid"]) == (cfg.serial, QEMU_MODEL, cfg.mdts,
-                                                               0x1B36)
+    # nvme-cli's JSON keeps the strings' space padding
+    assert (idc["sn"].rstrip(), idc["mn"].rstrip(), idc["mdts"], idc["vid"]) == (
+        cfg.serial, QEMU_MODEL, cfg.mdts, 0x1B36)
     assert idc["nn"] >= len(cfg.namespaces)
     text = cli.ok("id-ctrl", bdf).text
     assert text.startswith("NVME Identify Controller:\n")
