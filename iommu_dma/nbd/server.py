@@ -65,7 +65,12 @@ def plugin_python() -> str:
     the plugin is not installed."""
     if shutil.which("nbdkit") is None:
         raise ServeError(f"nbdkit is not installed; install it: {INSTALL_HINT}")
-    out = subprocess.run(["nbdkit", "python", "--dump-plugin"], capture_output=True, text=True)
+    try:
+        out = subprocess.run(["nbdkit", "python", "--dump-plugin"], capture_output=True,
+                             text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        raise ServeError("`nbdkit python --dump-plugin` did not answer within 60 s (an "
+                         "LD_PRELOAD in the environment?)") from None
     m = re.search(r"^python_version=(\S+)$", out.stdout, re.M)
     if out.returncode != 0 or m is None:
         raise ServeError(f"nbdkit has no python plugin; install it: {INSTALL_HINT}")
