@@ -53,6 +53,20 @@ class NamespaceConfig:
     read_errors: tuple[int, ...] = ()
     write_errors: tuple[int, ...] = ()
     stallable: bool = False
+    # End-to-end protection (QEMU nvme-ns `pi`, `pil`): 0 none, 1..3 the PI type; needs ms >= 8.
+    # pil=0: the 8-byte PI is the last bytes of the metadata, 1: the first.
+    pi: int = 0
+    pil: int = 0
+    # Zoned Namespace Command Set (QEMU nvme-ns `zoned=on`): zone size and capacity in bytes
+    # (capacity 0 = the zone size), open / active zone limits (0 = no limit).
+    zoned: bool = False
+    zone_size: int = 1 << 20
+    zone_capacity: int = 0
+    max_open: int = 0
+    max_active: int = 0
+    # Not attached to any controller at boot (QEMU nvme-ns `detached=on`): Namespace Attachment
+    # attaches it. Needs the controller to be in an NVM subsystem.
+    detached: bool = False
 
     def __post_init__(self) -> None:
         if self.lba_size not in (512, 4096):
@@ -81,9 +95,41 @@ class NamespaceConfig:
                                      f"(0..{self.blocks - 1})")
             if len(set(lbas)) != len(lbas):
                 raise ValueError(f"{field}: LBAs repeat: {lbas}")
+        self._check_pi()
+        self._check_zoned()
         if self.fault_injection and self.backing != "file":
             raise ValueError("read_errors, write_errors and stallable need backing='file' "
                              "(QEMU's blkdebug sits between the raw format and the image file)")
+
+    def _check_pi(self) -> None:
+        if self.pi not in (0, 1, 2, 3):
+            raise ValueError(f"pi must be 0 (none) or a PI type 1..3, not {self.pi!r}")
+        if self.pil not in (0, 1):
+            raise ValueError(f"pil must be 0 (PI last in the metadata) or 1 (first), "
+                             f"not {self.pil!r}")
+        if self.pi and self.ms < 8:
+            raise ValueError(f"pi={self.pi} needs at least 8 bytes of metadata (ms >= 8)")
+
+    def _check_zoned(self) -> None:
+        if not isinstance(self.zoned, bool) or not isinstance(self.detached, bool):
+            raise ValueError("zoned and detached must be True or False")
+        if not self.zoned:
+            return
+        if self.ms:
+            raise ValueError("a zoned bench namespace cannot also have metadata (ms)")
+        if self.zone_size <= 0 or self.zone_size % self.lba_size or self.size % self.zone_size:
+            raise ValueError(f"zone_size {self.zone_size} must be a positive multiple of the "
+                             f"block size that divides the namespace size {self.size}")
+        if not 0 <= self.zone_capacity <= self.zone_size or self.zone_capacity % self.lba_size:
+            raise ValueError(f"zone_capacity {self.zone_capacity} must be 0 or a multiple of "
+                             f"{self.lba_size} no larger than zone_size {self.zone_size}")
+        if self.max_open < 0 or self.max_active < 0:
+            raise ValueError("max_open and max_active must be >= 0")
+
+    @property
+    def zones(self) -> int:
+        """Zones of a zoned namespace (0 otherwise)."""
+        return self.size // self.zone_size if self.zoned else 0
 
     @property
     def fault_injection(self) -> bool:
@@ -132,6 +178,9 @@ class ControllerConfig:
         if not isinstance(self.hotplug, bool):
             raise ValueError(f"controller {self.serial}: hotplug must be True or False, "
                              f"not {self.hotplug!r}")
+        if any(ns.detached for ns in self.namespaces) and not self.subsystem:
+            raise ValueError(f"controller {self.serial}: a detached namespace needs the "
+                             "controller in an NVM subsystem (subsystem=...)")
 
 
 @dataclass(frozen=True)
@@ -224,11 +273,23 @@ class Bench:
                 ns_opts = (f"nvme-ns,id={ns_device_id(ci, ni)},drive={node},bus=nvme{ci},"
                            f"nsid={ni},logical_block_size={ns.lba_size},"
                            f"physical_block_size={ns.lba_size}")
-                if ns.ms:
-                    ns_opts += f",ms={ns.ms},mset={ns.mset}"
-                args += ["-device", ns_opts]
+                args += ["-device", ns_opts + _ns_extra_opts(ns)]
         args += monitor_args(image_dir, guest=self.fault_injection)
         return args
+
+
+def _ns_extra_opts(ns: NamespaceConfig) -> str:
+    """nvme-ns options for metadata, protection, zones and attachment."""
+    opts = ""
+    if ns.ms:
+        opts += f",ms={ns.ms},mset={ns.mset},pi={ns.pi},pil={ns.pil}"
+    if ns.zoned:
+        opts += (f",zoned=on,zoned.zone_size={ns.zone_size},"
+                 f"zoned.zone_capacity={ns.zone_capacity},zoned.max_open={ns.max_open},"
+                 f"zoned.max_active={ns.max_active}")
+    if ns.detached:
+        opts += ",detached=on"
+    return opts
 
 
 def node_name(ctrl_index: int, nsid: int) -> str:
@@ -376,6 +437,25 @@ BENCHES: dict[str, Bench] = {
                 NamespaceConfig(32 << 20, 4096, "file", stallable=True)),
                 mdts=5, max_ioqpairs=8),
             ControllerConfig("IDMAF001", (_file_ns(32, 4096),), hotplug=True))),
+        # Commands test engineers script (tests index the controllers and namespaces):
+        # [0] nsid 1 zoned (16 zones of 1 MiB, capacity 768 KiB, at most 4 open / 6 active),
+        #     nsid 2 plain; [1] protection information: nsid 1 PI type 1 (8 bytes of metadata,
+        #     separate buffer), nsid 2 PI type 3 (16 bytes, extended LBA, PI first),
+        #     nsid 3 PI type 2 with 512-byte blocks; [2] in an NVM subsystem: nsid 1 attached,
+        #     nsid 2 detached (Namespace Attachment tests).
+        Bench("cmds", (
+            ControllerConfig("IDMAC000", (
+                NamespaceConfig(16 << 20, 4096, "file", zoned=True, zone_size=1 << 20,
+                                zone_capacity=768 << 10, max_open=4, max_active=6),
+                _file_ns(16, 4096)), mdts=5, max_ioqpairs=8),
+            ControllerConfig("IDMAC001", (
+                NamespaceConfig(16 << 20, 4096, "file", ms=8, mset=0, pi=1),
+                NamespaceConfig(16 << 20, 4096, "file", ms=16, mset=1, pi=3, pil=1),
+                NamespaceConfig(8 << 20, 512, "file", ms=8, mset=0, pi=2)),
+                mdts=5, max_ioqpairs=8),
+            ControllerConfig("IDMAC002", (
+                _file_ns(16, 4096), NamespaceConfig(16 << 20, 4096, "file", detached=True)),
+                mdts=5, max_ioqpairs=8, subsystem="idmacmds"))),
     )
 }
 
