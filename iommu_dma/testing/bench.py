@@ -282,7 +282,9 @@ def _ns_extra_opts(ns: NamespaceConfig) -> str:
     """nvme-ns options for metadata, protection, zones and attachment."""
     opts = ""
     if ns.ms:
-        opts += f",ms={ns.ms},mset={ns.mset},pi={ns.pi},pil={ns.pil}"
+        opts += f",ms={ns.ms},mset={ns.mset}"
+    if ns.pi:
+        opts += f",pi={ns.pi},pil={ns.pil}"
     if ns.zoned:
         opts += (f",zoned=on,zoned.zone_size={ns.zone_size},"
                  f"zoned.zone_capacity={ns.zone_capacity},zoned.max_open={ns.max_open},"

@@ -71,6 +71,14 @@ def test_json_round_trip() -> None:
         (lambda: NamespaceConfig(backing="null", stallable=True), "need backing='file'"),
         (lambda: NamespaceConfig(stallable=1), "stallable must be True or False"),
         (lambda: ControllerConfig("X", hotplug="yes"), "hotplug must be True or False"),
+        (lambda: NamespaceConfig(pi=4, ms=8), "PI type 1..3"),
+        (lambda: NamespaceConfig(pi=1), r"needs at least 8 bytes of metadata"),
+        (lambda: NamespaceConfig(pi=1, ms=8, pil=2), "pil must be 0"),
+        (lambda: NamespaceConfig(zoned=True, zone_size=3 << 20), "divides the namespace size"),
+        (lambda: NamespaceConfig(zoned=True, zone_capacity=2 << 20), "no larger than zone_size"),
+        (lambda: NamespaceConfig(zoned=True, ms=8), "cannot also have metadata"),
+        (lambda: ControllerConfig("X", (NamespaceConfig(detached=True),)),
+         "needs the controller in an NVM subsystem"),
         (lambda: Bench("b", (ControllerConfig("A", hotplug=True), ControllerConfig("B"))),
          "hotplug controllers must come after all others"),
     ],
@@ -265,3 +273,15 @@ def test_faults_json_round_trip_keeps_tuples() -> None:
     back = Bench.from_json(bench.to_json())
     assert back == bench
     assert back.controllers[0].namespaces[0].read_errors == (1000, 5000, 12000)
+
+
+def test_qemu_args_for_cmds(tmp_path: Path) -> None:
+    """Zones, protection information and detached namespaces reach the nvme-ns options."""
+    args = BENCHES["cmds"].qemu_args(tmp_path)
+    ns = [a for a in args if a.startswith("nvme-ns,")]
+    assert ns[0].endswith(",zoned=on,zoned.zone_size=1048576,zoned.zone_capacity=786432,"
+                          "zoned.max_open=4,zoned.max_active=6")
+    assert ns[2].endswith(",ms=8,mset=0,pi=1,pil=0")
+    assert ns[3].endswith(",ms=16,mset=1,pi=3,pil=1")
+    assert ns[-1].endswith(",detached=on")
+    assert BENCHES["cmds"].controllers[0].namespaces[0].zones == 16
