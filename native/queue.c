@@ -66,6 +66,7 @@ struct idma_qpair {
     /* shadow doorbells (§5.8): NULL when not in use */
     volatile uint32_t *sq_shadow, *cq_shadow, *sq_ei, *cq_ei;
     uint8_t mmio_always;            /* shadow + BAR0 on every doorbell (admin queue) */
+    uint8_t sgl;                    /* data pointers: 1 = one SGL descriptor, 0 = PRPs */
     uint8_t sq_force;               /* next SQ doorbell goes to BAR0 whatever the EventIdx */
     uint32_t sq_db_tail;            /* SQ tail value of the last doorbell update */
     uint32_t cq_db_head;            /* CQ head value of the last doorbell update */
@@ -242,10 +243,27 @@ static int prepare(const struct idma_qpair *q, const struct tracker *t,
     int rc;
 
     *prp1 = *prp2 = 0;                      /* no data: the device gets no pointer */
+    if (io->mlen) {
+        if (io->mbuf & 3)
+            return IDMA_EALIGN;             /* MPTR: dword aligned (§4.2, Figure 88) */
+        if (q->maptable && !idma_maptable_contains(q->maptable, io->mbuf, io->mlen))
+            return IDMA_EUNMAPPED;
+    }
     if (io->len == 0)
         return IDMA_OK;
     if (q->maptable && !idma_maptable_contains(q->maptable, io->buf, io->len))
         return IDMA_EUNMAPPED;
+    if (q->sgl) {
+        /* One SGL Data Block descriptor (§4.1.2.1): address in bytes 7:0, length in 11:8,
+         * identifier byte 15 = 0 (Data Block, Address subtype). */
+        if (io->buf & 3)
+            return IDMA_EALIGN;
+        if (io->len > UINT32_MAX || io->buf + io->len < io->buf)
+            return IDMA_ETOOBIG;
+        *prp1 = io->buf;
+        *prp2 = io->len;
+        return IDMA_OK;
+    }
     /* Within one page (a 4 KiB read): PRP1 only, PRP2 stays 0, exactly what idma_prp_build
      * returns for it (same alignment and wrap checks), without the call. */
     if (!(io->buf & 3) && io->len <= q->page_size - (io->buf & (q->page_size - 1)) &&
@@ -383,10 +401,12 @@ static void place(struct idma_qpair *q, const struct idma_sqe *cmd, uint16_t cid
     if (!io) {                              /* unchecked: the caller's pointers as given */
         slot->cdw0 = (cmd->cdw0 & 0xFFFFu) | ((uint32_t)cid << 16);
     } else {
-        /* The only data pointer the device gets is the PRPs built from the checked buffer:
-         * PSDT (CDW0 15:14) = 0 selects PRPs, MPTR is cleared (§4.2, Figure 88). */
-        slot->cdw0 = (cmd->cdw0 & 0x3FFFu) | ((uint32_t)cid << 16);
-        slot->mptr = 0;
+        /* The only pointers the device gets are built from the checked buffers: PSDT (CDW0
+         * 15:14) 00b PRPs or 01b one SGL descriptor; MPTR the checked metadata or 0 (§4.2). */
+        uint32_t psdt = q->sgl && io->len ? 1u << 14 : 0;
+
+        slot->cdw0 = (cmd->cdw0 & 0x3FFFu) | psdt | ((uint32_t)cid << 16);
+        slot->mptr = io->mlen ? io->mbuf : 0;
         slot->prp1 = prp1;
         slot->prp2 = prp2;
     }
@@ -520,6 +540,19 @@ int idma_qpair_submit_unchecked(struct idma_qpair *q, const struct idma_sqe *cmd
     return (int)fit;
 }
 
+int idma_qpair_set_sgl(struct idma_qpair *q, uint32_t sgl)
+{
+    int rc;
+
+    if (!q || sgl > 1 || q->qid == 0)
+        return IDMA_EINVAL;
+    if ((rc = idma_qpair_claim(q)) != 0)
+        return rc;
+    q->sgl = (uint8_t)sgl;
+    idma_qpair_release(q);
+    return IDMA_OK;
+}
+
 int idma_qpair_bad_index(const struct idma_qpair *q)
 {
     return q ? q->bad_index : -1;
@@ -538,7 +571,8 @@ static int submit_rw(struct idma_qpair *q, uint8_t opcode, uint32_t nsid, uint32
     if (n && (!lbas || !tags || nlb == 0 || nlb > 65536 || !lba_size))
         return IDMA_EINVAL;
     for (i = 0; i < fit; i++, id = q->trk[id].next_free) {
-        struct idma_io io = { buf_base + tags[i] * buf_stride, len, tags[i] };
+        struct idma_io io = { .buf = buf_base + tags[i] * buf_stride, .len = len,
+                              .tag = tags[i] };
         int rc = prepare(q, &q->trk[id], &io, &q->prp[2 * i], &q->prp[2 * i + 1]);
         if (rc < 0) {
             q->bad_index = (int)i;
@@ -550,7 +584,7 @@ static int submit_rw(struct idma_qpair *q, uint8_t opcode, uint32_t nsid, uint32
     cmd.nsid = nsid;
     cmd.cdw12 = nlb - 1;                /* NVM Command Set 1.0 §3.3.4: 0's based NLB */
     for (i = 0; i < fit; i++) {
-        struct idma_io io = { 0, len, tags[i] };
+        struct idma_io io = { .len = len, .tag = tags[i] };
         uint16_t cid;
 
         cmd.cdw10 = (uint32_t)lbas[i];  /* SLBA in CDW10-11 */
@@ -769,4 +803,5 @@ void idma_qpair_get_info(const struct idma_qpair *q, struct idma_qpair_info *out
     out->cq_mmio = q->cq_mmio;
     out->shadow = q->sq_shadow != NULL;
     out->cq_batch = q->cq_batch;
+    out->sgl = q->sgl;
 }

@@ -55,11 +55,16 @@ struct idma_cqe {
 };
 
 /* Data buffer and caller tag of one submitted command. len 0: no data, the SQE's PRP1/PRP2
- * are copied unchanged (e.g. Create I/O CQ/SQ with a contiguous queue in PRP1). */
+ * are copied unchanged (e.g. Create I/O CQ/SQ with a contiguous queue in PRP1). mlen 0: no
+ * separate metadata, MPTR is 0; otherwise MPTR = mbuf, checked like the data (NVMe Base 2.0
+ * §4.2: MPTR of a contiguous metadata buffer, dword aligned). Zero-initialize: fields may be
+ * added at the end. */
 struct idma_io {
     uint64_t buf;           /* IOVA (= VA) of the data, dword aligned */
     uint64_t len;           /* bytes */
     uint64_t tag;           /* returned in the completion */
+    uint64_t mbuf;          /* IOVA (= VA) of the command's metadata, dword aligned */
+    uint64_t mlen;          /* its bytes (0: none) */
 };
 
 /* One reaped completion. status: the 15-bit status field (SC 7:0, SCT 10:8, CRD 12:11,
@@ -92,6 +97,7 @@ struct idma_qpair_info {
     uint64_t cq_mmio;       /* of those, CQ head writes that reached BAR0 */
     uint32_t shadow;        /* 1: shadow doorbells in use */
     uint32_t cq_batch;      /* CQ head MMIO deferred up to this many CQEs (0/1: every poll) */
+    uint32_t sgl;           /* 1: data described by an SGL Data Block descriptor, 0: PRPs */
 };
 
 struct idma_qpair;
@@ -170,6 +176,14 @@ int idma_qpair_set_shadow(struct idma_qpair *q, uint32_t *shadow_db, uint32_t *e
  * (unannounced + in flight > depth - 1), so the controller never stalls. 0 or 1: every poll.
  */
 void idma_qpair_set_cq_batch(struct idma_qpair *q, uint32_t batch);
+/*
+ * Data pointer type of this queue's commands with data (§4.1.2, CDW0 PSDT): 0 = PRPs, 1 =
+ * SGL: one SGL Data Block descriptor in DPTR (address + 32-bit length) covering the whole
+ * buffer, which IOVA = VA makes contiguous; PSDT 01b, so MPTR stays a plain address. Only for
+ * I/O queues of a controller whose Identify SGLS allows SGLs (admin commands use PRPs over
+ * PCIe). Returns 0, IDMA_EINVAL or IDMA_EBUSY.
+ */
+int idma_qpair_set_sgl(struct idma_qpair *q, uint32_t sgl);
 
 /*
  * Fast path for reads/writes without per-command structs: n commands of opcode (01h Write,

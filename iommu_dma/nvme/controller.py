@@ -275,7 +275,7 @@ class Controller:
         self.pci.write32(regs.AQA, regs.aqa_value(depth, depth))
         self.pci.write64(regs.ASQ, self.admin.sq_mem.iova)
         self.pci.write64(regs.ACQ, self.admin.cq_mem.iova)
-        self.pci.write32(regs.CC, regs.cc_value(self.page_size))
+        self.pci.write32(regs.CC, regs.cc_value(self.page_size, regs.cc_css(self.cap)))
         self._wait_ready(True)
 
     def _new_queue(self, qid: int, depth: int, max_transfer: int,
@@ -400,7 +400,7 @@ class Controller:
         self.pci.write32(regs.AQA, regs.aqa_value(self.admin.depth, self.admin.depth))
         self.pci.write64(regs.ASQ, self.admin.sq_mem.iova)
         self.pci.write64(regs.ACQ, self.admin.cq_mem.iova)
-        self.pci.write32(regs.CC, regs.cc_value(self.page_size))
+        self.pci.write32(regs.CC, regs.cc_value(self.page_size, regs.cc_css(self.cap)))
         self._wait_ready(True)
         self.admin.resume()
         if self.dbbuf is not None:
@@ -586,13 +586,17 @@ class Controller:
     # ---- I/O queues ---------------------------------------------------------------------------
 
     def create_io_queue(self, depth: int = 256, *, timeout: float | None = QUEUE_DEFAULT,
-                        wait: WaitMode = "poll", spin: float | None = None) -> IoQueue:
+                        wait: WaitMode = "poll", spin: float | None = None,
+                        sgl: bool = False) -> IoQueue:
         """A new I/O queue pair (its CQ, then its SQ); at most CAP.MQES (and 4096) entries.
         wait: "poll" (CQ created with interrupts off), "interrupt" or "hybrid" (CQ with IEN
         and an MSI-X vector of its own while vectors last; waiting sleeps on it, hybrid after
         polling spin seconds). timeout: this queue's own command deadline in seconds (None:
-        no limit); by default the queue follows ctrl.recovery.io_timeout. Thread-safe."""
+        no limit); by default the queue follows ctrl.recovery.io_timeout. sgl: describe data
+        with an SGL instead of PRPs (the controller must report SGL support). Thread-safe."""
         spin = check_mode(wait, spin)
+        if sgl:
+            self._check_sgl()
         with self._lock:
             self.check_open()
             qid = next((q for q in range(1, self.max_io_queues + 1) if q not in self.io_queues),
@@ -609,10 +613,21 @@ class Controller:
             q = self._new_queue(qid, depth, self.max_transfer,
                                 self.dbbuf.addrs if self.dbbuf is not None else None, irq)
             q.timeout = timeout
+            q.sgl = sgl
+            if sgl:
+                q.qpair.set_sgl(True)
             self._create_on_device(q)
             self.io_queues[qid] = q
             self.queues_created += 1
             return q
+
+    def _check_sgl(self) -> None:
+        """Identify SGLS bits 1:0 (Base 2.0 §5.17.2.1): 00b = SGLs not supported for NVM
+        commands; 01b no alignment rule, 10b dword alignment (the engine always requires
+        dword-aligned data)."""
+        if not self.identify.sgls & 0x3:
+            raise ControllerError(f"{self.bdf}: the controller does not support SGLs (Identify "
+                                  f"SGLS = {self.identify.sgls:#x}); use PRPs (sgl=False)")
 
     def _vector_for(self, qid: int) -> int:
         """The MSI-X vector of I/O queue qid: its own while vectors last (vector 0 is the

@@ -71,14 +71,20 @@ class NotMappedError(IommuDmaError):
 
 class _Lease:
     """The device's hold on the memory of one submission's commands: the owner (a DmaBuffer,
-    or any buffer object whose export is held so it cannot be resized) stays the device's for
-    as long as this object lives, i.e. until the queue drops the last of those commands."""
+    or any buffer object whose export is held so it cannot be resized; a tuple of them for
+    data and metadata) stays the device's for as long as this object lives, i.e. until the
+    queue drops the last of those commands."""
 
-    __slots__ = ("owner", "view", "__weakref__")
+    __slots__ = ("owner", "views", "__weakref__")
 
     def __init__(self, owner: object) -> None:
         self.owner = owner
-        self.view = None if isinstance(owner, DmaBuffer) else memoryview(owner)  # type: ignore[arg-type]
+        self.views = [memoryview(o) for o in _owners(owner)  # type: ignore[arg-type]
+                      if not isinstance(o, DmaBuffer)]
+
+
+def _owners(owner: object) -> tuple[object, ...]:
+    return owner if isinstance(owner, tuple) else (owner,)
 
 
 @dataclass(eq=False)
@@ -209,6 +215,7 @@ class IoQueue:
         self.sq_mem = self._zeroed(depth * SQE_SIZE, page_size)
         self.cq_mem = self._zeroed(depth * CQE_SIZE, page_size)
         self.lists = self._zeroed((depth - 1) * pages_each * page_size, page_size)
+        self.sgl = False                        # data pointers: SGL (True) or PRPs
         self._engine_args: dict[str, Any] = dict(
             bar0_addr=bar0_addr, bar0_size=bar0_size, dstrd=dstrd, page_size=page_size,
             list_pages=(depth - 1) * pages_each, maptable=maptable)
@@ -246,7 +253,18 @@ class IoQueue:
                       list_pages=a["list_pages"], maptable=a["maptable"])
         if shadow is not None:
             q.set_shadow(*shadow)
+        if self.sgl:
+            q.set_sgl(True)
         return q
+
+    def use_sgl(self, sgl: bool = True) -> None:
+        """Describe data with an SGL (True) or PRPs (False) from the next command on; kept
+        across controller resets. Only for I/O queues of a controller that supports SGLs
+        (Controller.create_io_queue(sgl=True) checks Identify SGLS)."""
+        with self._lock:
+            self._check_open()
+            self.qpair.set_sgl(sgl)
+            self.sgl = sgl
 
     def _zeroed(self, size: int, align: int) -> DmaBuffer:
         buf = self.allocator.alloc(size, align)
@@ -280,9 +298,13 @@ class IoQueue:
     # ---- submission ---------------------------------------------------------------------
 
     def submit(self, sqe: Sqe, addr: int = 0, length: int = 0, what: str = "",
-               owner: object = None, timeout: float | None = QUEUE_DEFAULT) -> IoFuture:
-        """Queue one command (the device sees it at the next doorbell write)."""
-        return self.submit_many([Command(sqe, addr, length, 0, what)], owner, timeout)[0]
+               owner: object = None, timeout: float | None = QUEUE_DEFAULT, *,
+               meta_addr: int = 0, meta_length: int = 0) -> IoFuture:
+        """Queue one command (the device sees it at the next doorbell write); meta_addr /
+        meta_length: its separate metadata buffer (MPTR), which owner must then cover too
+        (a tuple of the data and metadata owners)."""
+        cmd = Command(sqe, addr, length, 0, what, meta_addr, meta_length)
+        return self.submit_many([cmd], owner, timeout)[0]
 
     def submit_many(self, cmds: Sequence[Command], owner: object = None,
                     timeout: float | None = QUEUE_DEFAULT) -> list[IoFuture]:
@@ -304,9 +326,10 @@ class IoQueue:
                      for c in cmds]
             if owner is not None and items:
                 lease = _Lease(owner)
-                buf = owning_buffer(owner)      # also for a view of a DmaBuffer
-                if buf is not None:
-                    buf._allocator.device_acquire(buf, lease)
+                for o in _owners(owner):
+                    buf = owning_buffer(o)      # also for a view of a DmaBuffer
+                    if buf is not None:
+                        buf._allocator.device_acquire(buf, lease)
                 for p in items:
                     p.lease = lease
             self._backlog.extend(items)

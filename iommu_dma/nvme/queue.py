@@ -41,13 +41,16 @@ SqeLike = Union[Sqe, bytes, bytearray, memoryview, Any]   # Any: a cffi "struct 
 class Command(NamedTuple):
     """One command for QueuePair.submit: the SQE (CID and, with a data buffer, PRP1/PRP2 are
     filled in by the engine), its data buffer (IOVA = VA; length 0: none, PRPs kept as given),
-    the caller's tag returned in the completion, and a description for messages."""
+    the caller's tag returned in the completion, a description for messages, and its separate
+    metadata buffer (MPTR; meta_length 0: none, MPTR is 0)."""
 
     sqe: SqeLike
     addr: int = 0
     length: int = 0
     tag: int = 0
     what: str = ""
+    meta_addr: int = 0
+    meta_length: int = 0
 
 
 class QueueError(IommuDmaError):
@@ -219,6 +222,7 @@ class QueuePair:
         for i, c in enumerate(cmds):
             raw[i * SQE_SIZE:(i + 1) * SQE_SIZE] = _sqe_bytes(c.sqe)
             ios[i].buf, ios[i].len, ios[i].tag = c.addr, c.length, c.tag
+            ios[i].mbuf, ios[i].mlen = c.meta_addr, c.meta_length
         rc = lib.idma_qpair_submit(self._q, sqes, ios, n)
         if rc < 0:
             raise self._error(rc, lib.idma_qpair_bad_index(self._q))
@@ -253,6 +257,13 @@ class QueuePair:
         mmio_always: also write BAR0 on every doorbell (for the admin queue)."""
         rc = lib.idma_qpair_set_shadow(self._q, ffi.cast("uint32_t *", shadow_addr),
                                        ffi.cast("uint32_t *", eventidx_addr), int(mmio_always))
+        if rc < 0:
+            raise self._error(rc)
+
+    def set_sgl(self, sgl: bool) -> None:
+        """Describe the data of this (I/O) queue's commands with one SGL Data Block descriptor
+        (PSDT 01b, NVMe Base 2.0 §4.1.2) instead of PRPs; False: PRPs again."""
+        rc = lib.idma_qpair_set_sgl(self._q, int(sgl))
         if rc < 0:
             raise self._error(rc)
 

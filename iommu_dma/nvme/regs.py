@@ -9,6 +9,7 @@ CAP, VS, INTMS, INTMC, CC, CSTS, NSSR, AQA, ASQ, ACQ = (
 
 CC_EN = 1 << 0
 CC_CSS_NVM = 0 << 4
+CC_CSS_CSI = 6 << 4          # 110b: all supported I/O command sets (NVMe Base 2.0 §3.1.3.5)
 CC_SHN_NORMAL = 1 << 14
 CC_SHN_MASK = 3 << 14
 CC_IOSQES = 6 << 16          # 64-byte SQ entries (2^6)
@@ -50,6 +51,12 @@ class Capabilities:
         return bool((self.raw >> 37) & 1)
 
     @property
+    def css_csi(self) -> bool:
+        """CAP.CSS bit 6 (CAP bit 43): the controller supports one or more I/O command sets
+        selected by CSI (e.g. Zoned Namespaces) and CC.CSS = 110b (§3.1.3.1)."""
+        return bool((self.raw >> 43) & 1)
+
+    @property
     def mps_min(self) -> int:
         """Smallest memory page size in bytes (2^(12 + MPSMIN))."""
         return 1 << (12 + ((self.raw >> 48) & 0xF))
@@ -59,10 +66,17 @@ class Capabilities:
         return 1 << (12 + ((self.raw >> 52) & 0xF))
 
 
-def cc_value(page_size: int) -> int:
-    """CC for an enabled NVM-command-set controller with page_size pages (§3.1.4.5)."""
+def cc_css(cap: Capabilities) -> int:
+    """CC.CSS as the Linux driver chooses it: 110b (all supported I/O command sets, so that
+    zoned namespaces take the Zoned commands) when CAP.CSS bit 6 says the controller has them,
+    else 000b (NVM command set only) (NVMe Base 2.0 §3.1.3.5, CC.CSS)."""
+    return CC_CSS_CSI if cap.css_csi else CC_CSS_NVM
+
+
+def cc_value(page_size: int, css: int = CC_CSS_NVM) -> int:
+    """CC for an enabled controller with page_size pages and command sets css (§3.1.4.5)."""
     mps = page_size.bit_length() - 1 - 12
-    return CC_EN | CC_CSS_NVM | mps << 7 | CC_IOSQES | CC_IOCQES
+    return CC_EN | css | mps << 7 | CC_IOSQES | CC_IOCQES
 
 
 def aqa_value(asq_entries: int, acq_entries: int) -> int:

@@ -451,7 +451,7 @@ def test_queue_error_is_an_iommu_dma_error_and_command_is_a_record(rig: Rig) -> 
     assert "command 3" in str(e)
     c = Command(S.flush(1))
     assert (c.addr, c.length, c.tag, c.what) == (0, 0, 0, "")
-    assert Command._fields == ("sqe", "addr", "length", "tag", "what")
+    assert Command._fields == ("sqe", "addr", "length", "tag", "what", "meta_addr", "meta_length")
     assert rig.qp.submit([c._replace(tag=42, what="flush")]) == 1
     rig.dev.post(rig.dev.fetch()[0].cid)
     assert [x.tag for x in rig.qp.poll()] == [42]

@@ -970,3 +970,55 @@ def test_perf_cli_lists_failed_ios_and_exits_1(faulty_ns: SimNs, fmt: str,
         assert all(re.fullmatch(r"\d+ read\(s\) not verified: a write of their block had "
                                 r"failed, so its content is unknown", t)
                    for t in lines[at + 7:])
+
+
+def test_sgl_queue_sends_one_data_block_descriptor(rig: Rig) -> None:
+    """PSDT 01b and an SGL Data Block descriptor (address, 32-bit length, identifier 0) in
+    DPTR (NVMe Base 2.0 §4.1.2); commands without data keep PSDT 0; PRPs again after."""
+    d = rig.data.addr
+    rig.qp.set_sgl(True)
+    assert rig.qp.info()["sgl"] == 1
+    cmds = [Command(S.read(1, 64, 24), d + 0x200, 3 * PAGE, 1),   # would need a PRP list
+            Command(S.flush(1), 0, 0, 2)]
+    assert rig.qp.submit(cmds) == 2
+    got = rig.dev.fetch()
+    assert (got[0].psdt, got[0].prp1, got[0].prp2) == (1, d + 0x200, 3 * PAGE)
+    assert (got[1].psdt, got[1].prp1, got[1].prp2) == (0, 0, 0)
+    from iommu_dma.nvme.queue import BatchIo
+
+    batch = BatchIo(rig.qp, 1, 4096, d, 1, nlb=2, lba_capacity=1)
+    assert batch.submit(1) == 1                                  # the fast path too
+    e = rig.dev.fetch()[0]
+    assert (e.psdt, e.prp1, e.prp2) == (1, d, 8192)
+    rig.qp.set_sgl(False)
+    rig.qp.submit([Command(S.read(1, 0, 1), d, 512, 4)])
+    e = rig.dev.fetch()[0]
+    assert (e.psdt, e.prp1, e.prp2) == (0, d, 0)
+
+
+def test_sgl_refused_on_the_admin_queue() -> None:
+    r = Rig(depth=4, qid=0)
+    with pytest.raises(QueueError):
+        r.qp.set_sgl(True)
+
+
+def test_metadata_pointer_is_checked_like_the_data() -> None:
+    """MPTR (§4.2) carries the checked metadata buffer; an unmapped or misaligned one is
+    refused before the device sees anything; without metadata MPTR is 0 whatever the SQE held."""
+    table = ffi.gc(lib.idma_maptable_new(), lib.idma_maptable_free)
+    r = Rig(depth=8, maptable=table)
+    d = r.data.addr
+    assert lib.idma_maptable_add(table, d, 64 * 1024) == 0
+    meta = d + 32 * 1024
+    assert r.qp.submit([Command(S.read(1, 0, 1), d, PAGE, 1, "", meta, 8)]) == 1
+    e = r.dev.fetch()[0]
+    assert (e.mptr, e.prp1) == (meta, d)
+    stray = S.read(1, 0, 1)
+    stray.mptr = 0xDEAD000
+    assert r.qp.submit([Command(stray, d, PAGE, 2)]) == 1
+    assert r.dev.fetch()[0].mptr == 0
+    for addr, rc in ((d + 64 * 1024 - 4, EUNMAPPED), (meta + 2, EALIGN)):
+        with pytest.raises(QueueError) as exc:
+            r.qp.submit([Command(S.read(1, 0, 1), d, PAGE, 3, "", addr, 8)])
+        assert exc.value.rc == rc
+    assert r.dev.sq_tail == 2
