@@ -84,6 +84,43 @@ def test_write_read_sizes_and_offsets(idma_bench: Bench, ctrl: Controller,
         assert lba * ns.lba_size <= ns_cfg.size
 
 
+def test_sgl_and_prp_queues_move_the_same_data(ctrl: Controller,
+                                               idma_bench_images: Path) -> None:
+    """Data described by one SGL Data Block descriptor (QEMU reports SGLS bit 0) lands where
+    PRPs put it: written through an SGL queue, read through a PRP queue and from the image,
+    and the other way round, from dword-offset buffers of 1 block up to several MDTS."""
+    assert ctrl.identify.sgls & 0x3
+    sgl_q = ctrl.create_io_queue(16, sgl=True)
+    prp_q = ctrl.create_io_queue(16)
+    try:
+        from iommu_dma.nvme.namespace import Namespace
+
+        rng = random.Random(7)
+        lba = 4096
+        for nsid in (1, 2):
+            via = {"sgl": Namespace(ctrl, nsid, sgl_q), "prp": Namespace(ctrl, nsid, prp_q)}
+            lba_size = via["sgl"].lba_size
+            for nlb in (1, 5, 3 * ctrl.max_transfer // lba_size + 1):
+                for writer, reader in (("sgl", "prp"), ("prp", "sgl")):
+                    size = nlb * lba_size
+                    buf = ctrl.alloc(size + 8192)
+                    view = buf.view[516:516 + size]
+                    data = rng.randbytes(size)
+                    view[:] = data
+                    via[writer].write_from(lba, view, nlb)
+                    view[:] = bytes(size)
+                    via[reader].read_into(lba, view, nlb)
+                    where = f"nsid {nsid} nlb {nlb} {writer} -> {reader}"
+                    assert bytes(view) == data, where
+                    assert image_bytes(idma_bench_images, 0, nsid, lba * lba_size, size) == data
+                    buf.free()
+                    lba += nlb
+        assert sgl_q.qpair.info()["sgl"] == 1 and prp_q.qpair.info()["sgl"] == 0
+    finally:
+        ctrl.delete_io_queue(sgl_q.qid)
+        ctrl.delete_io_queue(prp_q.qid)
+
+
 @pytest.mark.iommu_dma_vm(bench="two_ctrl")
 def test_two_controllers_share_one_container(idma_bench: Bench, vfio_bdfs: list[str],
                                              idma_bench_images: Path) -> None:
