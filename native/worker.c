@@ -13,9 +13,21 @@ _Static_assert(IDMA_HIST_BUCKETS == (64 - IDMA_HIST_SUB_BITS + 1) << IDMA_HIST_S
 _Static_assert(sizeof(((struct idma_worker_result *)0)->failed) ==
                IDMA_WORKER_MAX_FAILED * sizeof(struct idma_worker_failed_io),
                "failed[] holds IDMA_WORKER_MAX_FAILED entries");
+_Static_assert(sizeof(((struct idma_worker_cfg *)0)->bs_lbas) == IDMA_WORKER_MAX_BS * 4 &&
+               sizeof(((struct idma_worker_result *)0)->bs_ios) == IDMA_WORKER_MAX_BS * 8,
+               "split arrays hold IDMA_WORKER_MAX_BS entries");
+_Static_assert(sizeof(((struct idma_worker_result *)0)->series) ==
+               IDMA_WORKER_SERIES * sizeof(struct idma_worker_second),
+               "series[] holds IDMA_WORKER_SERIES entries");
+_Static_assert(sizeof(((struct idma_worker_result *)0)->op_hist) ==
+               IDMA_OP_KINDS * IDMA_HIST_BUCKETS * 8, "op_hist covers every op kind");
 
 #define OPC_WRITE 0x01          /* NVM Command Set 1.0 §3.3.6 */
 #define OPC_READ 0x02           /* NVM Command Set 1.0 §3.3.4 */
+#define OPC_FLUSH 0x00          /* NVM Command Set 1.0 §3.3.2 */
+#define OPC_DSM 0x09            /* NVM Command Set 1.0 §3.3.3 */
+#define DSM_AD (1u << 2)        /* CDW11 Attribute - Deallocate */
+#define DSM_RANGE_BYTES 16      /* one range: context attributes, length (LBAs), SLBA */
 #define SUB (1u << IDMA_HIST_SUB_BITS)
 #define DEFAULT_IO_TIMEOUT_NS 30000000000ull
 #define DEFAULT_IDLE_SPIN_NS 50000ull       /* measured on the TCG bench under host load */
@@ -139,7 +151,9 @@ void idma_hist_summarize(struct idma_worker_result *res, uint64_t lat_sum_ns)
 struct slot {
     uint64_t lba;
     uint64_t t_submit;
-    uint8_t is_read;
+    uint32_t nlb;               /* LBAs of the I/O (0 for a flush) */
+    uint8_t op;                 /* IDMA_OP_* */
+    uint8_t bs;                 /* index in cfg->bs_lbas (0 without a split) */
     uint8_t check;              /* verify this read's data on completion */
     uint8_t busy;               /* submitted (or pending), not yet completed */
 };
@@ -155,9 +169,11 @@ struct wstate {
     struct idma_sqe *cmds;      /* pending (not yet accepted) commands */
     struct idma_io *io;
     struct idma_cpl *cpl;
-    uint32_t npending;
+    uint32_t *idle;             /* slots waiting to be refilled (rate cap, end of run) */
+    uint32_t npending, nidle;
     int failed;                 /* a submit was refused: issue nothing more, drain, report */
-    uint64_t block_bytes, nblocks, next_block, rng, issued, lat_sum, start;
+    uint64_t block_bytes, nblocks, next_lba, rng, issued, lat_sum, start;
+    uint64_t interval, next_due;    /* rate cap: ns per token, when the next token is due */
 };
 
 static uint64_t next_rand(struct wstate *w)
@@ -169,6 +185,21 @@ static uint64_t next_rand(struct wstate *w)
     x ^= x >> 27;
     w->rng = x;
     return x * 0x2545F4914F6CDD1Dull;
+}
+
+/* Sizes within 1..block_lbas, weights summing to 100. */
+static int valid_split(const struct idma_worker_cfg *c)
+{
+    uint32_t sum = 0;
+
+    if (c->nbs > IDMA_WORKER_MAX_BS)
+        return 0;
+    for (uint32_t i = 0; i < c->nbs; i++) {
+        if (c->bs_lbas[i] == 0 || c->bs_lbas[i] > c->block_lbas || c->bs_pct[i] > 100)
+            return 0;
+        sum += c->bs_pct[i];
+    }
+    return sum == 100;
 }
 
 static int valid_cfg(const struct idma_worker_cfg *c, const struct idma_qpair *q,
@@ -186,6 +217,12 @@ static int valid_cfg(const struct idma_worker_cfg *c, const struct idma_qpair *q
     if (c->lba_size < 8 || c->lba_size % 8 || c->read_pct > 100 || !c->buf)
         return 0;
     if (c->lba_count < c->block_lbas || c->lba_start + c->lba_count < c->lba_start)
+        return 0;
+    if (c->trim_pct + c->flush_pct > 100 || (c->verify && (c->nbs || c->trim_pct)))
+        return 0;
+    if (c->trim_pct && (uint64_t)c->block_lbas * c->lba_size < DSM_RANGE_BYTES)
+        return 0;                               /* a slot buffer holds the trim's range */
+    if (c->nbs && !valid_split(c))
         return 0;
     return c->io_count || c->duration_ns || p;   /* something must end the run */
 }
@@ -222,7 +259,94 @@ static uint64_t block_of(const struct wstate *w, uint64_t lba)
     return (lba - w->cfg->lba_start) / w->cfg->block_lbas;
 }
 
-/* Choose the next block and direction for slot i and append its command to the pending batch
+/* LBAs of the next I/O (a size of the split by its weight) and its index in the split. */
+static uint32_t pick_size(struct wstate *w, uint8_t *idx)
+{
+    const struct idma_worker_cfg *c = w->cfg;
+    uint32_t r, acc = 0;
+
+    *idx = 0;
+    if (!c->nbs)
+        return c->block_lbas;
+    r = (uint32_t)(next_rand(w) % 100);
+    for (uint32_t k = 0; k + 1 < c->nbs; k++) {
+        acc += c->bs_pct[k];
+        if (r < acc) {
+            *idx = (uint8_t)k;
+            return c->bs_lbas[k];
+        }
+    }
+    *idx = (uint8_t)(c->nbs - 1);               /* weights sum to 100: the rest */
+    return c->bs_lbas[c->nbs - 1];
+}
+
+/* First LBA of an I/O of nlb LBAs: random ones at a multiple of nlb, sequential ones next to
+ * the previous (wrapping at the end of the range). */
+static uint64_t pick_lba(struct wstate *w, uint32_t nlb)
+{
+    const struct idma_worker_cfg *c = w->cfg;
+    uint64_t lba;
+
+    if (c->random)
+        return c->lba_start + next_rand(w) % (c->lba_count / nlb) * nlb;
+    if (w->next_lba + nlb > c->lba_count)
+        w->next_lba = 0;
+    lba = c->lba_start + w->next_lba;
+    w->next_lba += nlb;
+    return lba;
+}
+
+static uint8_t pick_op(struct wstate *w)
+{
+    const struct idma_worker_cfg *c = w->cfg;
+
+    if (c->trim_pct || c->flush_pct) {
+        uint32_t r = (uint32_t)(next_rand(w) % 100);
+        if (r < c->trim_pct)
+            return IDMA_OP_TRIM;
+        if (r < c->trim_pct + c->flush_pct)
+            return IDMA_OP_FLUSH;
+    }
+    return (next_rand(w) % 100) < c->read_pct ? IDMA_OP_READ : IDMA_OP_WRITE;
+}
+
+static const uint8_t op_code[IDMA_OP_KINDS] = { OPC_READ, OPC_WRITE, OPC_DSM, OPC_FLUSH };
+
+/* Command and data of slot i's I/O (buf: the slot's buffer). A trim's range (§3.3.3, one
+ * range, Deallocate) is written into the slot's buffer, which stays the slot's until the
+ * completion is reaped; a flush moves no data. */
+static void build_cmd(struct wstate *w, const struct slot *s, uint64_t buf,
+                      struct idma_sqe *cmd, struct idma_io *io)
+{
+    const struct idma_worker_cfg *c = w->cfg;
+
+    memset(cmd, 0, sizeof(*cmd));
+    cmd->cdw0 = op_code[s->op];
+    cmd->nsid = c->nsid;
+    io->buf = buf;
+    io->len = (uint64_t)s->nlb * c->lba_size;
+    if (s->op == IDMA_OP_FLUSH) {
+        io->buf = io->len = 0;
+        return;
+    }
+    if (s->op == IDMA_OP_TRIM) {
+        uint8_t *range = (uint8_t *)(uintptr_t)buf;
+        uint32_t attrs = 0, nlb = s->nlb;
+
+        memcpy(range, &attrs, 4);
+        memcpy(range + 4, &nlb, 4);
+        memcpy(range + 8, &s->lba, 8);
+        io->len = DSM_RANGE_BYTES;
+        cmd->cdw10 = 0;                         /* NR: 0's based, one range */
+        cmd->cdw11 = DSM_AD;
+        return;
+    }
+    cmd->cdw10 = (uint32_t)s->lba;
+    cmd->cdw11 = (uint32_t)(s->lba >> 32);
+    cmd->cdw12 = s->nlb - 1;
+}
+
+/* Choose the next I/O (size, LBA, op) for slot i and append its command to the pending batch
  * (NVM Command Set 1.0 §3.3.4/§3.3.6: SLBA in CDW10-11, 0's based NLB in CDW12 15:0). */
 static void queue_io(struct wstate *w, uint32_t i)
 {
@@ -230,36 +354,48 @@ static void queue_io(struct wstate *w, uint32_t i)
     struct slot *s = &w->slots[i];
     struct idma_sqe *cmd = &w->cmds[w->npending];
     struct idma_io *io = &w->io[w->npending];
-    uint64_t block;
+    uint64_t block, buf = c->buf + (uint64_t)i * w->block_bytes;
 
-    if (c->random) {
-        block = next_rand(w) % w->nblocks;
-    } else {
-        block = w->next_block;
-        w->next_block = block + 1 == w->nblocks ? 0 : block + 1;
+    s->nlb = pick_size(w, &s->bs);
+    s->lba = pick_lba(w, s->nlb);
+    s->op = pick_op(w);
+    if (s->op == IDMA_OP_FLUSH) {
+        s->lba = 0;
+        s->nlb = 0;
     }
-    s->lba = c->lba_start + block * c->block_lbas;
-    s->is_read = (next_rand(w) % 100) < c->read_pct;
-    s->check = s->is_read && c->verify && !bit_get(w->unknown, block) &&
+    block = block_of(w, s->lba);
+    s->check = s->op == IDMA_OP_READ && c->verify && !bit_get(w->unknown, block) &&
                (c->verify_all || bit_get(w->written, block));
     s->busy = 1;
-    io->buf = c->buf + (uint64_t)i * w->block_bytes;
-    io->len = w->block_bytes;
+    build_cmd(w, s, buf, cmd, io);
     io->tag = i;
-    if (!s->is_read && c->verify)
-        idma_pattern_fill((void *)(uintptr_t)io->buf, s->lba, c->block_lbas, c->lba_size,
-                          c->seed);
+    if (s->op == IDMA_OP_WRITE && c->verify)
+        idma_pattern_fill((void *)(uintptr_t)buf, s->lba, s->nlb, c->lba_size, c->seed);
     else if (s->check)                          /* a read that moves nothing must fail */
-        idma_pattern_poison((void *)(uintptr_t)io->buf, s->lba, c->block_lbas, c->lba_size,
-                            c->seed);
-    memset(cmd, 0, sizeof(*cmd));
-    cmd->cdw0 = s->is_read ? OPC_READ : OPC_WRITE;
-    cmd->nsid = c->nsid;
-    cmd->cdw10 = (uint32_t)s->lba;
-    cmd->cdw11 = (uint32_t)(s->lba >> 32);
-    cmd->cdw12 = c->block_lbas - 1;
+        idma_pattern_poison((void *)(uintptr_t)buf, s->lba, s->nlb, c->lba_size, c->seed);
     w->npending++;
     w->issued++;
+}
+
+/* Rate cap: take the token when it is due (a bucket one token deep, refilled every interval
+ * ns; a job that fell behind catches up by at most one token). */
+static int take_token(struct wstate *w, uint64_t now)
+{
+    if (!w->interval)
+        return 1;
+    if (now < w->next_due)
+        return 0;
+    if (now - w->next_due > w->interval)
+        w->next_due = now;
+    w->next_due += w->interval;
+    return 1;
+}
+
+/* Give idle slots new I/Os while the run goes on and the rate cap allows. */
+static void refill(struct wstate *w, uint64_t now)
+{
+    while (w->nidle && may_issue(w, now) && take_token(w, now))
+        queue_io(w, w->idle[--w->nidle]);
 }
 
 /* Submit the pending batch; keep what did not fit. Returns an idma_rc or 0. */
@@ -287,8 +423,8 @@ static int flush_pending(struct wstate *w, uint64_t now)
 static void record_error(struct wstate *w, const struct slot *s, uint16_t status, uint64_t now)
 {
     struct idma_worker_result *r = w->res;
-    uint8_t opcode = s->is_read ? OPC_READ : OPC_WRITE;
-    uint32_t nlb = w->cfg->block_lbas, n = r->nfailed;
+    uint8_t opcode = op_code[s->op];
+    uint32_t nlb = s->nlb, n = r->nfailed;
     struct idma_worker_failed_io *f;
 
     if (!r->errors++) {
@@ -319,43 +455,80 @@ static void record_error(struct wstate *w, const struct slot *s, uint16_t status
     r->failed_listed++;
 }
 
+/* Latency of one completed I/O: overall, per op kind and in its second of the series (which
+ * is returned). */
+static struct idma_worker_second *count_latency(struct wstate *w, const struct slot *s, uint64_t lat, uint64_t now)
+{
+    struct idma_worker_result *r = w->res;
+    uint32_t b = idma_hist_bucket(lat);
+    uint64_t sec = (now - w->start) / 1000000000ull;
+    struct idma_worker_second *e;
+
+    r->ios++;
+    r->hist[b]++;
+    w->lat_sum += lat;
+    r->lat_min_ns = lat < r->lat_min_ns ? lat : r->lat_min_ns;
+    r->lat_max_ns = lat > r->lat_max_ns ? lat : r->lat_max_ns;
+    r->op_ios[s->op]++;
+    r->op_hist[s->op][b]++;
+    r->op_lat_sum_ns[s->op] += lat;
+    if (lat < r->op_lat_min_ns[s->op])
+        r->op_lat_min_ns[s->op] = lat;
+    if (lat > r->op_lat_max_ns[s->op])
+        r->op_lat_max_ns[s->op] = lat;
+    if (sec >= IDMA_WORKER_SERIES)
+        sec = IDMA_WORKER_SERIES - 1;           /* the last entry: everything later */
+    e = &r->series[sec];
+    e->ios++;
+    e->lat_sum_ns += lat;
+    e->lat_max_ns = lat > e->lat_max_ns ? lat : e->lat_max_ns;
+    if (sec >= r->nseries)
+        r->nseries = (uint32_t)sec + 1;
+    return e;
+}
+
 static void complete_io(struct wstate *w, const struct idma_cpl *cpl, uint64_t now)
 {
     const struct idma_worker_cfg *c = w->cfg;
     struct idma_worker_result *r = w->res;
     struct slot *s = &w->slots[cpl->tag];      /* tag < qd: checked by reap() */
     uint64_t lat = now - s->t_submit, block = block_of(w, s->lba);
+    uint64_t nbytes = (uint64_t)s->nlb * c->lba_size;
+    int is_read = s->op == IDMA_OP_READ, is_write = s->op == IDMA_OP_WRITE;
+    struct idma_worker_second *sec;
 
     s->busy = 0;
-    r->ios++;
-    r->hist[idma_hist_bucket(lat)]++;
-    w->lat_sum += lat;
-    r->lat_min_ns = lat < r->lat_min_ns ? lat : r->lat_min_ns;
-    r->lat_max_ns = lat > r->lat_max_ns ? lat : r->lat_max_ns;
-    if (s->is_read)
-        r->reads++;
-    else
-        r->writes++;
+    sec = count_latency(w, s, lat, now);
+    r->reads += is_read;
+    r->writes += is_write;
+    r->trims += s->op == IDMA_OP_TRIM;
+    r->flushes += s->op == IDMA_OP_FLUSH;
+    if (s->op != IDMA_OP_FLUSH)
+        r->bs_ios[s->bs]++;
     if (cpl->status) {
+        r->op_errors[s->op]++;
         record_error(w, s, cpl->status, now);
-        if (!s->is_read && c->verify) {         /* what the block holds now is unknown */
+        if (is_write && c->verify) {            /* what the block holds now is unknown */
             bit_set(w->unknown, block, 1);
             bit_set(w->written, block, 0);
         }
         return;                                 /* a failed read filled nothing: not checked */
     }
-    r->bytes += w->block_bytes;
-    if (s->is_read && c->verify && bit_get(w->unknown, block)) {
+    r->op_bytes[s->op] += nbytes;
+    if (!is_read && !is_write)
+        return;                                 /* trim, flush: no data moved */
+    r->bytes += nbytes;
+    sec->bytes += nbytes;
+    if (is_read && c->verify && bit_get(w->unknown, block)) {
         r->verify_skipped++;                    /* a write to it failed (maybe while in flight) */
     } else if (s->check) {
         uint64_t bad_lba = 0;
         const void *buf = (const void *)(uintptr_t)(c->buf + cpl->tag * w->block_bytes);
-        uint32_t bad = idma_pattern_check(buf, s->lba, c->block_lbas, c->lba_size, c->seed,
-                                          &bad_lba);
+        uint32_t bad = idma_pattern_check(buf, s->lba, s->nlb, c->lba_size, c->seed, &bad_lba);
         if (bad && !r->verify_failures)
             r->first_verify_lba = bad_lba;
         r->verify_failures += bad;
-    } else if (!s->is_read && c->verify) {
+    } else if (is_write && c->verify) {
         bit_set(w->written, block, 1);
         bit_set(w->unknown, block, 0);
     }
@@ -386,9 +559,9 @@ static uint32_t reap(struct wstate *w, uint64_t *now)
         if (w->cpl[j].tag >= w->cfg->qd || !w->slots[w->cpl[j].tag].busy)
             continue;                           /* not ours (cannot happen: idle at start) */
         complete_io(w, &w->cpl[j], *now);
-        if (may_issue(w, *now))
-            queue_io(w, (uint32_t)w->cpl[j].tag);
+        w->idle[w->nidle++] = (uint32_t)w->cpl[j].tag;
     }
+    refill(w, *now);
     publish(w, *now);
     return (uint32_t)n;
 }
@@ -401,19 +574,40 @@ static uint32_t reap(struct wstate *w, uint64_t *now)
  * returns at once (a count left over from a completion already reaped only costs one extra
  * empty poll). Returns 1 when it slept (*now updated), 0 while still spinning.
  */
-static int irq_sleep(int *fd, uint64_t irq_spin, uint64_t last, uint64_t *now)
+static int irq_sleep(int *fd, uint64_t irq_spin, uint64_t last, uint64_t slice, uint64_t *now)
 {
     uint64_t t = idma_fast_ns();
     int64_t n;
 
     if (t - last < irq_spin)
         return 0;                       /* hybrid: still spinning */
-    n = idma_eventfd_wait(*fd, IRQ_SLICE_NS);
+    n = idma_eventfd_wait(*fd, slice);
     if (n < 0)
         *fd = -1;                       /* unusable fd (cannot happen while the queue is
                                          * open): poll for the rest of the run */
     *now = idma_fast_ns();
     return 1;
+}
+
+/* How long a sleep may last: one slice, less when the rate cap's next token comes sooner. */
+static uint64_t sleep_slice(const struct wstate *w, uint64_t now)
+{
+    if (!w->interval || !w->nidle)
+        return IRQ_SLICE_NS;
+    if (w->next_due <= now)
+        return 0;
+    return w->next_due - now < IRQ_SLICE_NS ? w->next_due - now : IRQ_SLICE_NS;
+}
+
+/* Nothing in flight, idle slots waiting for the rate cap's token: sleep until it is due (at
+ * most one slice, so a stop request is noticed). */
+static void token_sleep(const struct wstate *w)
+{
+    uint64_t d = sleep_slice(w, idma_fast_ns());
+    struct timespec ts = { (time_t)(d / 1000000000ull), (long)(d % 1000000000ull) };
+
+    if (d)
+        nanosleep(&ts, NULL);
 }
 
 static int loop(struct wstate *w)
@@ -427,23 +621,32 @@ static int loop(struct wstate *w)
     uint32_t idle = 0;
     int irq_fd = c->irq_fd;             /* < 0: polled */
 
-    for (uint32_t i = 0; i < c->qd && may_issue(w, now); i++)
-        queue_io(w, i);
+    for (uint32_t i = 0; i < c->qd; i++)
+        w->idle[w->nidle++] = c->qd - 1 - i;    /* slot 0 first */
+    refill(w, now);
     for (;;) {
         if (idma_qpair_dead(w->q))
             return IDMA_ECLOSED;        /* being closed: its memory is about to go */
+        if (w->interval && w->nidle)
+            refill(w, idma_fast_ns());  /* rate cap: a token may have come */
         int rc = flush_pending(w, now);
         if (rc < 0 && !w->failed) {
             w->failed = rc;             /* drain what is in flight, then report */
             w->npending = 0;
         }
-        if (!w->npending && !idma_qpair_inflight(w->q))
-            return w->failed;
+        if (!w->npending && !idma_qpair_inflight(w->q)) {
+            if (!w->interval || !w->nidle || !may_issue(w, idma_fast_ns()))
+                return w->failed;
+            token_sleep(w);             /* paced: nothing to wait for but the next token */
+            last = now = idma_fast_ns();
+            continue;
+        }
         if (reap(w, &now)) {
             last = prev = now;
             continue;
         }
-        if (irq_fd >= 0 && irq_sleep(&irq_fd, c->idle_spin_ns, last, &now)) {
+        if (irq_fd >= 0 &&
+            irq_sleep(&irq_fd, c->idle_spin_ns, last, sleep_slice(w, idma_fast_ns()), &now)) {
             if (now - last > timeout) { /* checked after every sleep, not every 64 polls */
                 w->res->timed_out = 1;
                 return IDMA_ETIMEDOUT;
@@ -485,11 +688,12 @@ static int alloc_state(struct wstate *w)
     w->cmds = calloc(qd, sizeof(*w->cmds));
     w->io = calloc(qd, sizeof(*w->io));
     w->cpl = calloc(qd, sizeof(*w->cpl));
+    w->idle = calloc(qd, sizeof(*w->idle));
     if (w->cfg->verify) {
         w->written = calloc((w->nblocks + 63) / 64, sizeof(uint64_t));
         w->unknown = calloc((w->nblocks + 63) / 64, sizeof(uint64_t));
     }
-    return w->slots && w->cmds && w->io && w->cpl &&
+    return w->slots && w->cmds && w->io && w->cpl && w->idle &&
            ((w->written && w->unknown) || !w->cfg->verify);
 }
 
@@ -499,6 +703,7 @@ static void free_state(struct wstate *w)
     free(w->cmds);
     free(w->io);
     free(w->cpl);
+    free(w->idle);
     free(w->written);
     free(w->unknown);
 }
@@ -532,6 +737,10 @@ int idma_worker_run(struct idma_qpair *q, const struct idma_worker_cfg *cfg,
     w.prog = progress;
     w.block_bytes = (uint64_t)cfg->block_lbas * cfg->lba_size;
     w.nblocks = cfg->lba_count / cfg->block_lbas;
+    if (cfg->rate_iops)                 /* ns per token, rounded up: never above the cap */
+        w.interval = (1000000000ull + cfg->rate_iops - 1) / cfg->rate_iops;
+    for (int k = 0; k < IDMA_OP_KINDS; k++)
+        res->op_lat_min_ns[k] = UINT64_MAX;
     w.rng = cfg->seed ^ 0x9E3779B97F4A7C15ull;
     if (!w.rng)
         w.rng = 1;
@@ -544,6 +753,7 @@ int idma_worker_run(struct idma_qpair *q, const struct idma_worker_cfg *cfg,
         prctl(PR_SET_TIMERSLACK, 1000, 0, 0, 0);
 #endif
     w.start = idma_fast_ns();
+    w.next_due = w.start;
     rc = alloc_state(&w) ? loop(&w) : IDMA_ENOMEM;
 #ifdef __linux__
     if (!cfg->spin_only && slack > 0)
@@ -552,6 +762,9 @@ int idma_worker_run(struct idma_qpair *q, const struct idma_worker_cfg *cfg,
     res->elapsed_ns = idma_fast_ns() - w.start;
     if (!res->ios)
         res->lat_min_ns = 0;
+    for (int k = 0; k < IDMA_OP_KINDS; k++)
+        if (!res->op_ios[k])
+            res->op_lat_min_ns[k] = 0;
     idma_hist_summarize(res, w.lat_sum);
     publish(&w, w.start + res->elapsed_ns);
     if (progress)

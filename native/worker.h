@@ -1,6 +1,7 @@
 /*
- * I/O worker: a closed-loop read/write generator over one queue pair, entirely in C
- * (NVM Command Set 1.0: Read 02h, Write 01h; SLBA in CDW10-11, 0's based NLB in CDW12 15:0).
+ * I/O worker: a closed-loop I/O generator over one queue pair, entirely in C (NVM Command Set
+ * 1.0: Read 02h, Write 01h, Flush 00h, Dataset Management 09h; SLBA in CDW10-11, 0's based NLB
+ * in CDW12 15:0).
  */
 #ifndef IDMA_WORKER_H
 #define IDMA_WORKER_H
@@ -12,6 +13,10 @@
 enum { IDMA_HIST_SUB_BITS = 5, IDMA_HIST_BUCKETS = 1920 };
 /* Distinct failed I/Os a worker result lists (the rest are only counted). */
 enum { IDMA_WORKER_MAX_FAILED = 256 };
+/* Block sizes of a split; seconds of the per-second series; op kinds (index of op_* arrays). */
+enum { IDMA_WORKER_MAX_BS = 8, IDMA_WORKER_SERIES = 3600 };
+enum { IDMA_OP_READ = 0, IDMA_OP_WRITE = 1, IDMA_OP_TRIM = 2, IDMA_OP_FLUSH = 3,
+       IDMA_OP_KINDS = 4 };
 
 struct idma_worker_cfg {
     uint32_t nsid;
@@ -37,6 +42,18 @@ struct idma_worker_cfg {
                                  * 50 us); with irq_fd: spin this long after the last
                                  * completion before sleeping on it (0 = no spin: interrupt) */
     uint64_t idle_sleep_ns;     /* loaded host: nanosleep step while waiting (0 = 20 us) */
+    /* Block-size split: nbs sizes (LBAs, each <= block_lbas, which sizes the slot buffers)
+     * picked with weights bs_pct (summing to 100); an I/O of n LBAs starts at a multiple of n
+     * from lba_start. nbs 0: every I/O is block_lbas. Not with verify. */
+    uint32_t nbs;
+    uint32_t bs_lbas[8];        /* IDMA_WORKER_MAX_BS */
+    uint32_t bs_pct[8];
+    /* Op mix: trim_pct% Dataset Management deallocates and flush_pct% Flushes (sum <= 100),
+     * the other I/Os reads (read_pct% of them) and writes. Trims not with verify. */
+    uint32_t trim_pct;
+    uint32_t flush_pct;
+    uint64_t rate_iops;         /* 0 = no cap; else submissions are paced by a token bucket
+                                 * (one token deep) on the monotonic clock */
 };
 
 /* Live counters, written by the worker with relaxed atomic stores, readable from any thread. */
@@ -58,8 +75,16 @@ struct idma_worker_failed_io {
     uint64_t first_ns;          /* when it first failed, ns since the start of the run */
     uint32_t nlb;               /* blocks (LBAs) of the I/O */
     uint16_t status;            /* 15-bit status (CQE DW3 31:17) */
-    uint8_t opcode;             /* 01h Write, 02h Read */
+    uint8_t opcode;             /* 01h Write, 02h Read, 00h Flush, 09h Dataset Management */
     uint8_t reserved;
+};
+
+/* I/Os that completed in one second of a run. */
+struct idma_worker_second {
+    uint64_t ios;
+    uint64_t bytes;             /* of successful reads and writes */
+    uint64_t lat_sum_ns;
+    uint64_t lat_max_ns;
 };
 
 struct idma_worker_result {
@@ -90,6 +115,23 @@ struct idma_worker_result {
     uint64_t lat_p999_ns;
     uint64_t lat_max_ns;
     uint64_t hist[1920];        /* IDMA_HIST_BUCKETS */
+    /* Per op kind (IDMA_OP_*): completed I/Os, bytes of successful ones (a trim: the LBAs it
+     * deallocated), errors, latency min/max/sum and histogram. */
+    uint64_t op_ios[4];         /* IDMA_OP_KINDS */
+    uint64_t op_bytes[4];
+    uint64_t op_errors[4];
+    uint64_t op_lat_min_ns[4];  /* 0 when none completed */
+    uint64_t op_lat_max_ns[4];
+    uint64_t op_lat_sum_ns[4];
+    uint64_t op_hist[4][1920];
+    uint64_t trims;
+    uint64_t flushes;
+    uint64_t bs_ios[8];         /* completed I/Os of each size of the split (cfg bs_lbas[]) */
+    /* Per-second series: second s holds the I/Os that completed in [s, s+1) s of the run
+     * (the last entry also everything later); nseries entries used. */
+    uint32_t nseries;
+    uint32_t reserved3;
+    struct idma_worker_second series[3600];     /* IDMA_WORKER_SERIES */
 };
 
 /*
