@@ -543,9 +543,9 @@ def check_workload(ns: Namespace, w: Workload) -> tuple[int, int, int]:
     count = (w.size // ns.lba_size) if w.size else ns.blocks - start
     block = w.max_bs() // ns.lba_size
     if start >= ns.blocks or start + count > ns.blocks or count < block:
-        raise ValueError(f"--offset {w.offset} --size {w.size}: the region must hold an I/O of "
-                         f"{w.max_bs()} bytes inside namespace {ns.nsid}, whose size is "
-                         f"{ns.capacity} bytes")
+        raise ValueError(f"--offset {w.offset} --size {w.size} do not fit namespace {ns.nsid}, "
+                         f"whose size is {ns.capacity} bytes (the region must hold one I/O of "
+                         f"{w.max_bs()} bytes)")
     if w.verify and count // block < w.numjobs:
         raise ValueError(f"--verify --numjobs {w.numjobs}: each job verifies its own part of "
                          f"the range, and {count // block} block(s) of {w.bs} bytes do not "
