@@ -24,7 +24,7 @@ pytestmark = pytest.mark.iommu_dma_vm
 
 BLOCK = 4096
 FIRST, COUNT = 15360, 1024          # ns1 LBAs this file owns
-REGION = {"offset": FIRST * BLOCK, "size": COUNT * BLOCK}
+OFFSET, SIZE = FIRST * BLOCK, COUNT * BLOCK
 
 
 def image_bytes(images: Path, nsid: int, offset: int, length: int) -> bytes:
@@ -35,7 +35,7 @@ def image_bytes(images: Path, nsid: int, offset: int, length: int) -> bytes:
 
 def test_bssplit_sizes_follow_their_weights(ctrl: Controller) -> None:
     w = perf.Workload(rw="randread", bssplit=[(4096, 70), (65536, 30)], iodepth=8, runtime=0,
-                      ios=3000, **REGION)
+                      ios=3000, offset=OFFSET, size=SIZE)
     res = perf.run(ctrl.namespace(1), w)
     print(f"bssplit 4k/70:64k/30 QD8: {res.bs_ios} in {res.seconds:.2f} s, "
           f"{res.iops:.0f} IOPS, {res.mbps:.1f} MB/s")
@@ -49,7 +49,7 @@ def test_bssplit_sizes_follow_their_weights(ctrl: Controller) -> None:
 def test_rate_iops_caps_each_job(ctrl: Controller) -> None:
     cap = 150                               # the bench does thousands at QD4
     w = perf.Workload(rw="randread", iodepth=4, runtime=2.5, numjobs=2, rate_iops=cap,
-                      **REGION)
+                      offset=OFFSET, size=SIZE)
     res = perf.run(ctrl.namespace(1), w)
     jobs = [j for j in res.jobs if isinstance(j, perf.JobResult)]
     print(f"rate_iops {cap} x 2 jobs: " + ", ".join(
@@ -82,7 +82,7 @@ def test_trimmed_blocks_read_back_zeroes_in_the_image(ctrl: Controller,
 
 def test_mix_of_reads_writes_trims_and_flushes(ctrl: Controller) -> None:
     w = perf.Workload(rw="randrw", trim_pct=20, flush_pct=10, iodepth=8, runtime=0, ios=2000,
-                      **REGION)
+                      offset=OFFSET, size=SIZE)
     res = perf.run(ctrl.namespace(1), w)
     counts = {k: v.ios for k, v in res.ops.items()}
     print(f"randrw trim 20% flush 10%: {counts}")
