@@ -246,3 +246,41 @@ def test_cli_usage_errors(argv: list[str], capsys: pytest.CaptureFixture[str]) -
     assert e.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("usage:") is False
 
+
+
+@pytest.mark.parametrize("fmt", ["normal", "json"])
+def test_cli_runs_two_namespaces(trim_ns: tuple[SimNs, TrimSim], fmt: str,
+                                 monkeypatch: pytest.MonkeyPatch,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from contextlib import contextmanager
+
+    from iommu_dma.cli import perf as cli_perf
+    from iommu_dma.cli.main import main
+
+    ns1, _ = trim_ns
+    ns2 = SimNs(ns1.ctrl, 2048)
+    ns2.nsid = 2
+    ctrl: Any = ns1.ctrl
+    ctrl.namespace = {1: ns1, 2: ns2}.get
+
+    @contextmanager
+    def controller(bdf: str) -> Iterator[Any]:
+        yield ctrl
+
+    monkeypatch.setattr(cli_perf, "controller", controller)
+    argv = ["perf", "00:04.0", "-n", "1,2", "--rw", "randrw", "--trim_pct", "10",
+            "--bssplit", "4k/50:8k/50", "--iodepth", "2", "--runtime", "0.5", "--force",
+            "-o", fmt]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert "nsid 1,2: rw=randrw rwmixread=50 bssplit=4096/50:8192/50 trim_pct=10" in err
+    if fmt == "json":
+        j = json.loads(out)
+        per = j["namespaces"]
+        assert j["ios"] == per["1"]["ios"] + per["2"]["ios"] > 0
+        assert j["trim"]["total_ios"] > 0 and len(j["jobs"]) == 2
+        assert sum(s["ios"] for s in j["series"]) == j["ios"]
+        assert sum(j["bssplit_ios"].values()) == j["ios"]
+    else:
+        assert out.startswith("namespace 1:\n") and "\ncombined:\n" in out
+        assert "I/Os of 8192 bytes: " in out and "\ntrim " in out
