@@ -21,7 +21,13 @@ ADM_GET_FEATURES = 0x0A              # Get Features, Base §5.15
 ADM_ASYNC_EVENT_REQUEST = 0x0C       # Asynchronous Event Request, Base §5.2
 ADM_FW_COMMIT = 0x10                 # Firmware Commit, Base §5.12
 ADM_FW_IMAGE_DOWNLOAD = 0x11         # Firmware Image Download, Base §5.13
+ADM_DEVICE_SELF_TEST = 0x14          # Device Self-test, Base §5.10
+ADM_NS_ATTACHMENT = 0x15             # Namespace Attachment, Base §5.19
+ADM_NS_MANAGEMENT = 0x0D             # Namespace Management, Base §5.20
 ADM_KEEP_ALIVE = 0x18                # Keep Alive, Base §5.18
+ADM_SECURITY_SEND = 0x81             # Security Send, Base §5.26
+ADM_SECURITY_RECEIVE = 0x82          # Security Receive, Base §5.25
+ADM_SANITIZE = 0x84                  # Sanitize, Base §5.24
 ADM_DOORBELL_BUFFER_CONFIG = 0x7C    # Doorbell Buffer Config, Base §5.11
 ADM_FORMAT_NVM = 0x80                # Format NVM, Base §5.14
 
@@ -34,6 +40,7 @@ OPC_COMPARE = 0x05                   # Compare, NVM §3
 OPC_WRITE_ZEROES = 0x08              # Write Zeroes, NVM §3
 OPC_DSM = 0x09                       # Dataset Management, NVM §3
 OPC_VERIFY = 0x0C                    # Verify, NVM §3
+OPC_COPY = 0x19                      # Copy, NVM §3.3.1
 
 # ---- command fields and limits ------------------------------------------------------------
 NSID_ALL = 0xFFFFFFFF                # broadcast NSID: every namespace (Base §3.2.1)
@@ -54,6 +61,10 @@ CNS_NAMESPACE = 0x00                 # Identify Namespace (NVM Command Set speci
 CNS_CONTROLLER = 0x01                # Identify Controller, Base §5.17.2
 CNS_ACTIVE_NS_LIST = 0x02            # Active Namespace ID list, Base §5.17.2
 CNS_NS_DESCRIPTORS = 0x03            # Namespace Identification Descriptors
+CNS_ALLOCATED_NS_LIST = 0x10         # Allocated Namespace ID list (NSIDs above CDW1 NSID)
+CNS_ALLOCATED_NAMESPACE = 0x11       # Identify Namespace of an allocated NSID
+CNS_NS_CTRL_LIST = 0x12              # Controllers attached to the namespace in NSID
+CNS_CTRL_LIST = 0x13                 # Controllers in the NVM subsystem
 
 # ---- log page identifiers, Get Log Page CDW10 7:0 (Base §5.16.1, "Log Page Identifiers") ---
 LID_ERROR = 0x01                     # Error Information
@@ -80,6 +91,25 @@ FID_APST = 0x0C                      # Autonomous Power State Transition
 FID_HOST_MEMORY_BUFFER = 0x0D
 FID_TIMESTAMP = 0x0E
 FID_KEEP_ALIVE_TIMER = 0x0F
+FID_HOST_THERMAL_MGMT = 0x10         # Host Controlled Thermal Management
+FID_NON_OP_POWER_STATE = 0x11        # Non-Operational Power State Config
+FID_READ_RECOVERY_LEVEL = 0x12       # Read Recovery Level Config
+FID_PLM_CONFIG = 0x13                # Predictable Latency Mode Config (data buffer)
+FID_PLM_WINDOW = 0x14                # Predictable Latency Mode Window
+FID_LBA_STATUS_ATTRS = 0x15          # LBA Status Information Report Interval
+FID_HOST_BEHAVIOR = 0x16             # Host Behavior Support (data buffer)
+FID_SANITIZE_CONFIG = 0x17           # Sanitize Config
+FID_ENDURANCE_EVENT_CONFIG = 0x18    # Endurance Group Event Configuration
+FID_IOCS_PROFILE = 0x19              # I/O Command Set Profile
+FID_SPINUP_CONTROL = 0x1A            # Spinup Control
+FID_ENH_CTRL_METADATA = 0x7D         # Enhanced Controller Metadata (data buffer)
+FID_CTRL_METADATA = 0x7E             # Controller Metadata (data buffer)
+FID_NS_METADATA = 0x7F               # Namespace Metadata (data buffer)
+FID_SW_PROGRESS = 0x80               # Software Progress Marker
+FID_HOST_ID = 0x81                   # Host Identifier (data buffer)
+FID_RESV_MASK = 0x82                 # Reservation Notification Mask
+FID_RESV_PERSIST = 0x83              # Reservation Persistence
+FID_WRITE_PROTECT = 0x84             # Namespace Write Protection Config
 
 # ---- Status Code Type, CQE DW3 27:25 (Base §4.6.1.1, "Status Code Type Values") -------------
 SCT_GENERIC = 0                      # Generic Command Status
@@ -134,3 +164,4 @@ ONCS_SAVE_FEATURES = 1 << 4          # the Save field of Set/Get Features
 ONCS_RESERVATIONS = 1 << 5           # Reservations
 ONCS_TIMESTAMP = 1 << 6              # Timestamp feature
 ONCS_VERIFY = 1 << 7                 # Verify
+ONCS_COPY = 1 << 8                   # Copy

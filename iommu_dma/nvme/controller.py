@@ -825,6 +825,25 @@ class Controller:
             return f"<Controller {self.bdf}>"
         return f"<Controller {self.bdf} {ident.mn!r} sn={ident.sn!r}>"
 
+    # ---- commands test engineers script (see nsmgmt, features, firmware, ...) -------------
+
+    def forget_namespace(self, nsid: int) -> None:
+        """Drop the cached Namespace of nsid (after it was detached, deleted or changed), so
+        the next namespace(nsid) identifies it again. NSID_ALL drops every one."""
+        with self._lock:
+            if nsid == sqe.NSID_ALL:
+                self._namespaces.clear()
+            else:
+                self._namespaces.pop(nsid, None)
+
+    def abort(self, sqid: int, cid: int, *, timeout: float | None = None) -> bool:
+        """Abort (Base §5.1) command cid of submission queue sqid; True when the controller
+        says it aborted it (completion DW0 bit 0 clear), False when it did not (bit 0 set).
+        Best effort: a command not aborted still completes on its own."""
+        dw0 = self.admin_command(sqe.abort(sqid, cid), what=f"Abort SQID {sqid} CID {cid}",
+                                 timeout=timeout)
+        return not dw0 & 1
+
 
 def _ended_by_reset(q: IoQueue, why: Callable[[str], BaseException]
                     ) -> Callable[[PendingCommand], BaseException]:

@@ -402,3 +402,55 @@ class Namespace:
             raise NotMappedError(f"command: buffer [{addr:#x}, +{length or size:#x}) is not "
                                  "DMA-mapped; use Controller.alloc() or register() the memory")
         return self.queue.submit(cmd, addr, length or size, owner=buf).result(timeout)
+
+    # ---- Copy and Write Uncorrectable (NVM Command Set 1.0 §3.3.1, §3.3.7) ---------------
+
+    def _check_copy(self, ranges: list[tuple[int, int]], sdlba: int) -> int:
+        """Bounds of a Copy against the namespace and its limits (Identify Namespace MSRC:
+        source ranges, 0's based; MSSRL: blocks per range; MCL: blocks in all; 0 = none
+        stated). Returns the total number of blocks."""
+        ident, what = self.identify, f"Copy nsid {self.nsid}"
+        most = ident.msrc + 1
+        if not 1 <= len(ranges) <= min(most, sqe.COPY_MAX_RANGES):
+            raise ValueError(f"{what}: {len(ranges)} source ranges; the namespace takes "
+                             f"1..{most} (Identify Namespace MSRC)")
+        for slba, nlb in ranges:
+            self._check_range(slba, nlb, f"{what} source")
+            if nlb > MAX_NLB or (ident.mssrl and nlb > ident.mssrl):
+                raise ValueError(f"{what}: a source range of {nlb} blocks is longer than the "
+                                 f"namespace allows ({ident.mssrl or MAX_NLB}, MSSRL)")
+        total = sum(nlb for _, nlb in ranges)
+        if ident.mcl and total > ident.mcl:
+            raise ValueError(f"{what}: {total} blocks in all is more than the namespace's "
+                             f"copy length limit ({ident.mcl}, MCL)")
+        self._check_range(sdlba, total, f"{what} destination")
+        return total
+
+    def copy_async(self, ranges: Iterable[tuple[int, int]], sdlba: int, *,
+                   timeout: float | None = QUEUE_DEFAULT) -> Request:
+        """Copy (Identify Controller ONCS bit 8): the blocks of the (slba, nlb) source ranges,
+        in order, to consecutive blocks from sdlba (source range format 0)."""
+        todo = list(ranges)
+        total = self._check_copy(todo, sdlba)
+        payload = sqe.copy_ranges(todo)
+        buf = self.ctrl.alloc(len(payload))
+        buf.view[:] = payload
+        what = f"Copy nsid {self.nsid} {len(todo)} range(s), {total} blocks to LBA {sdlba}"
+        try:
+            fut = self.queue.submit(sqe.copy(self.nsid, sdlba, len(todo)), buf.addr,
+                                    len(payload), what, owner=buf, timeout=timeout)
+        except BaseException:
+            buf.free()                  # not submitted (or quarantined while the device has it)
+            raise
+        fut.add_done_callback(lambda _: buf.free())     # the device is done with the ranges
+        return Request([fut])
+
+    def copy(self, ranges: Iterable[tuple[int, int]], sdlba: int, *,
+             timeout: float | None = IO_TIMEOUT) -> None:
+        self.copy_async(ranges, sdlba).result(timeout)
+
+    def write_uncorrectable(self, slba: int, nlb: int, *,
+                            timeout: float | None = IO_TIMEOUT) -> None:
+        """Write Uncorrectable (ONCS bit 1): reads of the blocks fail with Unrecovered Read
+        Error until they are written again."""
+        self._no_data(sqe.write_uncorrectable, "Write Uncorrectable", slba, nlb).result(timeout)

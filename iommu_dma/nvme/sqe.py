@@ -21,10 +21,18 @@ from iommu_dma.nvme.constants import (
     ADM_CREATE_IO_SQ,
     ADM_DELETE_IO_CQ,
     ADM_DELETE_IO_SQ,
+    ADM_DEVICE_SELF_TEST,
     ADM_FORMAT_NVM,
+    ADM_FW_COMMIT,
+    ADM_FW_IMAGE_DOWNLOAD,
     ADM_GET_FEATURES,
     ADM_GET_LOG_PAGE,
     ADM_IDENTIFY,
+    ADM_NS_ATTACHMENT,
+    ADM_NS_MANAGEMENT,
+    ADM_SANITIZE,
+    ADM_SECURITY_RECEIVE,
+    ADM_SECURITY_SEND,
     ADM_SET_FEATURES,
     DSM_AD,
     DSM_IDR,
@@ -33,11 +41,13 @@ from iommu_dma.nvme.constants import (
     MAX_NLB,
     NSID_ALL,
     OPC_COMPARE,
+    OPC_COPY,
     OPC_DSM,
     OPC_FLUSH,
     OPC_READ,
     OPC_VERIFY,
     OPC_WRITE,
+    OPC_WRITE_UNCORRECTABLE,
     OPC_WRITE_ZEROES,
     SEL_CURRENT,
 )
@@ -278,3 +288,120 @@ def format_nvm(nsid: int, lbaf: int, *, ses: int = 0, pi: int = 0, pil: bool = F
     return Sqe(ADM_FORMAT_NVM, nsid,
                cdw10=((lbaf & 0xF) | int(mset) << 4 | _check("pi", pi, 3) << 5 | int(pil) << 8
                       | _check("ses", ses, 3) << 9 | (lbaf >> 4) << 12))
+
+
+# ---- commands test engineers script (Base 2.0 §5, NVM Command Set 1.0 §3) ----
+
+COPY_RANGE_SIZE = 32                 # Source Range Entries Copy Descriptor Format 0h
+COPY_MAX_RANGES = 256                # Copy NR, CDW12 7:0, is 0's based
+CTRL_LIST_MAX = 2047                 # Controller List: a count, then up to 2047 IDs
+
+
+def write_uncorrectable(nsid: int, slba: int, nlb: int) -> Sqe:
+    """Write Uncorrectable 04h (NVM §3.3.7): CDW10-11 SLBA, CDW12 NLB 15:0 (0's based).
+    Reads of those blocks then fail until they are written again."""
+    return _slba(Sqe(OPC_WRITE_UNCORRECTABLE, nsid, cdw12=_nlb(nlb)), slba)
+
+
+def copy(nsid: int, sdlba: int, nr: int, *, fmt: int = 0, fua: bool = False,
+         lr: bool = False, prinfor: int = 0, prinfow: int = 0, dtype: int = 0,
+         dspec: int = 0) -> Sqe:
+    """Copy 19h (NVM §3.3.1): CDW10-11 SDLBA; CDW12 NR 7:0 (0's based), DF 11:8, PRINFOR
+    15:12, DTYPE 23:20, PRINFOW 29:26, FUA 30, LR 31; CDW13 DSPEC 31:16. The data buffer holds
+    `nr` source range entries (see copy_ranges)."""
+    sqe = Sqe(OPC_COPY, nsid,
+              cdw12=(_check("nr", nr, 8, low=1) - 1 | _check("format", fmt, 4) << 8
+                     | _check("prinfor", prinfor, 4) << 12 | _check("dtype", dtype, 4) << 20
+                     | _check("prinfow", prinfow, 4) << 26 | int(fua) << 30 | int(lr) << 31),
+              cdw13=_check("dspec", dspec, 16) << 16)
+    _check("sdlba", sdlba, 64)
+    sqe.cdw10, sqe.cdw11 = sdlba & 0xFFFFFFFF, sdlba >> 32
+    return sqe
+
+
+def copy_ranges(ranges: Sequence[tuple[int, int]]) -> bytes:
+    """Source Range Entries, Copy Descriptor Format 0h (NVM §3.3.1.1, 32 bytes each): bytes
+    15:8 SLBA, 17:16 NLB (0's based); the rest (reserved, tags) zero. ranges: (slba, nlb)."""
+    if not 1 <= len(ranges) <= COPY_MAX_RANGES:
+        raise ValueError(f"Copy takes 1..{COPY_MAX_RANGES} source ranges, not {len(ranges)}")
+    out = bytearray()
+    for slba, nlb in ranges:
+        out += struct.pack("<8xQH14x", _check("slba", slba, 64), _nlb(nlb))
+    return bytes(out)
+
+
+def namespace_management(sel: int, *, nsid: int = 0, csi: int = 0) -> Sqe:
+    """Namespace Management 0Dh (Base §5.20): CDW10 SEL 3:0 (0 create: NSID 0 and a 4096-byte
+    host-specified structure, see nsmgmt.create_data; 1 delete: NSID, no data); CDW11 CSI
+    31:24. DW0 of a create's completion is the new NSID."""
+    return Sqe(ADM_NS_MANAGEMENT, nsid, cdw10=_check("SEL", sel, 4),
+               cdw11=_check("CSI", csi, 8) << 24)
+
+
+def namespace_attachment(nsid: int, sel: int) -> Sqe:
+    """Namespace Attachment 15h (Base §5.19): CDW10 SEL 3:0 (0 attach, 1 detach); the data
+    buffer is a 4096-byte Controller List (see controller_list)."""
+    return Sqe(ADM_NS_ATTACHMENT, _check("NSID", nsid, 32, low=0), cdw10=_check("SEL", sel, 4))
+
+
+def controller_list(cntlids: Sequence[int]) -> bytes:
+    """Controller List (Base §4.5.1): u16 number of identifiers, then the identifiers
+    (ascending), padded to 4096 bytes."""
+    if not 1 <= len(cntlids) <= CTRL_LIST_MAX:
+        raise ValueError(f"a controller list holds 1..{CTRL_LIST_MAX} controller IDs, "
+                         f"not {len(cntlids)}")
+    ids = sorted(_check("CNTLID", c, 16) for c in cntlids)
+    data = struct.pack(f"<{len(ids) + 1}H", len(ids), *ids)
+    return data + bytes(4096 - len(data))
+
+
+def sanitize(sanact: int, *, ause: bool = False, owpass: int = 0, oipbp: bool = False,
+             ndas: bool = False, ovrpat: int = 0) -> Sqe:
+    """Sanitize 84h (Base §5.24): CDW10 SANACT 2:0 (1 exit failure mode, 2 block erase,
+    3 overwrite, 4 crypto erase), AUSE 3, OWPASS 7:4, OIPBP 8, NDAS 9; CDW11 OVRPAT."""
+    return Sqe(ADM_SANITIZE, cdw10=(_check("SANACT", sanact, 3) | int(ause) << 3
+                                    | _check("OWPASS", owpass, 4) << 4 | int(oipbp) << 8
+                                    | int(ndas) << 9),
+               cdw11=_check("OVRPAT", ovrpat, 32))
+
+
+def device_self_test(stc: int, nsid: int = NSID_ALL) -> Sqe:
+    """Device Self-test 14h (Base §5.10): CDW10 STC 3:0 (1 short, 2 extended, Eh vendor,
+    Fh abort); NSID 0 for the controller only, FFFFFFFFh for it and every namespace."""
+    return Sqe(ADM_DEVICE_SELF_TEST, _check("NSID", nsid, 32), cdw10=_check("STC", stc, 4))
+
+
+def fw_image_download(nbytes: int, offset: int) -> Sqe:
+    """Firmware Image Download 11h (Base §5.13): CDW10 NUMD (0's based dwords), CDW11 OFST
+    (offset in dwords); both a multiple of 4 bytes."""
+    if nbytes <= 0 or nbytes % 4 or offset < 0 or offset % 4:
+        raise ValueError(f"firmware piece of {nbytes} bytes at offset {offset}: both must be "
+                         "multiples of 4 (dwords), the size above 0")
+    return Sqe(ADM_FW_IMAGE_DOWNLOAD, cdw10=_check("NUMD", nbytes // 4 - 1, 32),
+               cdw11=_check("OFST", offset // 4, 32))
+
+
+def fw_commit(fs: int, ca: int, *, bpid: int = 0) -> Sqe:
+    """Firmware Commit 10h (Base §5.12): CDW10 FS 2:0 (slot, 0 = the controller picks),
+    CA 5:3 (commit action 0..7), BPID 31 (boot partition)."""
+    return Sqe(ADM_FW_COMMIT, cdw10=(_check("FS", fs, 3) | _check("CA", ca, 3) << 3
+                                     | _check("BPID", bpid, 1) << 31))
+
+
+def _security(opcode: int, secp: int, spsp: int, nssf: int, length: int) -> Sqe:
+    _check("SPSP", spsp, 16)
+    return Sqe(opcode, cdw10=(_check("NSSF", nssf, 8) | (spsp & 0xFF) << 8 | (spsp >> 8) << 16
+                              | _check("SECP", secp, 8) << 24),
+               cdw11=_check("length", length, 32))
+
+
+def security_send(secp: int, spsp: int, tl: int, *, nssf: int = 0) -> Sqe:
+    """Security Send 81h (Base §5.26): CDW10 NSSF 7:0, SPSP0 15:8, SPSP1 23:16, SECP 31:24;
+    CDW11 TL (transfer length, bytes)."""
+    return _security(ADM_SECURITY_SEND, secp, spsp, nssf, tl)
+
+
+def security_receive(secp: int, spsp: int, al: int, *, nssf: int = 0) -> Sqe:
+    """Security Receive 82h (Base §5.25): CDW10 as Security Send; CDW11 AL (allocation
+    length, bytes)."""
+    return _security(ADM_SECURITY_RECEIVE, secp, spsp, nssf, al)
