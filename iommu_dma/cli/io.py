@@ -1,5 +1,12 @@
 """Block I/O: read, write, compare.
 
+Metadata and protection information (nvme-cli's options): -M/--metadata FILE holds the
+metadata of the blocks (ms bytes each; also for extended-LBA namespaces, whose data file
+holds the data only), -p/--prinfo PRINFO (8 PRACT, 4 guard, 2 application tag, 1 reference
+tag checks), -r/--ref-tag ILBRT (default: the low 32 bits of the LBA), -a/--app-tag LBAT,
+-m/--app-tag-mask LBATM. On a namespace whose metadata is only the 8-byte PI, reads and
+writes without --metadata use PRACT (the controller inserts and strips the PI).
+
 Unlike nvme-cli, whose -c/--block-count is 0's based (NLB), --block-count here is a natural
 count: `--block-count 8` moves 8 blocks.
 
@@ -22,6 +29,7 @@ from iommu_dma.cli.common import (
     CliError,
     add_nsid,
     add_output_format,
+    int_range,
     namespace,
     nonnegative,
     positive,
@@ -168,29 +176,82 @@ def _open_output(path: str | None) -> BinaryIO:
     return open(path, "wb")  # noqa: SIM115 - closed by the caller
 
 
+def _pi_args(args: argparse.Namespace, lba: int) -> dict[str, Any]:
+    """The protection fields of the piece of read/write at lba (None: the library's
+    default); a given --ref-tag is the first block's, one more for each later block."""
+    ref = None if args.ref_tag is None else (args.ref_tag + lba - args.start_block) & 0xFFFF_FFFF
+    return {"prinfo": args.prinfo, "reftag": ref, "apptag": args.app_tag,
+            "appmask": args.app_tag_mask}
+
+
+def _read_piece(ns: Namespace, args: argparse.Namespace, lba: int, n: int,
+                meta_out: BinaryIO | None) -> bytes:
+    """Data of n blocks (metadata written to meta_out, or dropped from extended LBAs)."""
+    if not ns.ms or (meta_out is None and not ns.extended):
+        return ns.read(lba, n, **_pi_args(args, lba))
+    data, meta = ns.read_metadata(lba, n, **_pi_args(args, lba))
+    if meta_out is not None:
+        meta_out.write(meta)
+    return data
+
+
 def cmd_read(args: argparse.Namespace) -> int:
     if args.output_format == "json" and args.data in (None, "-"):
         raise CliError("--output-format json needs --data FILE (stdout carries the data)")
     with _namespace(args) as ns:
         check_range(ns, args.start_block, args.block_count)
+        if args.metadata and not ns.ms:
+            raise CliError(f"--metadata: namespace {ns.nsid} has no metadata (MS 0)")
         out = _open_output(args.data)
+        meta_out = open(args.metadata, "wb") if args.metadata else None  # noqa: SIM115
         try:
             for lba, n in chunks(ns, args.start_block, args.block_count):
-                out.write(ns.read(lba, n))
+                out.write(_read_piece(ns, args, lba, n, meta_out))
             out.flush()
         finally:
             if out is not sys.stdout.buffer:
                 out.close()
+            if meta_out is not None:
+                meta_out.close()
         _report(args, "read", ns, args.start_block, args.block_count)
     return 0
 
 
+def _write_metadata(ns: Namespace, args: argparse.Namespace, meta: bytes | None,
+                    offset: int, n: int) -> bytes | None:
+    """The metadata of n blocks offset blocks into the write: from --metadata, zeroes for the
+    controller to fill with PRACT, or None when the controller moves none."""
+    if not ns.ms:
+        if meta is not None:
+            raise CliError(f"--metadata: namespace {ns.nsid} has no metadata (MS 0)")
+        return None
+    pract = args.prinfo is not None and args.prinfo & 0x8
+    if meta is None:
+        if not ns.extended and ns.pi is not None and ns.ms == 8 and (
+                args.prinfo is None or pract):
+            return None                             # PRACT: the controller makes the PI
+        if not pract:
+            raise CliError(f"namespace {ns.nsid} has {ns.ms} bytes of metadata per block: "
+                           "give --metadata FILE, or --prinfo 8 (PRACT) on a PI format")
+        return bytes(n * ns.ms)
+    piece = meta[offset * ns.ms:(offset + n) * ns.ms]
+    if len(piece) != n * ns.ms:
+        raise CliError(f"--metadata holds {len(meta)} bytes; {offset + n} blocks need "
+                       f"{(offset + n) * ns.ms} ({ns.ms} per block)")
+    return piece
+
+
 def cmd_write(args: argparse.Namespace) -> int:
+    meta = None
+    if args.metadata:
+        with open(args.metadata, "rb") as f:
+            meta = f.read()
     with Source(args.data) as src, namespace(args.bdf, args.nsid) as ns:
         planned = src.plan(ns, args.start_block, args.block_count)
         blocks = 0
         for lba, n, piece in src.pieces(ns, args.start_block, planned):
-            ns.write(lba, piece)
+            md = _write_metadata(ns, args, meta, lba - args.start_block, n)
+            ns.write(lba, piece, metadata=md, **_pi_args(args, lba))
             blocks += n
         ns.flush()
         _report(args, "write", ns, args.start_block, blocks)
@@ -242,7 +303,26 @@ def _parser(sub: Any, common: argparse.ArgumentParser, name: str, what: str,
                    f"come back, the controller reset (default {DEFAULT_IO_TIMEOUT:g})")
     add_output_format(p)
     set_handler(p, func)
+    if name != "compare":
+        _pi_options(p)
     return p
+
+
+def _pi_options(p: argparse.ArgumentParser) -> None:
+    """nvme-cli's metadata and protection options of read/write."""
+    p.add_argument("-M", "--metadata", metavar="FILE",
+                   help="metadata of the blocks (ms bytes each): read writes it there, write "
+                   "takes it from there")
+    p.add_argument("-p", "--prinfo", type=int_range(0, 15, "PRINFO"), default=None,
+                   help="PRINFO: 8 PRACT, 4 check guard, 2 check application tag, 1 check "
+                   "reference tag (default: PRACT with guard/ref checks when the metadata "
+                   "is only the 8-byte PI and no --metadata is given, else 0)")
+    p.add_argument("-r", "--ref-tag", type=int_range(0, 0xFFFF_FFFF, "a reference tag"),
+                   default=None, help="ILBRT (default: the low 32 bits of the LBA)")
+    p.add_argument("-a", "--app-tag", type=int_range(0, 0xFFFF, "an application tag"),
+                   default=0, help="LBAT, the expected application tag")
+    p.add_argument("-m", "--app-tag-mask", type=int_range(0, 0xFFFF, "an app tag mask"),
+                   default=0, help="LBATM, the bits of the application tag checked")
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from iommu_dma.cli import admin, devices, io, perf, serve, vmcmd
 from iommu_dma.cli import devcmds as devcmds_cli
+from iommu_dma.cli import zns as zns_cli
 from iommu_dma.cli.common import PROG, cli_hints
 from iommu_dma.errors import IommuDmaError
 
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = common_options(argparse.SUPPRESS)
     for module in (devices, admin, io, perf, serve, vmcmd):
         module.register(sub, common)
+    zns_cli.register(sub, common)
     devcmds_cli.register(sub, common)
     return parser
 

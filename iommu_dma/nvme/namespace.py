@@ -16,6 +16,14 @@ from iommu_dma.nvme import aio, sqe
 from iommu_dma.nvme.constants import DSM_MAX_RANGES, MAX_NLB, SC_COMPARE_FAILURE, SCT_MEDIA
 from iommu_dma.nvme.identify import IdentifyNamespace
 from iommu_dma.nvme.ioqueue import QUEUE_DEFAULT, IoFuture, IoQueue, NotMappedError
+from iommu_dma.nvme.pi import (
+    PiFields,
+    PiFormat,
+    PiType,
+    Prinfo,
+    join_extended,
+    split_extended,
+)
 from iommu_dma.nvme.queue import Command
 from iommu_dma.nvme.status import NvmeError
 
@@ -39,7 +47,8 @@ class InactiveNamespaceError(IommuDmaError, LookupError):
 
 
 class UnsupportedFormatError(IommuDmaError):
-    """The namespace's LBA format is one iommu-dma does not drive (metadata, bad FLBAS)."""
+    """The namespace's LBA format is one iommu-dma does not drive (bad FLBAS or LBADS, a
+    reserved protection type, PI in less than 8 bytes of metadata)."""
 
 
 class Request:
@@ -186,12 +195,23 @@ class Namespace:
                 f"{', '.join(map(str, active)) or 'none'}")
         self._check_format()
         self.lba_size = self.identify.lba_size
+        self.ms = self.identify.metadata_size           # metadata bytes per block (MS)
+        # FLBAS bit 4 (MSET): extended LBA, each block's metadata follows its data in the
+        # data buffer; else the metadata travels in a separate buffer (MPTR)
+        self.extended = bool(self.ms and self.identify.flbas & 0x10)
+        # bytes per block in the data buffer
+        self.block_bytes = self.lba_size + (self.ms if self.extended else 0)
+        pi_type = PiType(self.identify.dps & 0x7)
+        # end-to-end protection (NVM Command Set 1.0 §5.3): DPS bits 2:0 type, bit 3 PIL
+        self.pi: PiFormat | None = (PiFormat(self.ms, pi_type, bool(self.identify.dps & 0x8))
+                                    if pi_type else None)
         self.blocks = self.identify.nsze
-        self.max_blocks = max(1, min(ctrl.max_transfer // self.lba_size, MAX_NLB))
+        self.max_blocks = max(1, min(ctrl.max_transfer // self.block_bytes, MAX_NLB))
 
     def _check_format(self) -> None:
-        """Refuse formats whose transfers we would size wrongly (NVM Command Set 1.0 §4.1.5:
-        with MS > 0 the device also moves metadata, interleaved or through MPTR)."""
+        """Refuse formats whose transfers or protection we would get wrong: FLBAS and LBADS
+        bounded, a reserved PI type (DPS 2:0 above 3), PI in less than 8 bytes of metadata
+        (NVM Command Set 1.0 §4.1.5, §5.3)."""
         ident, where = self.identify, f"{self.ctrl.bdf} namespace {self.nsid}"
         try:
             fmt = ident.current_format          # bounds FLBAS and LBADS from below
@@ -201,16 +221,13 @@ class Namespace:
         if fmt.lbads > 16:
             raise UnsupportedFormatError(f"{where}: LBA format {index} has a {1 << fmt.lbads}-"
                                          "byte block (LBADS outside 512 B..64 KiB)")
-        if fmt.ms:
-            layout = ("extended LBA, metadata after each block" if ident.flbas & 0x10
-                      else "separate metadata buffer")
-            plain = [i for i, f in enumerate(ident.lbaf) if f.ms == 0 and f.lbads]
-            fix = (f"reformat to a format without metadata (LBA format(s) {plain}) with "
-                   f"`iommu-dma format {self.ctrl.bdf} -n {self.nsid} --lbaf N`" if plain else
-                   "no format of this namespace is without metadata")
-            raise UnsupportedFormatError(
-                f"{where}: LBA format {index} is {1 << fmt.lbads}-byte blocks with {fmt.ms} "
-                f"bytes of metadata ({layout}); iommu-dma does not drive metadata yet; {fix}")
+        pi_type = ident.dps & 0x7
+        if pi_type > PiType.TYPE3:
+            raise UnsupportedFormatError(f"{where}: DPS {ident.dps:#x} names protection type "
+                                         f"{pi_type}, a reserved value (types 1..3 exist)")
+        if pi_type and fmt.ms < 8:
+            raise UnsupportedFormatError(f"{where}: protection type {pi_type} with {fmt.ms} "
+                                         "bytes of metadata; the PI tuple needs 8")
 
     @property
     def capacity(self) -> int:
@@ -238,9 +255,11 @@ class Namespace:
             raise ValueError(f"{what}: LBAs {slba}..{slba + nlb - 1} are outside namespace "
                              f"{self.nsid} (LBAs 0..{self.blocks - 1})")
 
-    def _data(self, buf: DataBuffer, nlb: int, what: str) -> int:
+    def _data(self, buf: DataBuffer, nlb: int, what: str, per_block: int | None = None) -> int:
+        """The address of a data buffer of nlb blocks (per_block bytes each, default
+        block_bytes: lba_size, plus the metadata with extended LBAs), checked."""
         addr, size = buffer_address(buf)
-        need = nlb * self.lba_size
+        need = nlb * (per_block or self.block_bytes)
         if size < need:
             raise ValueError(f"{what}: buffer holds {size} bytes, {nlb} blocks need {need}")
         if addr & 3:
@@ -252,38 +271,107 @@ class Namespace:
         return addr
 
     def _blocks_of(self, buf: DataBuffer) -> int:
-        return buffer_address(buf)[1] // self.lba_size
+        return buffer_address(buf)[1] // self.block_bytes
+
+    # ---- protection information and metadata (NVM Command Set 1.0 §5.2, §5.3) -----------
+
+    def protection(self, slba: int, *, prinfo: int | None = None, reftag: int | None = None,
+                   apptag: int = 0, appmask: int = 0, metadata: bool = False) -> PiFields:
+        """The PRINFO/ILBRT/LBAT/LBATM of a transfer at slba. prinfo None: on a namespace
+        whose metadata is only the 8-byte PI, without a metadata buffer, PRACT with the
+        guard (and, types 1/2, reference tag) checked, as Linux does; else no PRINFO bits.
+        reftag None: the low 32 bits of slba (the type 1 rule; also used for type 2)."""
+        if prinfo is None:
+            pract_only = self.pi is not None and self.ms == 8 and not metadata
+            if not pract_only:
+                prinfo = Prinfo.NONE
+            else:
+                assert self.pi is not None
+                prinfo = Prinfo.PRACT | Prinfo.PRCHK_GUARD | (
+                    Prinfo.NONE if self.pi.pi_type == PiType.TYPE3 else Prinfo.PRCHK_REF)
+        if prinfo and self.pi is None:
+            raise ValueError(f"namespace {self.nsid} is not formatted with protection "
+                             f"information (DPS {self.identify.dps:#x}); PRINFO {prinfo:#x} "
+                             "needs a PI type (reformat with --pi 1..3)")
+        if reftag is None:
+            reftag = slba & 0xFFFF_FFFF
+        return PiFields(int(prinfo), reftag, apptag, appmask)
+
+    def _check_metadata(self, meta: DataBuffer | None, pi: PiFields | None, nlb: int,
+                        what: str) -> int:
+        """The address of the separate metadata buffer (MPTR), 0 when none is needed; a
+        clear error when one is missing or is given where the format has none."""
+        pract_strips = (pi is not None and pi.prinfo & Prinfo.PRACT and self.pi is not None
+                        and self.ms == 8)
+        if meta is None:
+            if self.ms and not self.extended and not pract_strips:
+                raise ValueError(
+                    f"{what}: namespace {self.nsid} keeps {self.ms} bytes of metadata per "
+                    "block in a separate buffer (MPTR); pass metadata= (nlb * "
+                    f"{self.ms} bytes)" + (", or prinfo with PRACT (the controller inserts "
+                                           "and strips the PI)" if self.pi and self.ms == 8
+                                           else ""))
+            return 0
+        if not self.ms or self.extended:
+            layout = "extended LBAs: it follows each block in the data buffer" if self.ms \
+                else "none"
+            raise ValueError(f"{what}: namespace {self.nsid} has no separate metadata "
+                             f"({layout}); leave metadata= out")
+        if pract_strips:
+            raise ValueError(f"{what}: with PRACT and 8 bytes of metadata the controller "
+                             "inserts/strips the PI and moves no metadata; leave metadata= "
+                             "out or clear PRACT")
+        return self._data(meta, nlb, f"{what} metadata", per_block=self.ms)
 
     # ---- asynchronous data transfers ------------------------------------------------------
 
     def _transfer(self, build: Callable[[int, int, int], sqe.Sqe], name: str, slba: int,
                   nlb: int, buf: DataBuffer, timeout: float | None = QUEUE_DEFAULT,
-                  value: Any = None) -> Request:
+                  value: Any = None, *, pi: PiFields | None = None,
+                  meta: DataBuffer | None = None) -> Request:
+        """Commands of at most max_blocks each; pi: their PRINFO/ILBRT/LBAT/LBATM (None: the
+        namespace's default, see protection()); meta: the separate metadata buffer."""
         what = f"{name} nsid {self.nsid} LBAs {slba}+{nlb}"
         self._check_range(slba, nlb, what)
+        if pi is None:
+            pi = self.protection(slba, metadata=meta is not None)
         addr = self._data(buf, nlb, what)
+        meta_addr = self._check_metadata(meta, pi, nlb, what)
+        pi_type = self.pi.pi_type if self.pi is not None else PiType.NONE
         cmds = []
         for off in range(0, nlb, self.max_blocks):
             n = min(self.max_blocks, nlb - off)
-            cmds.append(Command(build(self.nsid, slba + off, n), addr + off * self.lba_size,
-                                n * self.lba_size, 0,
-                                f"{name} nsid {self.nsid} LBAs {slba + off}+{n}"))
-        return Request(self.queue.submit_many(cmds, owner=buf, timeout=timeout), value=value)
+            cmd = build(self.nsid, slba + off, n)
+            if pi is not None:
+                pi.apply(cmd, off, pi_type)
+            cmds.append(Command(cmd, addr + off * self.block_bytes, n * self.block_bytes, 0,
+                                f"{name} nsid {self.nsid} LBAs {slba + off}+{n}",
+                                meta_addr + off * self.ms if meta_addr else 0,
+                                n * self.ms if meta_addr else 0))
+        owner: object = buf if meta is None else (buf, meta)
+        return Request(self.queue.submit_many(cmds, owner=owner, timeout=timeout), value=value)
 
     def read_async(self, slba: int, nlb: int, buf: DataBuffer, *,
-                   timeout: float | None = QUEUE_DEFAULT) -> Request:
+                   timeout: float | None = QUEUE_DEFAULT, metadata: DataBuffer | None = None,
+                   pi: PiFields | None = None) -> Request:
         """Read nlb blocks into DMA-mapped buf (zero copy); the request's result is buf
         (`data = await ns.read_async(...)` in a coroutine). timeout: seconds each command may
-        take before it is aborted (default: ctrl.recovery.io_timeout; None: no limit)."""
-        return self._transfer(sqe.read, "Read", slba, nlb, buf, timeout, value=buf)
+        take before it is aborted (default: ctrl.recovery.io_timeout; None: no limit).
+        metadata: the separate metadata buffer (MPTR); pi: protection fields (see
+        protection())."""
+        return self._transfer(sqe.read, "Read", slba, nlb, buf, timeout, value=buf, pi=pi,
+                              meta=metadata)
 
     def write_async(self, slba: int, buf: DataBuffer, nlb: int | None = None, *,
-                    timeout: float | None = QUEUE_DEFAULT, fua: bool = False) -> Request:
+                    timeout: float | None = QUEUE_DEFAULT, fua: bool = False,
+                    metadata: DataBuffer | None = None, pi: PiFields | None = None
+                    ) -> Request:
         """Write nlb blocks (default: all of buf) from DMA-mapped buf (zero copy). fua: Force
-        Unit Access (NVM Command Set §3.2.6: the data is on non-volatile media on completion)."""
+        Unit Access (NVM Command Set §3.2.6: the data is on non-volatile media on completion).
+        metadata, pi: as read_async."""
         n = nlb if nlb is not None else self._blocks_of(buf)
         build = functools.partial(sqe.write, fua=True) if fua else sqe.write
-        return self._transfer(build, "Write", slba, n, buf, timeout)
+        return self._transfer(build, "Write", slba, n, buf, timeout, pi=pi, meta=metadata)
 
     def compare_async(self, slba: int, buf: DataBuffer, nlb: int | None = None, *,
                       timeout: float | None = QUEUE_DEFAULT) -> Request:
@@ -293,38 +381,91 @@ class Namespace:
     # ---- synchronous calls -------------------------------------------------------------------
 
     def read_into(self, slba: int, buf: DataBuffer, nlb: int | None = None, *,
-                  timeout: float | None = IO_TIMEOUT) -> None:
+                  timeout: float | None = IO_TIMEOUT, metadata: DataBuffer | None = None,
+                  pi: PiFields | None = None) -> None:
         n = nlb if nlb is not None else self._blocks_of(buf)
-        self.read_async(slba, n, buf).result(timeout)
+        self.read_async(slba, n, buf, metadata=metadata, pi=pi).result(timeout)
 
     def write_from(self, slba: int, buf: DataBuffer, nlb: int | None = None, *,
-                   timeout: float | None = IO_TIMEOUT, fua: bool = False) -> None:
-        self.write_async(slba, buf, nlb, fua=fua).result(timeout)
+                   timeout: float | None = IO_TIMEOUT, fua: bool = False,
+                   metadata: DataBuffer | None = None, pi: PiFields | None = None) -> None:
+        self.write_async(slba, buf, nlb, fua=fua, metadata=metadata, pi=pi).result(timeout)
 
-    def read(self, slba: int, nlb: int, *, timeout: float | None = IO_TIMEOUT) -> bytes:
-        """Read nlb blocks into fresh DMA memory and return them as bytes."""
+    def read(self, slba: int, nlb: int, *, timeout: float | None = IO_TIMEOUT,
+             prinfo: int | None = None, reftag: int | None = None, apptag: int = 0,
+             appmask: int = 0) -> bytes:
+        """Read nlb blocks into fresh DMA memory and return them as bytes (extended LBAs:
+        block_bytes each, data then metadata). prinfo/reftag/apptag/appmask: PRINFO, ILBRT,
+        LBAT, LBATM (see protection()); read_metadata() also returns separate metadata."""
         self._check_range(slba, nlb, f"Read nsid {self.nsid}")
-        with self.ctrl.alloc(nlb * self.lba_size) as buf:
-            self.read_into(slba, buf, nlb, timeout=timeout)
+        pi = self.protection(slba, prinfo=prinfo, reftag=reftag, apptag=apptag,
+                             appmask=appmask)
+        with self.ctrl.alloc(nlb * self.block_bytes) as buf:
+            self.read_into(slba, buf, nlb, timeout=timeout, pi=pi)
             return bytes(buf)
 
-    def _payload_blocks(self, name: str, slba: int, data: ReadableBuffer) -> int:
+    def read_metadata(self, slba: int, nlb: int, *, timeout: float | None = IO_TIMEOUT,
+                      prinfo: int | None = None, reftag: int | None = None, apptag: int = 0,
+                      appmask: int = 0) -> tuple[bytes, bytes]:
+        """(data, metadata) of nlb blocks: the separate metadata buffer (MPTR), or, with
+        extended LBAs, the metadata split out of the data buffer. prinfo default: none (the
+        metadata as stored)."""
+        self._check_range(slba, nlb, f"Read nsid {self.nsid}")
+        if not self.ms:
+            raise ValueError(f"namespace {self.nsid} has no metadata (LBA format "
+                             f"{self.identify.format_index}: MS 0)")
+        pi = self.protection(slba, prinfo=prinfo or 0, reftag=reftag, apptag=apptag,
+                             appmask=appmask, metadata=True)
+        if self.extended:
+            raw = self.read(slba, nlb, timeout=timeout, prinfo=prinfo or 0, reftag=reftag,
+                            apptag=apptag, appmask=appmask)
+            return split_extended(raw, self.lba_size, self.ms)
+        with self.ctrl.alloc(nlb * self.lba_size) as buf, \
+                self.ctrl.alloc(nlb * self.ms) as meta:
+            self.read_into(slba, buf, nlb, timeout=timeout, metadata=meta, pi=pi)
+            return bytes(buf), bytes(meta.view[:nlb * self.ms])
+
+    def _payload_blocks(self, name: str, slba: int, data: ReadableBuffer,
+                        per_block: int | None = None) -> int:
         """Blocks in data (a whole, positive number of them), checked against the range."""
+        size = per_block or self.block_bytes
         nbytes = memoryview(data).nbytes
-        nlb, rest = divmod(nbytes, self.lba_size)
+        nlb, rest = divmod(nbytes, size)
         if rest or nlb == 0:
+            kind = "extended block (data and metadata)" if size != self.lba_size else "block"
             raise ValueError(f"{name} nsid {self.nsid}: {nbytes} bytes is not a positive "
-                             f"multiple of the {self.lba_size}-byte block")
+                             f"multiple of the {size}-byte {kind}")
         self._check_range(slba, nlb, f"{name} nsid {self.nsid}")
         return nlb
 
     def write(self, slba: int, data: ReadableBuffer, *,
-              timeout: float | None = IO_TIMEOUT) -> None:
-        """Write data (a whole number of blocks), copied through DMA memory."""
+              timeout: float | None = IO_TIMEOUT, metadata: ReadableBuffer | None = None,
+              prinfo: int | None = None, reftag: int | None = None, apptag: int = 0,
+              appmask: int = 0) -> None:
+        """Write data (a whole number of blocks), copied through DMA memory. metadata: each
+        block's metadata (ms bytes each): through MPTR, or, with extended LBAs, interleaved
+        with data here (else data itself holds block_bytes per block). prinfo/reftag/apptag/
+        appmask: PRINFO, ILBRT, LBAT, LBATM (see protection()); e.g. prinfo=Prinfo.PRCHK_GUARD
+        with a wrong guard in metadata fails with "End-to-end Guard Check Error"."""
+        if metadata is not None and self.extended:
+            data = join_extended(memoryview(data).cast("B"), memoryview(metadata).cast("B"),
+                                 self.lba_size, self.ms)
+            metadata = None
         nlb = self._payload_blocks("Write", slba, data)
-        with self.ctrl.alloc(nlb * self.lba_size) as buf:
+        pi = self.protection(slba, prinfo=prinfo, reftag=reftag, apptag=apptag,
+                             appmask=appmask, metadata=metadata is not None)
+        with self.ctrl.alloc(nlb * self.block_bytes) as buf:
             buf.view[:] = memoryview(data).cast("B")
-            self.write_from(slba, buf, nlb, timeout=timeout)
+            if metadata is None:
+                self.write_from(slba, buf, nlb, timeout=timeout, pi=pi)
+                return
+            if memoryview(metadata).nbytes != nlb * self.ms:
+                raise ValueError(f"Write nsid {self.nsid}: metadata holds "
+                                 f"{memoryview(metadata).nbytes} bytes; {nlb} blocks need "
+                                 f"{nlb * self.ms} ({self.ms} per block)")
+            with self.ctrl.alloc(nlb * self.ms) as meta:
+                meta.view[:nlb * self.ms] = memoryview(metadata).cast("B")
+                self.write_from(slba, buf, nlb, timeout=timeout, metadata=meta, pi=pi)
 
     def compare(self, slba: int, data: ReadableBuffer, *,
                 timeout: float | None = IO_TIMEOUT) -> bool:

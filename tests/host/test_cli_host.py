@@ -110,13 +110,15 @@ class FakeNamespace:
 
     def __init__(self, blocks: int = 1024, lba_size: int = 4096, mqes: int = 64) -> None:
         self.nsid, self.blocks, self.lba_size = 1, blocks, lba_size
+        self.ms, self.extended, self.pi = 0, False, None      # no metadata
         self.capacity = blocks * lba_size
         self.ctrl = SimpleNamespace(bdf="0000:00:04.0", cap=SimpleNamespace(mqes=mqes),
                                     max_transfer=128 << 10, identify=SimpleNamespace(oncs=1))
         self.writes: list[tuple[int, int]] = []          # (lba, blocks)
         self.on_write: Any = None
 
-    def write(self, lba: int, data: bytes) -> None:
+    def write(self, lba: int, data: bytes, metadata: bytes | None = None, **pi: Any) -> None:
+        assert metadata is None
         assert len(data) % self.lba_size == 0 and lba + len(data) // self.lba_size <= self.blocks
         self.writes.append((lba, len(data) // self.lba_size))
         if self.on_write is not None:

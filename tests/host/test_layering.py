@@ -35,6 +35,7 @@ LAYERS: list[tuple[str, tuple[str, ...], bool]] = [
                      "iommu_dma.nvme.regs"), False),
     ("nvme commands", ("iommu_dma.nvme.sqe", "iommu_dma.nvme", "iommu_dma.nvme.recovery"),
      False),
+    ("nvme protection", ("iommu_dma.nvme.pi",), False),
     ("nvme engine", ("iommu_dma.nvme.queue", "iommu_dma.nvme.dbbuf",
                      "iommu_dma.nvme.interrupts"), False),
     ("nvme queues", ("iommu_dma.nvme.ioqueue",), False),
