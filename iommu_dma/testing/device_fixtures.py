@@ -7,7 +7,8 @@ plugin: `pytest --pciaddr 0000:01:00.0 [--pciaddr ...] tests.py`.
   DMA buffer per test, 4 KiB or the size given by indirect parametrization
   (`@pytest.mark.parametrize("buf", [65536], indirect=True)`).
 - Without --pciaddr the tests that use them are skipped (with the reason); inside a bench guest
-  they default to the bench's first controller, bound to vfio-pci on first use.
+  they default to the bench's controllers (nvme0 the first, nvme1 the second), bound to
+  vfio-pci on first use.
 - A test cannot leave the controller wedged for the next: after each test that used a
   controller, one that reports a fatal status (CSTS.CFS), is no longer ready (CSTS.RDY clear)
   or gave up recovering is reset (a controller that cannot be reset is closed and opened
@@ -56,7 +57,7 @@ class Devices:
         if self.in_bench:
             from iommu_dma.testing.guest import nvme_bdfs
 
-            self.bdfs = nvme_bdfs()[:1]
+            self.bdfs = nvme_bdfs()             # nvme0: the bench's first, nvme1: its second
         self.open: dict[int, Controller] = {}
 
     def controller(self, index: int) -> Controller:

@@ -37,11 +37,6 @@ def over_threshold(kelvin: int) -> int:
     return kelvin & 0xFFFF | TMPSEL_COMPOSITE | THSEL_OVER
 
 
-@pytest.fixture
-def ctrl(vfio_bdfs: list[str]) -> Iterator[Controller]:
-    with Controller.open(vfio_bdfs[0]) as c:
-        yield c
-
 
 @pytest.fixture
 def restore(ctrl: Controller) -> Iterator[tuple[int, int]]:

@@ -28,11 +28,6 @@ pytestmark = pytest.mark.iommu_dma_vm(bench="faults")
 STALL_NS = 2           # ctrl[0] nsid 2: stallable, no injected errors
 
 
-@pytest.fixture
-def ctrl(vfio_bdfs: list[str]) -> Iterator[Controller]:
-    with Controller.open(vfio_bdfs[0]) as c:
-        yield c
-
 
 @pytest.fixture
 def qmp() -> Iterator[Qmp]:

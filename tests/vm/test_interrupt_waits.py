@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -20,11 +19,6 @@ pytestmark = pytest.mark.iommu_dma_vm(bench="faults")
 STALL_NS = 2           # ctrl[0] nsid 2: stallable, no injected errors
 LBA = 4096
 
-
-@pytest.fixture
-def ctrl(vfio_bdfs: list[str]) -> Iterator[Controller]:
-    with Controller.open(vfio_bdfs[0]) as c:
-        yield c
 
 
 def _held_read(ctrl: Controller, qmp: Qmp, mode: str) -> tuple[float, float, bytes]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,11 +21,6 @@ pytestmark = pytest.mark.iommu_dma_vm
 LBA = 4096
 FIRST = 6144                   # ns1 LBAs from here on are this file's
 
-
-@pytest.fixture
-def ctrl(vfio_bdfs: list[str]) -> Iterator[Controller]:
-    with Controller.open(vfio_bdfs[0]) as c:
-        yield c
 
 
 def pattern(lba: int, tag: int) -> bytes:

@@ -53,11 +53,6 @@ LBA = 12400                 # ns1 blocks this file owns: 12400..12403
 PATTERN = b"\xa5" * PAGE
 
 
-@pytest.fixture
-def ctrl(vfio_bdfs: list[str]) -> Iterator[Controller]:
-    with Controller.open(vfio_bdfs[0]) as c:
-        yield c
-
 
 @pytest.fixture
 def unmapped_page(ctrl: Controller) -> Iterator[tuple[mmap.mmap, int]]:

@@ -1,5 +1,8 @@
 """The NVMe driver on the bench's emulated controllers: identify, data, errors, back-pressure.
 
+Tests that only move data use the plugin's session controller `nvme0` (as a device-test suite
+would); tests that close or count a controller of their own use `ctrl`.
+
 Data written by our driver is checked through another path: the namespace's backing image
 on the host (read from the guest) or the kernel nvme driver after unbinding.
 """
@@ -8,7 +11,6 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,11 +31,6 @@ from tests.conftest import setup_vfio
 
 pytestmark = pytest.mark.iommu_dma_vm
 
-
-@pytest.fixture
-def ctrl(vfio_bdfs: list[str]) -> Iterator[Controller]:
-    with Controller.open(vfio_bdfs[0]) as c:
-        yield c
 
 
 def image_bytes(images: Path, ctrl_index: int, nsid: int, offset: int, length: int) -> bytes:
@@ -59,18 +56,18 @@ def test_identify_matches_bench(idma_bench: Bench, vfio_bdfs: list[str]) -> None
 
 
 @pytest.mark.parametrize("idma_bench", ["default", "aw39"], indirect=True)
-def test_write_read_sizes_and_offsets(idma_bench: Bench, ctrl: Controller,
+def test_write_read_sizes_and_offsets(idma_bench: Bench, nvme0: Controller,
                                       idma_bench_images: Path) -> None:
     """1 block up to several MDTS, from buffers starting at odd dword offsets in a page."""
     rng = random.Random(idma_bench.aw_bits)
     for nsid, ns_cfg in enumerate(idma_bench.controllers[0].namespaces, start=1):
-        ns = ctrl.namespace(nsid)
-        mdts_blocks = ctrl.max_transfer // ns.lba_size
+        ns = nvme0.namespace(nsid)
+        mdts_blocks = nvme0.max_transfer // ns.lba_size
         lba = 0
         for nlb in (1, 3, mdts_blocks, 3 * mdts_blocks + 1):
             for offset in (0, 520, 4092):
                 size = nlb * ns.lba_size
-                buf = ctrl.alloc(size + 8192)
+                buf = nvme0.alloc(size + 8192)
                 view = buf.view[offset:offset + size]
                 data = rng.randbytes(size)
                 view[:] = data
@@ -84,26 +81,26 @@ def test_write_read_sizes_and_offsets(idma_bench: Bench, ctrl: Controller,
         assert lba * ns.lba_size <= ns_cfg.size
 
 
-def test_sgl_and_prp_queues_move_the_same_data(ctrl: Controller,
+def test_sgl_and_prp_queues_move_the_same_data(nvme0: Controller,
                                                idma_bench_images: Path) -> None:
     """Data described by one SGL Data Block descriptor (QEMU reports SGLS bit 0) lands where
     PRPs put it: written through an SGL queue, read through a PRP queue and from the image,
     and the other way round, from dword-offset buffers of 1 block up to several MDTS."""
-    assert ctrl.identify.sgls & 0x3
-    sgl_q = ctrl.create_io_queue(16, sgl=True)
-    prp_q = ctrl.create_io_queue(16)
+    assert nvme0.identify.sgls & 0x3
+    sgl_q = nvme0.create_io_queue(16, sgl=True)
+    prp_q = nvme0.create_io_queue(16)
     try:
         from iommu_dma.nvme.namespace import Namespace
 
         rng = random.Random(7)
         lba = 4096
         for nsid in (1, 2):
-            via = {"sgl": Namespace(ctrl, nsid, sgl_q), "prp": Namespace(ctrl, nsid, prp_q)}
+            via = {"sgl": Namespace(nvme0, nsid, sgl_q), "prp": Namespace(nvme0, nsid, prp_q)}
             lba_size = via["sgl"].lba_size
-            for nlb in (1, 5, 3 * ctrl.max_transfer // lba_size + 1):
+            for nlb in (1, 5, 3 * nvme0.max_transfer // lba_size + 1):
                 for writer, reader in (("sgl", "prp"), ("prp", "sgl")):
                     size = nlb * lba_size
-                    buf = ctrl.alloc(size + 8192)
+                    buf = nvme0.alloc(size + 8192)
                     view = buf.view[516:516 + size]
                     data = rng.randbytes(size)
                     view[:] = data
@@ -117,8 +114,8 @@ def test_sgl_and_prp_queues_move_the_same_data(ctrl: Controller,
                     lba += nlb
         assert sgl_q.qpair.info()["sgl"] == 1 and prp_q.qpair.info()["sgl"] == 0
     finally:
-        ctrl.delete_io_queue(sgl_q.qid)
-        ctrl.delete_io_queue(prp_q.qid)
+        nvme0.delete_io_queue(sgl_q.qid)
+        nvme0.delete_io_queue(prp_q.qid)
 
 
 @pytest.mark.iommu_dma_vm(bench="two_ctrl")
@@ -197,27 +194,27 @@ def test_errors_are_named_and_checked_before_submission(ctrl: Controller) -> Non
         ns.read(0, 1)
 
 
-def test_unmapped_buffer_never_reaches_the_device(ctrl: Controller) -> None:
-    ns = ctrl.namespace(1)
+def test_unmapped_buffer_never_reaches_the_device(nvme0: Controller) -> None:
+    ns = nvme0.namespace(1)
     ns.write(7, b"\xab" * 4096)
     plain = bytearray(8192)                              # ordinary memory, not mapped
-    reads_before = ctrl.smart_log().host_read_commands
+    reads_before = nvme0.smart_log().host_read_commands
     with pytest.raises(NotMappedError, match="not DMA-mapped"):
         ns.read_into(7, plain, 1)
     with pytest.raises(NotMappedError, match="not DMA-mapped, command not sent"):
         addr = int(ffi.cast("uintptr_t", ffi.from_buffer(plain)))
         ns.queue.submit(sqe.read(1, 7, 1), addr, 4096).result(5)
     assert plain == bytearray(8192)
-    assert ctrl.smart_log().host_read_commands == reads_before
+    assert nvme0.smart_log().host_read_commands == reads_before
     assert ns.read(7, 1) == b"\xab" * 4096               # the queue still works
 
 
-def test_queue_full_back_pressure_loses_nothing(ctrl: Controller) -> None:
-    ns = ctrl.namespace(1)
-    q = ctrl.create_io_queue(depth=4)                     # 3 commands in flight at most
+def test_queue_full_back_pressure_loses_nothing(nvme0: Controller) -> None:
+    ns = nvme0.namespace(1)
+    q = nvme0.create_io_queue(depth=4)                     # 3 commands in flight at most
     data = random.randbytes(64 * 4096)
     ns.write(1000, data)
-    buf = ctrl.alloc(len(data))
+    buf = nvme0.alloc(len(data))
     cmds = [Command(sqe.read(1, 1000 + i, 1), buf.addr + i * 4096, 4096, 0, f"read {i}")
             for i in range(64)]
     futures = q.submit_many(cmds, owner=buf)
@@ -225,11 +222,11 @@ def test_queue_full_back_pressure_loses_nothing(ctrl: Controller) -> None:
     for f in futures:
         f.result(10)
     assert bytes(buf) == data
-    ctrl.delete_io_queue(q.qid)
+    nvme0.delete_io_queue(q.qid)
 
 
-def test_other_io_commands(ctrl: Controller, idma_bench_images: Path) -> None:
-    ns = ctrl.namespace(1)
+def test_other_io_commands(nvme0: Controller, idma_bench_images: Path) -> None:
+    ns = nvme0.namespace(1)
     data = random.randbytes(16 * 4096)
     ns.write(2000, data)
     assert ns.compare(2000, data)
@@ -242,27 +239,27 @@ def test_other_io_commands(ctrl: Controller, idma_bench_images: Path) -> None:
     assert ns.read(2008, 8) == bytes(8 * 4096)             # DLFEAT: deallocated reads zeroes
     assert image_bytes(idma_bench_images, 0, 1, 2000 * 4096, 16 * 4096) == (
         bytes(4 * 4096) + data[4 * 4096:8 * 4096] + bytes(8 * 4096))
-    requests = [ns.read_async(2004 + i, 1, ctrl.alloc(4096)) for i in range(4)]
+    requests = [ns.read_async(2004 + i, 1, nvme0.alloc(4096)) for i in range(4)]
     for r in requests:
         r.result()
 
 
-def test_admin_logs_and_features(idma_bench: Bench, ctrl: Controller) -> None:
-    smart = ctrl.smart_log()
-    ctrl.namespace(1).write(0, bytes(4096))
-    assert ctrl.smart_log().host_write_commands == smart.host_write_commands + 1
+def test_admin_logs_and_features(idma_bench: Bench, nvme0: Controller) -> None:
+    smart = nvme0.smart_log()
+    nvme0.namespace(1).write(0, bytes(4096))
+    assert nvme0.smart_log().host_write_commands == smart.host_write_commands + 1
     assert smart.temperature > 273 and smart.avail_spare <= 100
-    fw = ctrl.firmware_log()
+    fw = nvme0.firmware_log()
     assert fw.active_slot == 1 and fw.frs[0] == "1.0"     # QEMU 7.2 fills slot 1 with "1.0"
-    assert isinstance(ctrl.error_log(), list)
-    nq = ctrl.get_features(0x07)
+    assert isinstance(nvme0.error_log(), list)
+    nq = nvme0.get_features(0x07)
     assert (nq & 0xFFFF) + 1 == idma_bench.controllers[0].max_ioqpairs
     with pytest.raises(NvmeError, match="Invalid Field in Command|Invalid Log Page"):
-        ctrl.get_log_page(0x7F, 512)
+        nvme0.get_log_page(0x7F, 512)
 
 
-def test_native_worker_writes_verifiable_pattern(ctrl: Controller) -> None:
-    ns = ctrl.namespace(1)
+def test_native_worker_writes_verifiable_pattern(nvme0: Controller) -> None:
+    ns = nvme0.namespace(1)
     ns.write_zeroes(0, 1024)                       # earlier tests left data there
     w = Workload(rw="randrw", bs=8192, iodepth=8, runtime=0, ios=1500, verify=True,
                  size=4 << 20, seed=77)

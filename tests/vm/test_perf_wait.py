@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -25,11 +24,6 @@ pytestmark = pytest.mark.iommu_dma_vm
 BLOCK = 4096
 FIRST, COUNT = 14336, 256       # ns1 LBAs this file writes
 
-
-@pytest.fixture
-def ctrl(vfio_bdfs: list[str]) -> Iterator[Controller]:
-    with Controller.open(vfio_bdfs[0]) as c:
-        yield c
 
 
 def run_counted(ctrl: Controller, w: Workload) -> tuple[PerfResult, float, dict[int, int]]:

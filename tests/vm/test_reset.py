@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,11 +18,6 @@ pytestmark = pytest.mark.iommu_dma_vm
 LBA = 4096
 FIRST, COUNT = 2048, 1024          # ns1 LBAs this file owns
 
-
-@pytest.fixture
-def ctrl(vfio_bdfs: list[str]) -> Iterator[Controller]:
-    with Controller.open(vfio_bdfs[0]) as c:
-        yield c
 
 
 def pattern(lba: int, generation: int) -> bytes:

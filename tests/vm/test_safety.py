@@ -10,7 +10,6 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,11 +24,6 @@ from tests.churn import churn
 
 pytestmark = pytest.mark.iommu_dma_vm
 
-
-@pytest.fixture
-def ctrl(vfio_bdfs: list[str]) -> Iterator[Controller]:
-    with Controller.open(vfio_bdfs[0]) as c:
-        yield c
 
 
 def image_bytes(images: Path, nsid: int, offset: int, length: int) -> bytes:
