@@ -21,6 +21,8 @@ struct range { uint64_t start, end; };          /* [start, end) */
 struct idma_maptable {
     pthread_mutex_t wlock;      /* writers: add/remove */
     uint32_t rw;                /* atomic: readers inside | WRITER */
+    uint32_t gen;               /* atomic: bumped by every writer before it changes the table
+                                 * (never 0, so an empty cache never matches) */
     uint32_t refs;              /* atomic */
     struct range *r;
     uint32_t n, cap;
@@ -37,6 +39,7 @@ struct idma_maptable *idma_maptable_new(void)
         return NULL;
     }
     t->refs = 1;
+    t->gen = 1;
     return t;
 }
 
@@ -81,6 +84,10 @@ static void write_lock(struct idma_maptable *t)
     __atomic_fetch_or(&t->rw, WRITER, __ATOMIC_ACQUIRE);
     while (__atomic_load_n(&t->rw, __ATOMIC_ACQUIRE) != WRITER)
         sched_yield();                  /* readers inside: each is one lookup from leaving */
+    /* Invalidate every cache before the table changes: a cached check that still read the
+     * old generation happened before this writer, like a lookup that left before it. */
+    uint32_t gen = t->gen + 1;
+    __atomic_store_n(&t->gen, gen ? gen : 1, __ATOMIC_SEQ_CST);
 }
 
 static void write_unlock(struct idma_maptable *t)
@@ -199,4 +206,43 @@ uint32_t idma_maptable_count(struct idma_maptable *t)
     n = t->n;
     read_unlock(t);
     return n;
+}
+
+/* The one mapping covering [iova, end), or 0 when none alone does (adjacent mappings). */
+static int covering_locked(const struct idma_maptable *t, uint64_t iova, uint64_t end,
+                           struct range *out)
+{
+    uint32_t i = upper(t, iova);
+
+    if (i == 0 || t->r[i - 1].end < end)
+        return 0;
+    *out = t->r[i - 1];
+    return 1;
+}
+
+int idma_maptable_contains_cached(struct idma_maptable *t, uint64_t iova, uint64_t len,
+                                  struct idma_mapcache *c)
+{
+    uint64_t end = iova + len;
+    struct range hit;
+    uint32_t gen;
+    int rc;
+
+    if (len == 0 || end < iova)
+        return 0;
+    gen = __atomic_load_n(&t->gen, __ATOMIC_ACQUIRE);
+    if (gen == c->gen && iova >= c->start && end <= c->end)
+        return 1;
+    read_lock(t);
+    gen = __atomic_load_n(&t->gen, __ATOMIC_RELAXED);   /* stable while a reader is inside */
+    if (covering_locked(t, iova, end, &hit)) {
+        c->gen = gen;
+        c->start = hit.start;
+        c->end = hit.end;
+        rc = 1;
+    } else {
+        rc = contains_locked(t, iova, end);
+    }
+    read_unlock(t);
+    return rc;
 }

@@ -29,4 +29,16 @@ uint32_t idma_maptable_count(struct idma_maptable *t);
 uint32_t idma_maptable_refs(struct idma_maptable *t);
 /* CDEF END */
 
+/* A lookup cache for one single-threaded user (a queue pair): the mapping that covered the
+ * last buffer, valid while the table's generation is unchanged. Zeroed = empty. */
+struct idma_mapcache {
+    uint32_t gen;
+    uint64_t start, end;
+};
+
+/* idma_maptable_contains through cache c: a buffer inside the cached mapping costs one
+ * atomic load of the generation (every add/remove bumps it before changing the table). */
+int idma_maptable_contains_cached(struct idma_maptable *t, uint64_t iova, uint64_t len,
+                                  struct idma_mapcache *c);
+
 #endif

@@ -67,6 +67,7 @@ struct idma_qpair {
     volatile uint32_t *sq_shadow, *cq_shadow, *sq_ei, *cq_ei;
     uint8_t mmio_always;            /* shadow + BAR0 on every doorbell (admin queue) */
     uint8_t sgl;                    /* data pointers: 1 = one SGL descriptor, 0 = PRPs */
+    struct idma_mapcache mcache;    /* the mapping that covered the last checked buffer */
     uint8_t sq_force;               /* next SQ doorbell goes to BAR0 whatever the EventIdx */
     uint32_t sq_db_tail;            /* SQ tail value of the last doorbell update */
     uint32_t cq_db_head;            /* CQ head value of the last doorbell update */
@@ -236,8 +237,13 @@ void idma_qpair_free(struct idma_qpair *q)
     }
 }
 
+static inline int mapped(struct idma_qpair *q, uint64_t addr, uint64_t len)
+{
+    return idma_maptable_contains_cached(q->maptable, addr, len, &q->mcache);
+}
+
 /* Check the buffer and build its PRPs into the tracker's list (§4.1.1). */
-static int prepare(const struct idma_qpair *q, const struct tracker *t,
+static int prepare(struct idma_qpair *q, const struct tracker *t,
                    const struct idma_io *io, uint64_t *prp1, uint64_t *prp2)
 {
     int rc;
@@ -246,12 +252,12 @@ static int prepare(const struct idma_qpair *q, const struct tracker *t,
     if (io->mlen) {
         if (io->mbuf & 3)
             return IDMA_EALIGN;             /* MPTR: dword aligned (§4.2, Figure 88) */
-        if (q->maptable && !idma_maptable_contains(q->maptable, io->mbuf, io->mlen))
+        if (q->maptable && !mapped(q, io->mbuf, io->mlen))
             return IDMA_EUNMAPPED;
     }
     if (io->len == 0)
         return IDMA_OK;
-    if (q->maptable && !idma_maptable_contains(q->maptable, io->buf, io->len))
+    if (q->maptable && !mapped(q, io->buf, io->len))
         return IDMA_EUNMAPPED;
     if (q->sgl) {
         /* One SGL Data Block descriptor (§4.1.2.1): address in bytes 7:0, length in 11:8,

@@ -1022,3 +1022,22 @@ def test_metadata_pointer_is_checked_like_the_data() -> None:
             r.qp.submit([Command(S.read(1, 0, 1), d, PAGE, 3, "", addr, 8)])
         assert exc.value.rc == rc
     assert r.dev.sq_tail == 2
+
+
+def test_mapping_cache_forgets_a_removed_mapping() -> None:
+    """The queue caches the mapping that covered its last buffer; removing it (or any other
+    change to the table) invalidates the cache before the next command is checked."""
+    table = ffi.gc(lib.idma_maptable_new(), lib.idma_maptable_free)
+    r = Rig(depth=8, maptable=table)
+    d = r.data.addr
+    assert lib.idma_maptable_add(table, d, 64 * 1024) == 0
+    assert lib.idma_maptable_add(table, d + 64 * 1024, 64 * 1024) == 0
+    assert r.qp.submit([Command(S.read(1, 0, 1), d, PAGE, 1)]) == 1        # caches [d, +64K)
+    assert r.qp.submit([Command(S.read(1, 0, 2), d + 62 * 1024, 2 * PAGE, 2)]) == 1  # spans both
+    assert lib.idma_maptable_remove(table, d, 64 * 1024) == 0
+    with pytest.raises(QueueError) as exc:
+        r.qp.submit([Command(S.read(1, 0, 1), d + PAGE, PAGE, 3)])
+    assert exc.value.rc == EUNMAPPED
+    assert r.qp.submit([Command(S.read(1, 0, 1), d + 64 * 1024, PAGE, 4)]) == 1
+    assert lib.idma_maptable_add(table, d, 64 * 1024) == 0
+    assert r.qp.submit([Command(S.read(1, 0, 1), d + PAGE, PAGE, 5)]) == 1
