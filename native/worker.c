@@ -589,11 +589,15 @@ static int irq_sleep(int *fd, uint64_t irq_spin, uint64_t last, uint64_t slice, 
     return 1;
 }
 
-/* How long a sleep may last: one slice, less when the rate cap's next token comes sooner. */
-static uint64_t sleep_slice(const struct wstate *w, uint64_t now)
+/* How long a sleep may last: one slice, less when the rate cap's next token comes sooner
+ * (the clock is read only then). */
+static uint64_t sleep_slice(const struct wstate *w)
 {
+    uint64_t now;
+
     if (!w->interval || !w->nidle)
         return IRQ_SLICE_NS;
+    now = idma_fast_ns();
     if (w->next_due <= now)
         return 0;
     return w->next_due - now < IRQ_SLICE_NS ? w->next_due - now : IRQ_SLICE_NS;
@@ -603,7 +607,7 @@ static uint64_t sleep_slice(const struct wstate *w, uint64_t now)
  * most one slice, so a stop request is noticed). */
 static void token_sleep(const struct wstate *w)
 {
-    uint64_t d = sleep_slice(w, idma_fast_ns());
+    uint64_t d = sleep_slice(w);
     struct timespec ts = { (time_t)(d / 1000000000ull), (long)(d % 1000000000ull) };
 
     if (d)
@@ -627,8 +631,11 @@ static int loop(struct wstate *w)
     for (;;) {
         if (idma_qpair_dead(w->q))
             return IDMA_ECLOSED;        /* being closed: its memory is about to go */
-        if (w->interval && w->nidle)
-            refill(w, idma_fast_ns());  /* rate cap: a token may have come */
+        if (w->interval && w->nidle) {
+            now = idma_fast_ns();       /* rate cap: a token may have come (and the I/Os it
+                                         * lets out are timed from now) */
+            refill(w, now);
+        }
         int rc = flush_pending(w, now);
         if (rc < 0 && !w->failed) {
             w->failed = rc;             /* drain what is in flight, then report */
@@ -646,7 +653,7 @@ static int loop(struct wstate *w)
             continue;
         }
         if (irq_fd >= 0 &&
-            irq_sleep(&irq_fd, c->idle_spin_ns, last, sleep_slice(w, idma_fast_ns()), &now)) {
+            irq_sleep(&irq_fd, c->idle_spin_ns, last, sleep_slice(w), &now)) {
             if (now - last > timeout) { /* checked after every sleep, not every 64 polls */
                 w->res->timed_out = 1;
                 return IDMA_ETIMEDOUT;
