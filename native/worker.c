@@ -494,7 +494,7 @@ static void complete_io(struct wstate *w, const struct idma_cpl *cpl, uint64_t n
     struct slot *s = &w->slots[cpl->tag];      /* tag < qd: checked by reap() */
     uint64_t lat = now - s->t_submit, block = block_of(w, s->lba);
     uint64_t nbytes = (uint64_t)s->nlb * c->lba_size;
-    int is_read = s->op == IDMA_OP_READ, is_write = s->op == IDMA_OP_WRITE;
+    unsigned is_read = s->op == IDMA_OP_READ, is_write = s->op == IDMA_OP_WRITE;
     struct idma_worker_second *sec;
 
     s->busy = 0;
