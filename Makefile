@@ -37,7 +37,7 @@ demo: setup
 
 # Every test: lint (ruff, mypy), the engine under ASan+UBSan, host and VM tests.
 test: lint test-asan wheelhouse
-	$(VENV)/bin/pytest -ra --durations=15
+	$(VENV)/bin/pytest -ra --durations=40
 
 test-host: setup
 	$(VENV)/bin/pytest -ra -m "not iommu_dma_vm"

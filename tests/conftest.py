@@ -40,6 +40,25 @@ def _release_session_devices(request: pytest.FixtureRequest) -> None:
     request.getfixturevalue("idma_devices").close()
 
 
+def _driver_order(item: pytest.Item) -> int:
+    """0: tests on the kernel driver (or that bind and unbind themselves), 1: any driver,
+    2: tests on vfio-pci."""
+    names = set(getattr(item, "fixturenames", ()))
+    if "vfio_bdfs" in names or SESSION_DEVICE_FIXTURES & names:
+        return 2
+    return 1 if "any_driver" in names else 0
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Inside a bench guest: run the tests that want the kernel driver first and those that
+    want vfio-pci last (a stable sort: file order otherwise), so the controllers change
+    driver a few times per guest instead of at every switch between files (each rebind takes
+    tens of seconds under TCG)."""
+    if current_bench() is not None:
+        items.sort(key=_driver_order)
+
+
 @pytest.fixture
 def vfio_bdfs(request: pytest.FixtureRequest, idma_nvme_bdfs: list[str]) -> Iterator[list[str]]:
     """The bench's controllers bound to vfio-pci for the test. They stay bound for the next
