@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.randread import ROOT, SETUP, boot_perf_bench
+from iommu_dma.nbd.server import terminate
 
 START_TIMEOUT = 240.0               # `iommu-dma serve` imports a lot of Python under TCG
 STOP_TIMEOUT = 120.0
@@ -101,14 +102,8 @@ class Export:
 
 
 def _stop(e: Export) -> None:
-    if e.proc.poll() is None:
-        e.proc.send_signal(signal.SIGTERM)
-        try:
-            e.proc.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            e.proc.kill()
-            e.proc.wait()
-            raise e.fail(f"did not stop within {STOP_TIMEOUT:.0f} s of SIGTERM") from None
+    if not terminate(e.proc, STOP_TIMEOUT):
+        raise e.fail(f"did not stop within {STOP_TIMEOUT:.0f} s of SIGTERM")
     if e.proc.returncode not in (0, -signal.SIGTERM):
         raise e.fail(f"ended with status {e.proc.returncode}")
 

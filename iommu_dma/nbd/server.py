@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import iommu_dma
 from iommu_dma.errors import IommuDmaError
@@ -161,6 +161,21 @@ class LogRelay:
         return line
 
 
+def terminate(proc: subprocess.Popen[Any], timeout: float) -> bool:
+    """SIGTERM proc and wait up to timeout seconds; SIGKILL it after that. True when it ended
+    within the timeout (or had already ended), False when it had to be killed."""
+    if proc.poll() is not None:
+        return True
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+        return True
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return False
+
+
 class Server:
     """nbdkit serving a namespace; start() returns once it listens."""
 
@@ -215,13 +230,7 @@ class Server:
         (SIGKILL after timeout: the kernel's vfio-pci then resets the device)."""
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, timeout)
         if self.relay is not None:
             self.relay.thread.join(5)
         shutil.rmtree(self._dir, ignore_errors=True)
