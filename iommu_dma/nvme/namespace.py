@@ -294,7 +294,7 @@ class Namespace:
                              f"information (DPS {self.identify.dps:#x}); PRINFO {prinfo:#x} "
                              "needs a PI type (reformat with --pi 1..3)")
         if reftag is None:
-            reftag = slba & 0xFFFF_FFFF
+            reftag = slba & 0xFFFF_FFFF if self.pi is not None else 0
         return PiFields(int(prinfo), reftag, apptag, appmask)
 
     def _check_metadata(self, meta: DataBuffer | None, pi: PiFields | None, nlb: int,
@@ -342,7 +342,7 @@ class Namespace:
         for off in range(0, nlb, self.max_blocks):
             n = min(self.max_blocks, nlb - off)
             cmd = build(self.nsid, slba + off, n)
-            if pi is not None:
+            if pi_type or pi != PiFields():
                 pi.apply(cmd, off, pi_type)
             cmds.append(Command(cmd, addr + off * self.block_bytes, n * self.block_bytes, 0,
                                 f"{name} nsid {self.nsid} LBAs {slba + off}+{n}",

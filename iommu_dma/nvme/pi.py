@@ -231,7 +231,7 @@ class PiFields:
         of a transfer starting block_offset blocks in: types 1 and 2 expect the reference tag
         to grow by one per block, so the piece's ILBRT is ILBRT + block_offset."""
         cmd.cdw12 = (cmd.cdw12 & ~(0xF << 26)) | self.prinfo << 26
-        step = 0 if pi_type == PiType.TYPE3 else block_offset
+        step = block_offset if pi_type in (PiType.TYPE1, PiType.TYPE2) else 0
         cmd.cdw14 = (self.ilbrt + step) & 0xFFFF_FFFF
         cmd.cdw15 = self.lbatm << 16 | self.lbat
         return cmd

@@ -5,10 +5,12 @@ T10-DIF, PI tuples and the type rules."""
 from __future__ import annotations
 
 import struct
+from types import SimpleNamespace
 
 import pytest
 
 from iommu_dma.nvme import pi, zns
+from iommu_dma.nvme.namespace import Namespace
 from iommu_dma.nvme.pi import PiFields, PiFormat, PiTuple, PiType, Prinfo
 from iommu_dma.nvme.sqe import read
 from iommu_dma.nvme.status import NvmeError, make_status
@@ -146,3 +148,41 @@ def test_pi_fields_in_the_sqe() -> None:
     assert f.apply(read(1, 100, 8), 32, PiType.TYPE3).cdw14 == 100
     with pytest.raises(ValueError, match="ilbrt"):
         PiFields(0, ilbrt=1 << 32)
+
+
+def _ns(ms: int, extended: bool, pi_type: int, pil: bool = False) -> Namespace:
+    """A Namespace's format fields only (no controller): what protection() and
+    _check_metadata() decide from."""
+    ns = Namespace.__new__(Namespace)
+    ns.nsid, ns.ms, ns.extended, ns.lba_size = 1, ms, extended, 4096
+    ns.block_bytes = 4096 + (ms if extended else 0)
+    ns.pi = PiFormat(ms, PiType(pi_type), pil) if pi_type else None
+    ns.identify = SimpleNamespace(dps=pi_type | pil << 3, format_index=0)  # type: ignore[assignment]
+    return ns
+
+
+def test_namespace_protection_defaults() -> None:
+    t1 = _ns(8, False, 1)
+    f = t1.protection(0x1_0000_0005)
+    assert f == PiFields(int(Prinfo.PRACT | Prinfo.PRCHK_GUARD | Prinfo.PRCHK_REF), 5)
+    assert t1.protection(5, metadata=True) == PiFields(0, 5)     # host PI: no PRACT
+    assert t1.protection(5, prinfo=0).prinfo == 0
+    t3 = _ns(16, True, 3, pil=True)
+    assert t3.protection(9) == PiFields(0, 9)                     # 16 bytes: no PRACT default
+    plain = _ns(0, False, 0)
+    assert plain.protection(9) == PiFields()
+    with pytest.raises(ValueError, match="not formatted with protection information"):
+        plain.protection(9, prinfo=Prinfo.PRCHK_GUARD)
+
+
+def test_namespace_metadata_buffer_rules() -> None:
+    sep = _ns(8, False, 0)                                        # metadata, no PI
+    with pytest.raises(ValueError, match=r"separate buffer \(MPTR\); pass metadata="):
+        sep._check_metadata(None, PiFields(), 1, "Read")
+    t1 = _ns(8, False, 1)
+    assert t1._check_metadata(None, t1.protection(0), 1, "Read") == 0   # PRACT strips
+    with pytest.raises(ValueError, match="inserts/strips the PI"):
+        t1._check_metadata(bytearray(8), t1.protection(0), 1, "Write")
+    ext = _ns(16, True, 3, pil=True)
+    with pytest.raises(ValueError, match="has no separate metadata"):
+        ext._check_metadata(bytearray(16), PiFields(), 1, "Write")
