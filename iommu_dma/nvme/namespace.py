@@ -471,7 +471,7 @@ class Namespace:
                 timeout: float | None = IO_TIMEOUT) -> bool:
         """True when the blocks at slba equal data (the device compares: Compare command)."""
         nlb = self._payload_blocks("Compare", slba, data)
-        with self.ctrl.alloc(nlb * self.lba_size) as buf:
+        with self.ctrl.alloc(nlb * self.block_bytes) as buf:
             buf.view[:] = memoryview(data).cast("B")
             try:
                 self.compare_async(slba, buf, nlb).result(timeout)
