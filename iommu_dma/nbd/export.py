@@ -102,12 +102,26 @@ def capabilities(ns: Namespace, readonly: bool) -> Capabilities:
         volatile_cache=bool(cid.vwc & 1), write_protected=protected)
 
 
+def check_data_only(ns: Namespace) -> None:
+    """NBD carries data only: refuse a namespace whose blocks carry metadata the host must
+    move, unless the metadata is just the 8-byte PI the controller inserts and strips
+    (PRACT, NVM Command Set 1.0 §5.3.2), which Namespace reads and writes use by default."""
+    if not ns.ms or (ns.pi is not None and ns.ms == 8 and ns.block_bytes == ns.lba_size):
+        return
+    layout = "extended LBAs" if ns.extended else "a separate metadata buffer"
+    raise ExportError(errno.EINVAL, f"namespace {ns.nsid} carries {ns.ms} bytes of metadata "
+                      f"per block ({layout}), which NBD cannot carry; serve a namespace "
+                      "without metadata, or reformat this one to an LBA format without it "
+                      f"(`iommu-dma format {ns.ctrl.bdf} -n {ns.nsid} --lbaf N`)")
+
+
 class NamespaceExport:
     """One namespace as an NBD export. Offsets and lengths are bytes and must be multiples
     of the logical block size (nbdkit's blocksize filter in front does read-modify-write for
     clients that send less)."""
 
     def __init__(self, ns: Namespace, *, readonly: bool = False, chunk: int = CHUNK) -> None:
+        check_data_only(ns)
         if chunk < ns.lba_size or chunk % ns.lba_size:
             raise ValueError(f"chunk {chunk} must be a positive multiple of the "
                              f"{ns.lba_size}-byte block")
