@@ -230,8 +230,7 @@ int idma_maptable_contains_cached(struct idma_maptable *t, uint64_t iova, uint64
 
     if (len == 0 || end < iova)
         return 0;
-    gen = __atomic_load_n(&t->gen, __ATOMIC_ACQUIRE);
-    if (gen == c->gen && iova >= c->start && end <= c->end)
+    if (idma_mapcache_hit(c, &t->gen, iova, end))
         return 1;
     read_lock(t);
     gen = __atomic_load_n(&t->gen, __ATOMIC_RELAXED);   /* stable while a reader is inside */
@@ -245,4 +244,9 @@ int idma_maptable_contains_cached(struct idma_maptable *t, uint64_t iova, uint64
     }
     read_unlock(t);
     return rc;
+}
+
+const uint32_t *idma_maptable_gen(const struct idma_maptable *t)
+{
+    return &t->gen;
 }

@@ -40,5 +40,17 @@ struct idma_mapcache {
  * atomic load of the generation (every add/remove bumps it before changing the table). */
 int idma_maptable_contains_cached(struct idma_maptable *t, uint64_t iova, uint64_t len,
                                   struct idma_mapcache *c);
+/* The table's generation word, for an inline check of a cache against it (see
+ * idma_mapcache_hit); valid while the caller holds a reference to the table. */
+const uint32_t *idma_maptable_gen(const struct idma_maptable *t);
+
+/* 1 when [iova, iova+len) lies in c's mapping and gen (idma_maptable_gen) still equals the
+ * generation c was filled at; len > 0 and no wrap are the caller's to check. */
+static inline int idma_mapcache_hit(const struct idma_mapcache *c, const uint32_t *gen,
+                                    uint64_t iova, uint64_t end)
+{
+    return __atomic_load_n(gen, __ATOMIC_ACQUIRE) == c->gen && iova >= c->start &&
+           end <= c->end;
+}
 
 #endif

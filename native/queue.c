@@ -68,6 +68,7 @@ struct idma_qpair {
     uint8_t mmio_always;            /* shadow + BAR0 on every doorbell (admin queue) */
     uint8_t sgl;                    /* data pointers: 1 = one SGL descriptor, 0 = PRPs */
     struct idma_mapcache mcache;    /* the mapping that covered the last checked buffer */
+    const uint32_t *map_gen;        /* the maptable's generation word (NULL: no maptable) */
     uint8_t sq_force;               /* next SQ doorbell goes to BAR0 whatever the EventIdx */
     uint32_t sq_db_tail;            /* SQ tail value of the last doorbell update */
     uint32_t cq_db_head;            /* CQ head value of the last doorbell update */
@@ -222,6 +223,7 @@ struct idma_qpair *idma_qpair_new(uint16_t qid, uint32_t depth, void *sq, void *
     q->phase = 1;                       /* §4.6: the controller posts phase 1 on the first lap */
     q->bad_index = -1;
     q->maptable = idma_maptable_ref(maptable);
+    q->map_gen = maptable ? idma_maptable_gen(maptable) : NULL;
     q->dstrd = dstrd;
     init_trackers(q, list_area, pages_each);
     return q;
@@ -239,6 +241,10 @@ void idma_qpair_free(struct idma_qpair *q)
 
 static inline int mapped(struct idma_qpair *q, uint64_t addr, uint64_t len)
 {
+    uint64_t end = addr + len;
+
+    if (len && end > addr && idma_mapcache_hit(&q->mcache, q->map_gen, addr, end))
+        return 1;
     return idma_maptable_contains_cached(q->maptable, addr, len, &q->mcache);
 }
 
