@@ -1,4 +1,5 @@
-"""A VFIO container: one IOMMU address space shared by one or more IOMMU groups.
+"""A Container: one IOMMU address space shared by one or more devices, over an IOMMU backend
+(the legacy VFIO type1 container or iommufd, see iommu_dma.backends).
 
 Mappings use IOVA = VA: the device sees a buffer at the same address the process does, so the
 queue engine never translates. VFIO refuses overlapping mappings (EEXIST), so overlapping
@@ -15,24 +16,30 @@ from bisect import bisect_right, insort
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
-from iommu_dma import vfio
-from iommu_dma.discovery import VFIO_DRIVER, find, group_devices
+from iommu_dma.backends import (
+    CONTAINER,
+    CONTAINER_PATH,
+    IOMMUFD,
+    BackendInfo,
+    IommuBackend,
+    IommufdBackend,
+    Type1Backend,
+    auto_backend,
+    bdfs_of,
+    open_container,
+    requested_backend,
+)
 from iommu_dma.errors import (
     AlignmentError,
     ClosedError,
-    DeviceBusyError,
-    GroupNotViableError,
     IommuDmaError,
-    NoIommuError,
-    NotBoundError,
     OutsideApertureError,
-    PermissionDeniedError,
     VfioError,
 )
+from iommu_dma.iommufd import IOMMUFD_PATH
 from iommu_dma.memlock import check_memlock
 from iommu_dma.native import ffi, lib
 
-CONTAINER_PATH = "/dev/vfio/vfio"
 DEFAULT_PAGE = 4096
 
 
@@ -56,61 +63,90 @@ def parse_group(target: int | str) -> int | None:
 
 
 class Container:
-    """/dev/vfio/vfio with groups attached, the TYPE1v2 IOMMU and IOVA = VA mappings.
+    """One IOMMU address space shared by one or more devices, with IOVA = VA mappings.
+
+    Under it sits an IOMMU backend (iommu_dma.backends): the legacy VFIO type1 container
+    (/dev/vfio/vfio + /dev/vfio/N groups) or iommufd (/dev/iommu with one IOAS, devices through
+    their cdevs). `backend` ("container", "iommufd" or None) forces one, else
+    $IOMMU_DMA_BACKEND does, else it is chosen on the first attach: iommufd when /dev/iommu and
+    the device's cdev exist, else the container. `backend_name` says which one is in use.
 
     Threads: the native engine releases the GIL, so threads may map, unmap and allocate at the
-    same time. One re-entrant lock guards the groups, the mapping refcounts, the native maptable
-    and the IOMMU info; these are safe to call from several threads: attach, group_fd, groups,
-    refresh_info, check_range, map, unmap, is_mapped, mapping_count, mapped_bytes, dma_avail,
-    page_size, add_dependent, remove_dependent and close (after close, the others raise
-    ClosedError). The queue engine's lookups in `maptable` do not take this lock: the native
-    table has its own reader/writer lock (native/maptable.c). Refcounts say who mapped what,
-    not whether the device still uses it: unmapping memory of a command in flight is the
-    caller's error to avoid (the allocator quarantines such buffers).
+    same time. One re-entrant lock guards the backend, the mapping refcounts, the native
+    maptable and the IOMMU info; these are safe to call from several threads: attach, group_fd,
+    device_fd, groups, refresh_info, check_range, map, unmap, is_mapped, mapping_count,
+    mapped_bytes, dma_avail, page_size, add_dependent, remove_dependent and close (after close,
+    the others raise ClosedError). The queue engine's lookups in `maptable` do not take this
+    lock: the native table has its own reader/writer lock (native/maptable.c). Refcounts say
+    who mapped what, not whether the device still uses it: unmapping memory of a command in
+    flight is the caller's error to avoid (the allocator quarantines such buffers).
     """
 
-    def __init__(self, path: str = CONTAINER_PATH) -> None:
+    def __init__(self, path: str = CONTAINER_PATH, *, backend: str | None = None) -> None:
         self._lock = threading.RLock()
-        self.fd = self._open(path)
-        self._groups: dict[int, int] = {}                 # group number -> group fd
+        forced = requested_backend(backend)
+        if path != CONTAINER_PATH:
+            forced = forced or CONTAINER
+        self._backend: IommuBackend | None = None
+        if forced == IOMMUFD:
+            self._backend = IommufdBackend()
+        elif forced == CONTAINER or not os.path.exists(IOMMUFD_PATH):
+            self._backend = Type1Backend(self._open(path))   # decided now, as it always was
         self._maps: dict[int, list[int]] = {}             # start -> [length, refcount]
         self._starts: list[int] = []                      # sorted mapping starts
         self._requests: dict[tuple[int, int], list[list[int]]] = {}
         self._dependents: list[_Closable] = []
         self.iova_ranges: tuple[tuple[int, int], ...] = ()
         self.page_sizes = 0
-        self.unmap_all_supported = False
         self._avail_base: int | None = None
         self._maps_at_base = 0
         self.maptable: Any = lib.idma_maptable_new()
         if self.maptable == ffi.NULL:
-            os.close(self.fd)
+            if self._backend is not None:
+                self._backend.close()
             raise MemoryError("idma_maptable_new failed")
         self._closing = False
         self.closed = False
 
     @staticmethod
     def _open(path: str) -> int:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise NoIommuError(f"open {path}", f"{path} does not exist (modprobe vfio-pci)",
-                               errno.ENOENT) from None
-        except PermissionError:
-            raise PermissionDeniedError(path) from None
-        try:
-            version = vfio.get_api_version(fd)
-            if version != vfio.VFIO_API_VERSION:
-                raise VfioError("VFIO_GET_API_VERSION", None,
-                                f"kernel speaks VFIO API {version}, expected "
-                                f"{vfio.VFIO_API_VERSION}")
-            if not vfio.check_extension(fd, vfio.VFIO_TYPE1v2_IOMMU):
-                raise NoIommuError("VFIO_CHECK_EXTENSION", "the kernel offers no VFIO TYPE1v2 "
-                                   "IOMMU (modprobe vfio_iommu_type1)")
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
+        """The legacy container fd (/dev/vfio/vfio, API version and TYPE1v2 checked)."""
+        return open_container(path)
+
+    @property
+    def backend_name(self) -> str | None:
+        """"container" or "iommufd"; None while automatic and nothing is attached yet."""
+        return self._backend.name if self._backend is not None else None
+
+    @property
+    def fd(self) -> int:
+        """The backend's fd: the container fd (/dev/vfio/vfio) or the iommufd (/dev/iommu)."""
+        return self._need_backend("fd").fd
+
+    @property
+    def ioas_id(self) -> int | None:
+        """The IOAS id (iommufd backend), None on the legacy container."""
+        return self._backend.ioas_id if isinstance(self._backend, IommufdBackend) else None
+
+    @property
+    def unmap_all_supported(self) -> bool:
+        b = self._backend
+        return isinstance(b, IommufdBackend) or (isinstance(b, Type1Backend)
+                                                 and b.unmap_all_supported)
+
+    @property
+    def _groups(self) -> dict[int, int]:
+        """Attached groups -> group fd (legacy) or -1 (iommufd: devices, not groups, attach)."""
+        b = self._backend
+        if isinstance(b, Type1Backend):
+            return b.group_fds
+        return {g: -1 for g in b.groups} if b is not None else {}
+
+    def _need_backend(self, what: str) -> IommuBackend:
+        if self._backend is None:
+            raise IommuDmaError(f"{what}: no IOMMU backend chosen yet (automatic); attach a "
+                                "device first or pass backend='container'/'iommufd'")
+        return self._backend
 
     # ---- lifetime ------------------------------------------------------------------------
 
@@ -154,97 +190,84 @@ class Container:
             self._unmap_everything()
         except VfioError as e:
             first = first or e
-        for gfd in self._groups.values():
-            try:
-                vfio.group_unset_container(gfd)
-            except VfioError as e:
-                first = first or e
-            os.close(gfd)
-        self._groups.clear()
+        if self._backend is not None:
+            first = first or self._backend.close()
         lib.idma_maptable_free(self.maptable)
         self.maptable = ffi.NULL
-        os.close(self.fd)
         self.closed = True
         if first is not None:
             raise first
 
     def _unmap_everything(self) -> None:
-        if self._maps and self.unmap_all_supported:
-            vfio.iommu_unmap_all(self.fd)
-        else:
-            for start, (length, _) in self._maps.items():
-                vfio.iommu_unmap_dma(self.fd, start, length)
+        b = self._backend
+        if b is not None and self._maps:
+            if self.unmap_all_supported:
+                b.unmap_all()
+            else:
+                for start, (length, _) in self._maps.items():
+                    b.unmap(start, length)
         self._maps.clear()
         self._starts.clear()
         self._requests.clear()
 
-    # ---- groups ----------------------------------------------------------------------------
+    # ---- groups and devices ----------------------------------------------------------------
 
     @property
     def groups(self) -> list[int]:
         with self._lock:
-            return sorted(self._groups)
+            return self._backend.groups if self._backend is not None else []
 
     def group_fd(self, group: int) -> int:
+        """The /dev/vfio/N fd of an attached group (legacy container backend only)."""
         with self._lock:
             self._check_open()
-            if group not in self._groups:
-                raise IommuDmaError(f"IOMMU group {group} is not attached to this container")
-            return self._groups[group]
+            b = self._backend
+            if not isinstance(b, Type1Backend):
+                raise IommuDmaError(f"IOMMU group {group}: group fds exist only on the legacy "
+                                    f"container backend; this Container uses "
+                                    f"{self.backend_name or 'no backend yet'} (use device_fd)")
+            return b.group_fd(group)
 
     def attach(self, *targets: int | str) -> list[int]:
-        """Attach groups, given as numbers, '/dev/vfio/N' or device BDFs; returns the groups.
-        A group already attached is not attached again."""
+        """Attach groups or devices, given as group numbers, '/dev/vfio/N' or device BDFs;
+        returns the groups. Legacy: the group joins the container; iommufd: the device (every
+        vfio-pci device of a group given by number) is bound and attached to the IOAS. What is
+        already attached is not attached again."""
         self._check_open()
-        groups = [self._group_of(target) for target in targets]   # sysfs only: no lock needed
         with self._lock:
             self._check_open()
-            for group in groups:
-                if group not in self._groups:
-                    self._attach_group(group)
+            self._choose(targets)
+            b = self._need_backend("attach")
+            groups = [b.attach(t) for t in targets]
+            self.refresh_info()
         return groups
 
-    @classmethod
-    def _group_of(cls, target: int | str) -> int:
-        group = parse_group(target)
-        return cls._group_of_bdf(str(target)) if group is None else group
-
-    @staticmethod
-    def _group_of_bdf(bdf: str) -> int:
-        info = find(bdf, nvme=False)
-        if info.iommu_group is None:
-            raise NoIommuError("attach", f"{info.bdf} has no IOMMU group (IOMMU off? boot "
-                                         "with intel_iommu=on)")
-        if info.driver != VFIO_DRIVER:
-            raise NotBoundError(info.bdf, info.driver, "attach")
-        return info.iommu_group
-
-    def _attach_group(self, group: int) -> None:
-        path = f"/dev/vfio/{group}"
-        gfd = _open_group(path, group)
-        try:
-            if not vfio.group_get_status(gfd) & vfio.VFIO_GROUP_FLAGS_VIABLE:
-                raise GroupNotViableError(group, group_devices(group))
-            vfio.group_set_container(gfd, self.fd)
-            try:
-                if not self._groups:
-                    # vfio.h: SET_IOMMU is only valid once a group is in the container
-                    vfio.set_iommu(self.fd, vfio.VFIO_TYPE1v2_IOMMU)
-                    self.unmap_all_supported = vfio.check_extension(self.fd, vfio.VFIO_UNMAP_ALL)
-            except BaseException:
-                vfio.group_unset_container(gfd)
-                raise
-        except BaseException:
-            os.close(gfd)
-            raise
-        self._groups[group] = gfd
-        self.refresh_info()
-
-    def refresh_info(self) -> vfio.IommuInfo:
-        """Re-read page sizes, IOVA ranges and the mapping budget (they change per group)."""
+    def device_fd(self, bdf: str) -> int:
+        """A VFIO device fd for bdf, owned by the caller (legacy: VFIO_GROUP_GET_DEVICE_FD;
+        iommufd: a duplicate of the cdev fd bound to the IOAS). Attaches first if needed."""
         with self._lock:
             self._check_open()
-            info = vfio.iommu_get_info(self.fd)
+            self._choose((bdf,))
+            fd = self._need_backend("device_fd").device_fd(bdf)
+            self.refresh_info()
+            return fd
+
+    def _choose(self, targets: Sequence[int | str]) -> None:
+        """Automatic selection, on the first attach: iommufd when /dev/iommu and the devices'
+        cdevs exist and are usable, else the legacy container."""
+        if self._backend is not None or not targets:
+            return
+        bdfs = [bdf for t in targets for bdf in bdfs_of(t)]
+        if auto_backend(bdfs) == IOMMUFD:
+            self._backend = IommufdBackend()
+        else:
+            self._backend = Type1Backend(self._open(CONTAINER_PATH))
+
+    def refresh_info(self) -> BackendInfo:
+        """Re-read page sizes, IOVA ranges and the mapping budget (they change per attach)."""
+        with self._lock:
+            self._check_open()
+            info = self._need_backend("refresh_info").info()
             self.page_sizes = info.page_sizes
             self.iova_ranges = info.iova_ranges or ((0, (1 << 64) - 1),)
             self._avail_base, self._maps_at_base = info.dma_avail, len(self._maps)
@@ -304,7 +327,7 @@ class Container:
         done: list[int] = []
         try:
             for start, n in gaps:
-                vfio.iommu_map_dma(self.fd, start, start, n)
+                self._backend_map(start, n)
                 done.append(start)
                 self._record(start, n)
         except BaseException:
@@ -342,7 +365,7 @@ class Container:
 
     def _record(self, start: int, length: int) -> None:
         if lib.idma_maptable_add(self.maptable, start, length) != 0:
-            vfio.iommu_unmap_dma(self.fd, start, length)
+            self._need_backend("unmap").unmap(start, length)
             raise IommuDmaError(f"maptable refused [{start:#x}, +{length:#x})")
         self._maps[start] = [length, 0]
         insort(self._starts, start)
@@ -351,7 +374,10 @@ class Container:
         length = self._maps.pop(start)[0]
         self._starts.remove(start)
         lib.idma_maptable_remove(self.maptable, start, length)
-        vfio.iommu_unmap_dma(self.fd, start, length)
+        self._need_backend("unmap").unmap(start, length)
+
+    def _backend_map(self, start: int, length: int) -> None:
+        self._need_backend("map").map(start, length)
 
     def _overlapping(self, start: int, end: int) -> list[int]:
         i = max(bisect_right(self._starts, start) - 1, 0)
@@ -390,21 +416,3 @@ def _close_all(objs: Iterable[_Closable]) -> BaseException | None:
         except Exception as e:
             first = first or e
     return first
-
-
-def _open_group(path: str, group: int) -> int:
-    try:
-        return os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    except FileNotFoundError:
-        members = group_devices(group)
-        if not members:
-            raise NoIommuError(f"open {path}", f"IOMMU group {group} does not exist",
-                               errno.ENOENT) from None
-        bdf, driver = members[0]
-        raise NotBoundError(bdf, driver, f"open {path}") from None
-    except PermissionError:
-        raise PermissionDeniedError(path, f"open {path}") from None
-    except OSError as e:
-        if e.errno == errno.EBUSY:
-            raise DeviceBusyError(path, f"open {path}") from None
-        raise VfioError(f"open {path}", e.errno, "") from None

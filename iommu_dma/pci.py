@@ -49,7 +49,8 @@ def mapped_prefix(areas: tuple[tuple[int, int], ...], bar_size: int) -> int:
 
 
 class PciDevice:
-    """A device of `container` (its group is attached on open), by BDF.
+    """A device of `container` (its group, or with iommufd the device, is attached on open),
+    by BDF.
 
     BAR0 is mmap'd at `bar0_addr` (an integer pointer for native code); `bar0_size` is how many
     bytes from there are really mapped and part of the BAR, and read32/write32/read64/write64
@@ -61,10 +62,10 @@ class PciDevice:
     def __init__(self, container: Container, bdf: str, *, nvme: bool = True) -> None:
         self.info: PciInfo = find(bdf, nvme=nvme)
         self.bdf = self.info.bdf
-        group = self._bindable_group(self.info)
+        self._bindable_group(self.info)
         self.container = container
-        container.attach(group)
-        self.fd = vfio.group_get_device_fd(container.group_fd(group), self.bdf)
+        # the container's backend opens it: VFIO_GROUP_GET_DEVICE_FD or the bound VFIO cdev
+        self.fd = container.device_fd(self.bdf)
         self.closed = False
         self.msix_fds: list[int] = []
         self.request_fd: int | None = None

@@ -169,13 +169,19 @@ class Controller:
     @classmethod
     def open(cls, bdf: str, *, container: Container | None = None,
              allocator: DmaAllocator | None = None, wait: WaitMode = "poll",
-             per_thread_queues: bool = False) -> Controller:
+             per_thread_queues: bool = False, backend: str | None = None) -> Controller:
         """Take the controller at bdf (bound to vfio-pci). A given container (and allocator)
-        is shared, e.g. by several controllers; else the controller makes its own. wait and
-        per_thread_queues: how namespace calls get their queue (see the class text)."""
+        is shared, e.g. by several controllers; else the controller makes its own, over the
+        IOMMU backend `backend` ("container", "iommufd"; None: $IOMMU_DMA_BACKEND or
+        automatic, see Container). wait and per_thread_queues: how namespace calls get their
+        queue (see the class text)."""
         check_mode(wait, None)
         owns = container is None
-        cont = container if container is not None else Container()
+        if container is not None and backend is not None and container.backend_name not in (
+                None, backend):
+            raise ValueError(f"{bdf}: backend={backend!r} but the given container uses "
+                             f"{container.backend_name!r}")
+        cont = container if container is not None else Container(backend=backend)
         try:
             cont.attach(bdf)                 # no-op when its group is already attached
             alloc = allocator if allocator is not None else DmaAllocator(cont)

@@ -27,6 +27,8 @@ LAYERS: list[tuple[str, tuple[str, ...], bool]] = [
     ("os", ("iommu_dma.errors", "iommu_dma.libc", "iommu_dma.native"), False),
     ("memlock", ("iommu_dma.memlock",), False),
     ("vfio", ("iommu_dma.vfio", "iommu_dma.discovery"), False),
+    ("iommufd", ("iommu_dma.iommufd",), False),
+    ("iommu backends", ("iommu_dma.backends",), False),
     ("container", ("iommu_dma.container",), False),
     ("memory", ("iommu_dma.memory",), False),
     ("pci", ("iommu_dma.pci",), False),
