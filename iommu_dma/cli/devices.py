@@ -43,6 +43,8 @@ class ControllerInfo:
     firmware: str = ""
     namespaces: list[NamespaceInfo] = field(default_factory=list)
     error: str | None = None
+    # the IOMMU backend we opened it through ("container" or "iommufd"; None: kernel driver)
+    iommu_backend: str | None = None
 
     @property
     def capacity(self) -> int:
@@ -97,6 +99,7 @@ def from_vfio(info: PciInfo) -> ControllerInfo:
     c = ControllerInfo(info.bdf, info.driver, info.iommu_group)
     try:
         with Controller.open(info.bdf) as ctrl:
+            c.iommu_backend = ctrl.container.backend_name
             idc = ctrl.identify
             c.serial, c.model, c.firmware = idc.sn, idc.mn, idc.fr
             for nsid in ctrl.active_namespaces():
@@ -123,11 +126,11 @@ def collect() -> list[ControllerInfo]:
 def list_row(c: ControllerInfo) -> list[str]:
     nss = ",".join(str(ns.nsid) for ns in c.namespaces) or "-"
     return [c.bdf, c.driver or "-", "-" if c.iommu_group is None else str(c.iommu_group),
-            c.serial or "-", c.model or "-", nss,
+            c.iommu_backend or "-", c.serial or "-", c.model or "-", nss,
             output.human_bytes(c.capacity) if c.namespaces else "-"]
 
 
-LIST_HEADERS = ("BDF", "Driver", "Group", "Serial", "Model", "Namespaces", "Capacity")
+LIST_HEADERS = ("BDF", "Driver", "Group", "Backend", "Serial", "Model", "Namespaces", "Capacity")
 
 
 def list_lines(ctrls: list[ControllerInfo]) -> list[str]:
@@ -189,7 +192,8 @@ def cmd_unbind(args: argparse.Namespace) -> int:
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("list", parents=[common], help="NVMe controllers, drivers, namespaces",
                        description="List NVMe controllers: on the kernel nvme driver (read "
-                                   "from sysfs) or on vfio-pci (opened and identified).")
+                                   "from sysfs) or on vfio-pci (opened and identified; Backend: "
+                                   "the IOMMU interface used, container or iommufd).")
     add_output_format(p)
     set_handler(p, cmd_list)
     for name, func, what in (("bind", cmd_bind, "bind controllers to vfio-pci"),

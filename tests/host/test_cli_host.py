@@ -426,11 +426,12 @@ def test_feature_line_and_perf_table() -> None:
 def test_list_table() -> None:
     c = devices.ControllerInfo("0000:00:04.0", "vfio-pci", 5, "IDMA0001", "QEMU NVMe Ctrl", "1.0",
                                [devices.NamespaceInfo(1, 16384, 4096),
-                                devices.NamespaceInfo(2, 65536, 512)])
+                                devices.NamespaceInfo(2, 65536, 512)], iommu_backend="iommufd")
     lines = devices.list_lines([c])
     assert lines[0].split() == list(devices.LIST_HEADERS)
-    assert lines[2].split() == ["0000:00:04.0", "vfio-pci", "5", "IDMA0001", "QEMU", "NVMe",
-                                "Ctrl", "1,2", "96.00", "MiB"]
+    assert lines[2].split() == ["0000:00:04.0", "vfio-pci", "5", "iommufd", "IDMA0001", "QEMU",
+                                "NVMe", "Ctrl", "1,2", "96.00", "MiB"]
+    assert c.to_dict()["iommu_backend"] == "iommufd"
     assert c.to_dict()["namespaces"][1]["size"] == 32 << 20
     assert devices.list_lines([]) == ["no NVMe controller found"]
 

@@ -87,12 +87,15 @@ def _check_list(cli: Cli, idma_bench: Bench, bdfs: list[str], driver: str) -> No
     for c, cfg in zip(listed, idma_bench.controllers):
         assert (c["driver"], c["serial"], c["model"]) == (driver, cfg.serial, QEMU_MODEL)
         assert c["error"] is None and c["iommu_group"] is not None
+        # the IOMMU backend we opened it through (none while the kernel drives it)
+        auto = "iommufd" if os.path.exists("/dev/iommu") else "container"
+        assert c["iommu_backend"] == (None if driver == "nvme" else auto)
         got = [(n["nsid"], n["blocks"], n["lba_size"]) for n in c["namespaces"]]
         assert got == [(i, ns.blocks, ns.lba_size) for i, ns in enumerate(cfg.namespaces, 1)]
         assert c["capacity"] == sum(ns.size for ns in cfg.namespaces)
     human = cli.ok("list").text.splitlines()
-    assert human[0].split() == ["BDF", "Driver", "Group", "Serial", "Model", "Namespaces",
-                                "Capacity"]
+    assert human[0].split() == ["BDF", "Driver", "Group", "Backend", "Serial", "Model",
+                                "Namespaces", "Capacity"]
     row = human[2]
     assert bdfs[0] in row and driver in row and idma_bench.controllers[0].serial in row
     assert QEMU_MODEL in row and " 1,2 " in row and "96.00 MiB" in row
