@@ -36,7 +36,7 @@ demo: setup
 	$(PY) -m iommu_dma.demo
 
 # Every test: lint (ruff, mypy), the engine under ASan+UBSan, host and VM tests.
-test: lint test-asan wheelhouse
+test: lint test-asan wheelhouse bench-kernel
 	$(VENV)/bin/pytest -ra --durations=40
 
 test-host: setup
@@ -90,3 +90,9 @@ bench-engine-cost: setup
 .PHONY: bench-nbd
 bench-nbd: setup
 	$(PY) -m benchmarks.nbd
+
+# The bench kernel (Debian's linux-source-6.12 with iommufd, VFIO cdev and virtio-iommu), built
+# once into a cache outside the checkout and reused while its configuration is unchanged.
+.PHONY: bench-kernel
+bench-kernel: setup
+	bash scripts/build_bench_kernel.sh

@@ -6,6 +6,7 @@ set -euo pipefail
 PROG=$(basename "$0")
 SYSFS=${SETUP_VFIO_SYSFS:-/sys}       # overridable for tests of the pure logic
 DEV=${SETUP_VFIO_DEV:-/dev}
+PROC=${SETUP_VFIO_PROC:-/proc}
 PYTHON=${SETUP_VFIO_PYTHON:-python3}  # for the exclusive-open check (bash cannot O_EXCL)
 PCI=$SYSFS/bus/pci/devices
 MEMLOCK_MIN_KIB=$((256 * 1024))       # below this, DMA-heavy work fails to pin memory
@@ -82,6 +83,29 @@ check_iommu() {
     local groups=("$SYSFS"/kernel/iommu_groups/*)
     [[ -e ${groups[0]} ]] || die "no IOMMU groups: the IOMMU is off. Enable VT-d/AMD-Vi in the \
 firmware and add intel_iommu=on (Intel) or amd_iommu=on (AMD) to the kernel command line"
+}
+
+# Interrupt remapping: without it (virtio-iommu, an IOMMU without intremap) VFIO attaches a
+# device only when the kernel was booted with the allow_unsafe_interrupts parameters.
+UNSAFE_ARGS="iommufd.allow_unsafe_interrupts=1 vfio_iommu_type1.allow_unsafe_interrupts=1"
+
+unsafe_allowed() {
+    local v
+    v=$(cat "$SYSFS/module/$1/parameters/allow_unsafe_interrupts" 2>/dev/null) || return 1
+    [[ $v == Y || $v == 1 ]]
+}
+
+check_intremap() {
+    grep -q "IR-" "$PROC/interrupts" 2>/dev/null && return 0
+    if unsafe_allowed iommufd || unsafe_allowed vfio_iommu_type1; then
+        warn "no interrupt remapping (virtio-iommu, or an IOMMU without intremap): VFIO attaches \
+devices only because allow_unsafe_interrupts=1 is set (a device could forge interrupts; fine on \
+a test bench, not on a shared machine)"
+    else
+        warn "no interrupt remapping (virtio-iommu, or an IOMMU without intremap): VFIO will \
+refuse to attach $1 (EPERM); boot the kernel with $UNSAFE_ARGS (test benches only) or use an \
+IOMMU with interrupt remapping (intel-iommu intremap=on)"
+    fi
 }
 
 check_device() {
@@ -298,6 +322,7 @@ take $bdf anyway (its users lose the device)."
         die "$bdf did not bind to vfio-pci (driver now: $(driver_of "$bdf")); see dmesg"
     wait_for -e "$DEV/vfio/$group" || die "$DEV/vfio/$group did not appear for $bdf"
     note "$bdf bound to vfio-pci: IOMMU group $group, $DEV/vfio/$group"
+    check_intremap "$bdf"
     [[ -n $USER_NAME ]] && give_to_user "$DEV/vfio/$group"
     return 0
 }

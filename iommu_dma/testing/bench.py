@@ -183,9 +183,18 @@ class ControllerConfig:
                              "controller in an NVM subsystem (subsystem=...)")
 
 
+KERNELS = ("host", "bench")
+IOMMUS = ("intel", "virtio")
+# Without interrupt remapping (virtio-iommu) VFIO attaches only with these, per backend.
+UNSAFE_INTERRUPT_ARGS = ("iommufd.allow_unsafe_interrupts=1",
+                         "vfio_iommu_type1.allow_unsafe_interrupts=1")
+
+
 @dataclass(frozen=True)
 class Bench:
-    """A guest: an emulated Intel IOMMU of aw_bits width and 1..N NVMe controllers."""
+    """A guest: an emulated IOMMU (Intel of aw_bits width, or virtio-iommu) and 1..N NVMe
+    controllers, booted on a kernel: "host" (the host's Debian kernel, no iommufd) or "bench"
+    (the kernel `make bench-kernel` builds: iommufd, VFIO cdev, virtio-iommu)."""
 
     name: str
     controllers: tuple[ControllerConfig, ...]
@@ -194,10 +203,25 @@ class Bench:
     cpus: int = 2
     # added to the guest kernel's command line after the IOMMU options
     kernel_args: tuple[str, ...] = ()
+    kernel: str = "host"
+    iommu: str = "intel"
+    # boot with UNSAFE_INTERRUPT_ARGS (VFIO attaches without interrupt remapping)
+    unsafe_interrupts: bool = False
 
     def __post_init__(self) -> None:
         if self.aw_bits not in (39, 48):
             raise ValueError(f"aw_bits must be 39 or 48, not {self.aw_bits}")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"bench {self.name}: kernel must be 'host' (the host's kernel) or "
+                             f"'bench' (built by `make bench-kernel`), not {self.kernel!r}")
+        if self.iommu not in IOMMUS:
+            raise ValueError(f"bench {self.name}: iommu must be 'intel' or 'virtio', "
+                             f"not {self.iommu!r}")
+        if self.iommu == "virtio" and self.kernel != "bench":
+            raise ValueError(f"bench {self.name}: virtio-iommu needs kernel='bench' (Debian's "
+                             "kernels lack CONFIG_VIRTIO_IOMMU)")
+        if not isinstance(self.unsafe_interrupts, bool):
+            raise ValueError(f"bench {self.name}: unsafe_interrupts must be True or False")
         if not self.controllers:
             raise ValueError(f"bench {self.name}: needs at least one controller")
         if isinstance(self.kernel_args, str):
@@ -227,8 +251,16 @@ class Bench:
 
     @property
     def kernel_command_line(self) -> str:
-        """What the guest kernel gets appended: the IOMMU options, then kernel_args."""
-        return " ".join(("intel_iommu=on", "iommu=pt", *self.kernel_args))
+        """What the guest kernel gets appended: the IOMMU options, the unsafe-interrupt
+        parameters when asked for, then kernel_args."""
+        iommu = ("intel_iommu=on", "iommu=pt") if self.iommu == "intel" else ("iommu=pt",)
+        unsafe = UNSAFE_INTERRUPT_ARGS if self.unsafe_interrupts else ()
+        return " ".join((*iommu, *unsafe, *self.kernel_args))
+
+    @property
+    def iommu_text(self) -> str:
+        """The IOMMU, said for people: "Intel IOMMU aw-bits=48" or "virtio-iommu"."""
+        return f"Intel IOMMU aw-bits={self.aw_bits}" if self.iommu == "intel" else "virtio-iommu"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -246,11 +278,13 @@ class Bench:
 
     def qemu_args(self, image_dir: Path) -> list[str]:
         """QEMU options for the IOMMU and the NVMe devices; creates file images in image_dir."""
+        iommu = (f"intel-iommu,intremap=on,aw-bits={self.aw_bits}" if self.iommu == "intel"
+                 else "virtio-iommu-pci")         # no interrupt remapping
         args = [
             "-cpu", "max",
             "-machine", "q35,kernel-irqchip=split",
             # The IOMMU must precede the devices it translates.
-            "-device", f"intel-iommu,intremap=on,aw-bits={self.aw_bits}",
+            "-device", iommu,
         ]
         subsystems: list[str] = []
         for ci, ctrl in enumerate(self.controllers):
@@ -458,6 +492,18 @@ BENCHES: dict[str, Bench] = {
             ControllerConfig("IDMAC002", (
                 _file_ns(16, 4096), NamespaceConfig(16 << 20, 4096, "file", detached=True)),
                 mdts=5, max_ioqpairs=8, subsystem="idmacmds"))),
+        # On the bench kernel (`make bench-kernel`: iommufd, VFIO cdev, virtio-iommu): one
+        # controller with two namespaces behind intel-iommu aw-bits 48 and 39, and behind
+        # virtio-iommu (no interrupt remapping: booted with the unsafe-interrupt parameters).
+        Bench("iommufd", (ControllerConfig("IDMAI001", (_file_ns(64, 4096), _file_ns(32, 512)),
+                                           mdts=5, max_ioqpairs=8),), kernel="bench"),
+        Bench("iommufd39", (ControllerConfig("IDMAI391", (_file_ns(64, 4096),
+                                                          _file_ns(32, 512)),
+                                             mdts=5, max_ioqpairs=8),),
+              aw_bits=39, kernel="bench"),
+        Bench("virtio", (ControllerConfig("IDMAV001", (_file_ns(64, 4096), _file_ns(32, 512)),
+                                          mdts=5, max_ioqpairs=8),),
+              kernel="bench", iommu="virtio", unsafe_interrupts=True),
     )
 }
 

@@ -76,8 +76,44 @@ def kernel_image() -> tuple[Path | None, str]:
     return kernel, ""
 
 
-def find_kernel() -> Path:
-    """The kernel image to boot: $IOMMU_DMA_KERNEL, else the newest /boot/vmlinuz-*."""
+BENCH_KERNEL_ENV = "IOMMU_DMA_BENCH_KERNEL"
+BUILD_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "build_bench_kernel.sh"
+BENCH_KERNEL_HINT = "build it with `make bench-kernel` (scripts/build_bench_kernel.sh)"
+
+
+def bench_kernel_image() -> tuple[Path | None, str]:
+    """(image, "") of the bench kernel (iommufd, VFIO cdev, virtio-iommu): $IOMMU_DMA_BENCH_KERNEL,
+    else what `scripts/build_bench_kernel.sh --print-path` prints; or (None, what is wrong)."""
+    if os.environ.get(BENCH_KERNEL_ENV):
+        kernel = Path(os.environ[BENCH_KERNEL_ENV])
+        return (kernel, "") if kernel.is_file() else (None, f"{BENCH_KERNEL_ENV}={kernel} is "
+                                                            "not a file")
+    if not BUILD_SCRIPT.is_file():
+        return None, f"the bench kernel's build script {BUILD_SCRIPT} is missing (not a checkout)"
+    out = subprocess.run(["bash", str(BUILD_SCRIPT), "--print-path"], capture_output=True,
+                         text=True, stdin=subprocess.DEVNULL)
+    path = out.stdout.strip()
+    if out.returncode != 0 or not path:
+        return None, "the bench kernel is not built"
+    if not Path(path).is_file():
+        return None, f"the bench kernel {path} is missing"
+    return Path(path), ""
+
+
+def kernel_for(bench: Bench) -> tuple[Path | None, str]:
+    """The kernel image `bench` boots ("host": kernel_image(), "bench": bench_kernel_image())."""
+    return bench_kernel_image() if bench.kernel == "bench" else kernel_image()
+
+
+def find_kernel(bench: Bench | None = None) -> Path:
+    """The kernel image to boot: for a bench on the bench kernel, the one `make bench-kernel`
+    built; else $IOMMU_DMA_KERNEL, else the newest /boot/vmlinuz-*."""
+    if bench is not None and bench.kernel == "bench":
+        kernel, problem = bench_kernel_image()
+        if kernel is None:
+            raise VmError(f"bench {bench.name!r} boots the bench kernel: {problem}; "
+                          f"{BENCH_KERNEL_HINT}")
+        return kernel
     kernel, problem = kernel_image()
     if kernel is None:
         raise VmError(f"{problem}; install one: apt-get install linux-image-amd64")
@@ -202,6 +238,7 @@ class HostProbes:
 
     which: Callable[[str], str | None] = _which
     kernel: Callable[[], tuple[Path | None, str]] = kernel_image
+    bench_kernel: Callable[[], tuple[Path | None, str]] = bench_kernel_image
     busybox: Callable[[], str | None] = _find_busybox
     is_static: Callable[[str], bool] = is_static_elf
     vng: Callable[[], str | None] = _vng
@@ -215,11 +252,17 @@ def host_problems(bench: Bench, probes: HostProbes | None = None) -> list[Missin
     if p.which(QEMU_BINARY) is None:
         missing.append(Missing(f"QEMU ({QEMU_BINARY})", "not found on PATH",
                                "qemu-system-x86", "apt-get install qemu-system-x86"))
-    kernel, why = p.kernel()
-    if kernel is None:
-        missing.append(Missing("kernel image", why, "linux-image-amd64",
-                               "apt-get install linux-image-amd64, run as root to read "
-                               f"/boot/vmlinuz-*, or set {KERNEL_ENV} to a readable image"))
+    if bench.kernel == "bench":
+        kernel, why = p.bench_kernel()
+        if kernel is None:
+            missing.append(Missing("bench kernel (iommufd, VFIO cdev, virtio-iommu)", why, "",
+                                   BENCH_KERNEL_HINT))
+    else:
+        kernel, why = p.kernel()
+        if kernel is None:
+            missing.append(Missing("kernel image", why, "linux-image-amd64",
+                                   "apt-get install linux-image-amd64, run as root to read "
+                                   f"/boot/vmlinuz-*, or set {KERNEL_ENV} to a readable image"))
     busybox = p.busybox()
     if busybox is None:
         missing.append(Missing("statically linked busybox (virtme-ng builds the guest's "
@@ -275,8 +318,11 @@ def vng_command(bench: Bench, work_dir: Path, command: str, cwd: Path) -> list[s
     port = GUEST_QMP_PORT if bench.fault_injection else None
     script.write_text(guest_script(bench_file, work_dir, command, cwd, port) + "\n")
     qemu = " ".join(shlex.quote(a) for a in bench.qemu_args(work_dir))
+    kernel = find_kernel() if bench.kernel == "host" else find_kernel(bench)
     cmd = [
-        _tool("vng"), "--run", str(find_kernel()),
+        _tool("vng"), "--run", str(kernel),
+        # the bench kernel has everything built in: no modules to look for or share
+        *(["--skip-modules"] if bench.kernel == "bench" else []),
         "--force-9p", "--disable-microvm",
         "--memory", bench.memory, "--cpus", str(bench.cpus),
         f"--append={bench.kernel_command_line}",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -285,3 +286,81 @@ def test_qemu_args_for_cmds(tmp_path: Path) -> None:
     assert ns[3].endswith(",ms=16,mset=1,pi=3,pil=1")
     assert ns[-1].endswith(",detached=on")
     assert BENCHES["cmds"].controllers[0].namespaces[0].zones == 16
+
+
+# ---- the bench kernel and virtio-iommu --------------------------------------------------------
+
+
+def test_iommufd_benches_boot_the_bench_kernel(tmp_path: Path) -> None:
+    for name, aw in (("iommufd", 48), ("iommufd39", 39)):
+        bench = BENCHES[name]
+        assert (bench.kernel, bench.iommu, bench.aw_bits) == ("bench", "intel", aw)
+        assert len(bench.controllers) == 1 and len(bench.controllers[0].namespaces) == 2
+        assert f"intel-iommu,intremap=on,aw-bits={aw}" in bench.qemu_args(tmp_path)
+        assert bench.kernel_command_line == "intel_iommu=on iommu=pt"
+    for bench in BENCHES.values():          # the older benches stay on the host's kernel
+        if bench.name not in ("iommufd", "iommufd39", "virtio"):
+            assert (bench.kernel, bench.iommu, bench.unsafe_interrupts) == ("host", "intel",
+                                                                           False)
+
+
+def test_virtio_bench_has_no_intel_iommu_and_the_unsafe_parameters(tmp_path: Path) -> None:
+    bench = BENCHES["virtio"]
+    args = bench.qemu_args(tmp_path)
+    text = " ".join(args)
+    assert "virtio-iommu-pci" in args and "intel-iommu" not in text
+    assert text.index("virtio-iommu-pci") < text.index("nvme,")
+    assert bench.kernel_command_line == ("iommu=pt iommufd.allow_unsafe_interrupts=1 "
+                                         "vfio_iommu_type1.allow_unsafe_interrupts=1")
+    safe = Bench("v", bench.controllers, kernel="bench", iommu="virtio")
+    assert "allow_unsafe" not in safe.kernel_command_line
+    assert Bench.from_json(bench.to_json()) == bench
+    old = json.loads(BENCHES["default"].to_json())      # a file written before these fields
+    for key in ("kernel", "iommu", "unsafe_interrupts"):
+        del old[key]
+    assert Bench.from_json(json.dumps(old)) == BENCHES["default"]
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: Bench("b", (ControllerConfig("A"),), kernel="6.12"), "kernel must be 'host'"),
+    (lambda: Bench("b", (ControllerConfig("A"),), iommu="amd"), "iommu must be 'intel'"),
+    (lambda: Bench("b", (ControllerConfig("A"),), iommu="virtio"), "needs kernel='bench'"),
+])
+def test_bad_kernel_or_iommu_is_refused(make, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_vng_boots_the_bench_kernel_without_modules(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from iommu_dma.testing import vm
+
+    image = tmp_path / "bzImage"
+    image.write_bytes(b"\0")
+    monkeypatch.setenv(vm.BENCH_KERNEL_ENV, str(image))
+    cmd = vm.vng_command(BENCHES["virtio"], tmp_path, "true", tmp_path)
+    assert cmd[cmd.index("--run") + 1] == str(image) and "--skip-modules" in cmd
+    assert any(a.startswith("--append=") and "iommufd.allow_unsafe_interrupts=1" in a
+               for a in cmd)
+    monkeypatch.setattr(vm, "find_kernel", lambda: Path("/boot/vmlinuz-test"))
+    host = vm.vng_command(BENCHES["default"], tmp_path, "true", tmp_path)
+    assert "--skip-modules" not in host and "/boot/vmlinuz-test" in host
+
+
+def test_unbuilt_bench_kernel_fails_naming_make_bench_kernel(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from iommu_dma.testing import vm
+
+    probes = vm.HostProbes(which=lambda n: "/usr/bin/" + n, busybox=lambda: "/bin/busybox",
+                           is_static=lambda p: True, vng=lambda: "/usr/bin/vng",
+                           mem_available=lambda: 1 << 40,
+                           bench_kernel=lambda: (None, "the bench kernel is not built"))
+    with pytest.raises(vm.HostRequirementsError, match="make bench-kernel"):
+        vm.check_host(BENCHES["iommufd"], probes)
+    vm.check_host(BENCHES["default"], vm.HostProbes(**{**probes.__dict__,
+                                                         "kernel": lambda: (Path("/k"), "")}))
+    monkeypatch.delenv(vm.BENCH_KERNEL_ENV, raising=False)
+    monkeypatch.setattr(vm, "bench_kernel_image", lambda: (None, "the bench kernel is not built"))
+    with pytest.raises(vm.VmError, match=r"bench 'virtio' boots the bench kernel.*make "
+                                         r"bench-kernel"):
+        vm.find_kernel(BENCHES["virtio"])

@@ -34,8 +34,12 @@ def test_a_complete_host_passes() -> None:
 
 
 def test_this_machine_passes() -> None:
+    """Everything but the bench kernel, which `make bench-kernel` builds (before `make test`
+    runs pytest); its absence fails the benches that boot it, naming that target."""
     for bench in BENCHES.values():
-        assert vm.host_problems(bench) == [], vm.host_problems(bench)
+        problems = [m for m in vm.host_problems(bench)
+                    if not (bench.kernel == "bench" and m.install == vm.BENCH_KERNEL_HINT)]
+        assert problems == [], problems
 
 
 def test_every_missing_item_in_one_error_with_package_and_install_command() -> None:
