@@ -34,7 +34,7 @@ from iommu_dma.errors import (
     VfioError,
 )
 
-log = logging.getLogger("iommu_dma")
+log = logging.getLogger(__name__)
 
 BACKEND_ENV = "IOMMU_DMA_BACKEND"
 CONTAINER = "container"
