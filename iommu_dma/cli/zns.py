@@ -104,8 +104,9 @@ def cmd_id_ns(args: argparse.Namespace) -> int:
         return 0
     d = ident.to_dict()
     lines = ["ZNS Command Set Identify Namespace:"]
-    lines += output.field_lines((k, output.c_hex(v) if isinstance(v, int) else str(v))
-                                for k, v in d.items() if k != "lbafe")
+    pairs = [(k, output.c_hex(v) if isinstance(v, int) else str(v))
+             for k, v in d.items() if k != "lbafe"]
+    lines += output.field_lines(pairs, width=8)
     for i, e in enumerate(ident.lbafe):
         used = " (in use)" if i == idn.format_index else ""
         lines.append(f"lbafe {i:2}: zsze:{output.c_hex(e.zsze)} zdes:{e.zdes}{used}")
