@@ -12,8 +12,7 @@ import pytest
 
 from iommu_dma import Controller
 from iommu_dma.nvme.controller import MAX_TRANSFER_CAP
-from iommu_dma.nvme.namespace import UnsupportedFormatError
-from iommu_dma.testing.bench import image_path
+from iommu_dma.testing.bench import Bench, image_path
 
 pytestmark = pytest.mark.iommu_dma_vm(bench="edge")
 
@@ -41,17 +40,33 @@ def test_unlimited_mdts_moves_8_mib_in_2_mib_commands(vfio_bdfs: list[str],
         buf.free()
 
 
-@pytest.mark.parametrize("nsid, layout", [(1, "separate metadata buffer"),
-                                          (2, "extended LBA")])
-def test_metadata_formats_are_refused_naming_the_format(vfio_bdfs: list[str], nsid: int,
-                                                        layout: str) -> None:
+@pytest.mark.parametrize("nsid", [1, 2])
+def test_metadata_formats_separate_and_extended(vfio_bdfs: list[str], nsid: int,
+                                                idma_bench: Bench, idma_bench_images: Path
+                                                ) -> None:
+    """8 bytes of metadata per block, no PI: nsid 1 in a separate buffer (MPTR), nsid 2
+    extended LBAs. QEMU keeps every block's metadata after all the data in the image."""
+    blocks = idma_bench.controllers[2].namespaces[nsid - 1].blocks
+    data, meta = random.randbytes(2 * 4096), random.randbytes(2 * 8)
     with Controller.open(vfio_bdfs[2]) as c:
-        with pytest.raises(UnsupportedFormatError,
-                           match=rf"namespace {nsid}: LBA format \d+ is 4096-byte blocks with 8 "
-                                 rf"bytes of metadata \({layout}"):
-            c.namespace(nsid)
-    cli = [str(Path(sys.executable).parent / "iommu-dma"), "read", vfio_bdfs[2], "-n",
-           str(nsid), "-s", "0", "-c", "1", "-d", "/dev/null"]
-    proc = subprocess.run(cli, capture_output=True, text=True)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert "8 bytes of metadata" in proc.stderr.strip().splitlines()[-1]
+        ns = c.namespace(nsid)
+        assert (ns.ms, ns.extended, ns.pi) == (8, nsid == 2, None)
+        ns.write(3, data, metadata=meta)
+        assert ns.read_metadata(3, 2) == (data, meta)
+        if nsid == 1:
+            with pytest.raises(ValueError, match="8 bytes of metadata per block in a separate "
+                                                 r"buffer \(MPTR\); pass metadata="):
+                ns.read(3, 2)
+        else:
+            assert ns.read(3, 2) == data[:4096] + meta[:8] + data[4096:] + meta[8:]
+    with open(image_path(idma_bench_images, 2, nsid), "rb") as f:
+        f.seek(3 * 4096)
+        assert f.read(len(data)) == data
+        f.seek(blocks * 4096 + 3 * 8)
+        assert f.read(len(meta)) == meta
+    if nsid == 1:       # the CLI names the missing metadata
+        cli = [str(Path(sys.executable).parent / "iommu-dma"), "read", vfio_bdfs[2], "-n",
+               "1", "-s", "0", "-c", "1", "-d", "/dev/null"]
+        proc = subprocess.run(cli, capture_output=True, text=True)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr
+        assert "8 bytes of metadata" in proc.stderr.strip().splitlines()[-1]
