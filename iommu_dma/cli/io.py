@@ -202,6 +202,12 @@ def cmd_read(args: argparse.Namespace) -> int:
         check_range(ns, args.start_block, args.block_count)
         if args.metadata and not ns.ms:
             raise CliError(f"--metadata: namespace {ns.nsid} has no metadata (MS 0)")
+        pract = args.prinfo is None or args.prinfo & 0x8
+        if (ns.ms and not ns.extended and not args.metadata
+                and not (ns.pi is not None and ns.ms == 8 and pract)):
+            raise CliError(f"namespace {ns.nsid} keeps {ns.ms} bytes of metadata per block in "
+                           "a separate buffer: give --metadata FILE (or --prinfo 8, PRACT, "
+                           "on a format whose metadata is only the PI)")
         out = _open_output(args.data)
         meta_out = open(args.metadata, "wb") if args.metadata else None  # noqa: SIM115
         try:
