@@ -515,12 +515,25 @@ def check_mix(w: Workload) -> None:
                          "--bssplit or trims (drop --verify or them)")
 
 
+def check_data_only(ns: Namespace) -> None:
+    """The C worker moves data only (no MPTR, no PRINFO): refuse a namespace whose blocks carry
+    metadata (NVM Command Set 1.0 §5.2), whose transfers it would size wrongly."""
+    if not ns.ms:
+        return
+    layout = "extended LBAs" if ns.extended else "a separate metadata buffer"
+    raise ValueError(f"namespace {ns.nsid} carries {ns.ms} bytes of metadata per block "
+                     f"({layout}); the I/O worker moves data only: use a namespace without "
+                     "metadata, or reformat this one to an LBA format without it "
+                     f"(`iommu-dma format {ns.ctrl.bdf} -n {ns.nsid} --lbaf N`)")
+
+
 def check_workload(ns: Namespace, w: Workload) -> tuple[int, int, int]:
     """Validate w against ns; (block_lbas, lba_start, lba_count) of the job's LBA range
     (block_lbas: the largest I/O, which sizes each slot's buffer)."""
     if w.rw not in RW_MODES:
         raise ValueError(f"--rw {w.rw!r}: choose one of {', '.join(RW_MODES)}")
     check_mode(w.wait, None)
+    check_data_only(ns)
     check_sizes(ns, w)
     check_mix(w)
     if w.offset < 0 or w.size < 0 or w.offset % ns.lba_size or w.size % ns.lba_size:

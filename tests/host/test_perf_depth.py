@@ -199,6 +199,7 @@ def test_two_namespaces_results_each_and_combined(trim_ns: tuple[SimNs, TrimSim]
 class FakeNs:
     def __init__(self) -> None:
         self.nsid, self.blocks, self.lba_size, self.capacity = 1, 1024, 4096, 1024 * 4096
+        self.ms, self.extended = 0, False           # no metadata
         self.ctrl = type("C", (), {"max_transfer": 128 << 10,
                                    "cap": type("Cap", (), {"mqes": 64})()})()
 
@@ -284,3 +285,15 @@ def test_cli_runs_two_namespaces(trim_ns: tuple[SimNs, TrimSim], fmt: str,
     else:
         assert out.startswith("namespace 1:\n") and "\ncombined:\n" in out
         assert "I/Os of 8192 bytes: " in out and "\ntrim " in out
+
+
+def test_metadata_namespaces_are_refused_by_name() -> None:
+    """The worker moves data only: a format with metadata is refused, naming the layout and
+    the reformat command, before anything is sent."""
+    ns = FakeNs()
+    ns.ms, ns.extended = 16, True
+    ns.ctrl.bdf = "0000:00:0b.0"
+    with pytest.raises(ValueError, match=r"namespace 1 carries 16 bytes of metadata per block "
+                                         r"\(extended LBAs\); the I/O worker moves data only.*"
+                                         r"iommu-dma format 0000:00:0b.0 -n 1 --lbaf N"):
+        perf.check_workload(ns, perf.Workload(rw="randread", runtime=1))  # type: ignore[arg-type]

@@ -887,6 +887,7 @@ class SimNs:
     def __init__(self, ctrl: SimCtrl, blocks: int) -> None:
         self.ctrl, self.nsid, self.lba_size, self.blocks = ctrl, 1, SIM_LBA, blocks
         self.capacity = blocks * SIM_LBA
+        self.ms = 0                     # no metadata
 
 
 @pytest.fixture

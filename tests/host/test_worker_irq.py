@@ -72,6 +72,7 @@ class SimNs:
     def __init__(self, ctrl: SimCtrl) -> None:
         self.ctrl, self.nsid, self.lba_size, self.blocks = ctrl, 1, LBA, BLOCKS
         self.capacity = BLOCKS * LBA
+        self.ms = 0                     # no metadata
 
 
 @pytest.fixture
