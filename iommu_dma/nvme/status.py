@@ -135,6 +135,11 @@ _COMMAND_SPECIFIC = {
     # NVM Command Set specific values 80h-BFh
     0x80: "Conflicting Attributes", 0x81: "Invalid Protection Information",
     0x82: "Attempted Write to Read Only Range", 0x83: "Command Size Limit Exceeded",
+    # Zoned Namespace Command Set values (ZNS 1.1 §4.1.1.1): a plain Write on a zoned
+    # namespace gets them too
+    0xB8: "Zone Boundary Error", 0xB9: "Zone Is Full", 0xBA: "Zone Is Read Only",
+    0xBB: "Zone Is Offline", 0xBC: "Zone Invalid Write", 0xBD: "Too Many Active Zones",
+    0xBE: "Too Many Open Zones", 0xBF: "Invalid Zone State Transition",
 }
 
 _MEDIA = {

@@ -156,6 +156,7 @@ def test_constants_table() -> None:
     assert status.status_name(C.SCT_MEDIA, C.SC_COMPARE_FAILURE) == "Compare Failure"
     assert status.status_name(C.SCT_GENERIC, C.SC_LBA_OUT_OF_RANGE) == "LBA Out of Range"
     assert status.status_name(C.SCT_CMD_SPECIFIC, C.SC_INVALID_LOG_PAGE) == "Invalid Log Page"
+    assert status.status_name(C.SCT_CMD_SPECIFIC, 0xBC) == "Zone Invalid Write"   # ZNS 1.1
     # every number of one family is distinct (a copy-paste slip would collide)
     for prefix in ("ADM_", "OPC_", "CNS_", "LID_", "FID_", "OACS_", "ONCS_"):
         values = [v for k, v in vars(C).items() if k.startswith(prefix)]
