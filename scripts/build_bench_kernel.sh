@@ -92,6 +92,10 @@ main() {
         echo "$CACHE/kernel/$key/bzImage"
         exit 0
     fi
+    # one build at a time: a second caller waits here, then finds the first one's result
+    mkdir -p "$CACHE/kernel"
+    exec 9>"$CACHE/kernel/.lock"
+    flock 9
     install_packages
     key=$(cache_key)
     out="$CACHE/kernel/$key"
