@@ -320,8 +320,8 @@ def test_perf_fails_when_the_worker_times_out(cli: Cli, vfio_bdfs: list[str],
 
     real = perf.run_worker
 
-    def impatient(qpair: Any, config: Any, progress: Any = None) -> Any:
-        return real(qpair, replace(config, io_timeout=20e-6, spin_only=True), progress)
+    def impatient(qpair: Any, config: Any, progress: Any = None, mix: Any = None) -> Any:
+        return real(qpair, replace(config, io_timeout=20e-6, spin_only=True), progress, mix)
 
     monkeypatch.setattr(perf, "run_worker", impatient)
     bdf = vfio_bdfs[0]
