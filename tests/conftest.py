@@ -12,6 +12,7 @@ from iommu_dma.nvme.controller import Controller
 from iommu_dma.testing.bench import current_bench
 from iommu_dma.testing.guest import driver_of
 from iommu_dma.testing.guest import nvme_bdfs as guest_nvme_bdfs
+from tests.vm.cli_run import Cli
 
 SETUP_VFIO = Path(__file__).resolve().parent.parent / "scripts" / "setup_vfio.sh"
 
@@ -97,3 +98,9 @@ def _kernel_driver_unless_vfio(request: pytest.FixtureRequest) -> None:
     if bound:
         _release_session_devices(request)
         setup_vfio("unbind", *bound)
+
+
+@pytest.fixture
+def cli(capfdbinary: pytest.CaptureFixture[bytes], monkeypatch: pytest.MonkeyPatch) -> Cli:
+    """iommu-dma run in the test process (tests/vm/cli_run.py)."""
+    return Cli(capfdbinary, monkeypatch)

@@ -9,15 +9,10 @@ Every test leaves nsid 2 detached and the features as it found them.
 
 from __future__ import annotations
 
-import json
 import random
 import struct
-import subprocess
-import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -38,47 +33,13 @@ from iommu_dma.nvme.features import get_feature, set_feature
 from iommu_dma.nvme.namespace import InactiveNamespaceError
 from iommu_dma.nvme.status import NvmeError
 from iommu_dma.testing.bench import image_path
+from tests.vm.cli_run import Cli
 
 pytestmark = pytest.mark.iommu_dma_vm(bench="cmds")
 
 CTRL = 2                    # IDMAC002
 EVENT_TIMEOUT = 30.0
 IOP = "Invalid Command Opcode (SCT 0x0, SC 0x01"
-CLI = str(Path(sys.executable).parent / "iommu-dma")
-
-
-@dataclass
-class Run:
-    code: int
-    out: str
-    err: str
-
-    def json(self) -> Any:
-        return json.loads(self.out)
-
-
-def cli(*argv: object) -> Run:
-    p = subprocess.run([CLI, *map(str, argv)], capture_output=True, text=True, timeout=300,
-                       stdin=subprocess.DEVNULL)
-    return Run(p.returncode, p.stdout, p.stderr)
-
-
-def ok(*argv: object) -> Run:
-    r = cli(*argv)
-    assert r.code == 0, r.err
-    return r
-
-
-def fails(*argv: object, message: str, progress: int = 0) -> str:
-    """The command fails with exit status 1 and one error line (no traceback) holding
-    message, after `progress` lines of progress on stderr."""
-    r = cli(*argv)
-    assert r.code == 1, (r.out, r.err)
-    assert "Traceback" not in r.err
-    lines = r.err.strip().splitlines()
-    assert len(lines) == progress + 1 and lines[-1].startswith("iommu-dma: error: "), r.err
-    assert message in lines[-1], lines[-1]
-    return lines[-1]
 
 
 @pytest.fixture
@@ -100,15 +61,15 @@ def _detach_if_attached(c: Controller) -> None:
 
 # ---- Abort ---------------------------------------------------------------------------------
 
-def test_abort_answers_not_aborted(ctrl: Controller, bdf: str) -> None:
+def test_abort_answers_not_aborted(cli: Cli, ctrl: Controller, bdf: str) -> None:
     # QEMU 7.2 never aborts: CDW0 bit 0 = 1 ("command not aborted", Base §5.1)
     assert ctrl.abort(0, 0x1234) is False
     ctrl.close()
-    r = ok("abort", bdf, "-q", 0, "-c", 7, "-o", "json").json()
+    r = cli.ok("abort", bdf, "-q", 0, "-c", 7, "-o", "json").json()
     assert r == {"sqid": 0, "cid": 7, "aborted": False, "cdw0_bit0": 1}
-    assert "not aborted (CDW0 bit 0 = 1" in ok("abort", bdf, "-c", 3).out
+    assert "not aborted (CDW0 bit 0 = 1" in cli.ok("abort", bdf, "-c", 3).text
     # the CLI's own controller has no I/O queue 1: QEMU 7.2 refuses the SQID
-    fails("abort", bdf, "-q", 1, "-c", 7,
+    cli.fails("abort", bdf, "-q", 1, "-c", 7,
           message="Abort SQID 1 CID 7: Invalid Field in Command (SCT 0x0, SC 0x02, DNR)")
 
 
@@ -163,22 +124,22 @@ def test_attach_do_io_detach(ctrl: Controller, idma_bench_images: Path) -> None:
         ctrl.events.configure(aec)
 
 
-def test_attach_and_lists_from_the_cli(bdf: str) -> None:
+def test_attach_and_lists_from_the_cli(cli: Cli, bdf: str) -> None:
     try:
-        assert ok("list-ctrl", bdf, "-o", "json").json() == {
+        assert cli.ok("list-ctrl", bdf, "-o", "json").json() == {
             "num_ctrl": 1, "ctrl_list": [{"ctrl_id": 0}]}
-        assert ok("list-ctrl", bdf, "-n", 2, "-o", "json").json()["num_ctrl"] == 0
-        assert ok("list-ns", bdf, "-a", "-o", "json").json()["nsid_list"] == [
+        assert cli.ok("list-ctrl", bdf, "-n", 2, "-o", "json").json()["num_ctrl"] == 0
+        assert cli.ok("list-ns", bdf, "-a", "-o", "json").json()["nsid_list"] == [
             {"nsid": 1}, {"nsid": 2}]
-        assert "attach-ns: Success, nsid:2 controllers:0" in ok("attach-ns", bdf, "-n", 2).out
-        assert ok("list-ns", bdf, "-o", "json").json()["nsid_list"] == [{"nsid": 1},
+        assert "attach-ns: Success, nsid:2 controllers:0" in cli.ok("attach-ns", bdf, "-n", 2).text
+        assert cli.ok("list-ns", bdf, "-o", "json").json()["nsid_list"] == [{"nsid": 1},
                                                                          {"nsid": 2}]
-        assert ok("list-ctrl", bdf, "-n", 2).out.splitlines() == ["num of ctrls present: 1",
+        assert cli.ok("list-ctrl", bdf, "-n", 2).text.splitlines() == ["num of ctrls present: 1",
                                                                   "[   0]:0x0"]
-        fails("attach-ns", bdf, "-n", 2, message="Namespace Already Attached (SCT 0x1, SC 0x18")
-        ok("detach-ns", bdf, "-n", 2, "-c", 0)
-        assert ok("list-ns", bdf, "-o", "json").json()["nsid_list"] == [{"nsid": 1}]
-        fails("detach-ns", bdf, "-n", 2, message="Namespace Not Attached (SCT 0x1, SC 0x1a")
+        cli.fails("attach-ns", bdf, "-n", 2, message="Namespace Already Attached (SCT 0x1, SC 0x18")
+        cli.ok("detach-ns", bdf, "-n", 2, "-c", 0)
+        assert cli.ok("list-ns", bdf, "-o", "json").json()["nsid_list"] == [{"nsid": 1}]
+        cli.fails("detach-ns", bdf, "-n", 2, message="Namespace Not Attached (SCT 0x1, SC 0x1a")
     finally:
         with Controller.open(bdf) as c:
             _detach_if_attached(c)
@@ -186,7 +147,7 @@ def test_attach_and_lists_from_the_cli(bdf: str) -> None:
 
 # ---- Copy, Write Uncorrectable ----------------------------------------------------------------
 
-def test_copy_checked_in_the_backing_image(ctrl: Controller, bdf: str,
+def test_copy_checked_in_the_backing_image(cli: Cli, ctrl: Controller, bdf: str,
                                            idma_bench_images: Path) -> None:
     assert ctrl.identify.oncs & ONCS_COPY
     ns = ctrl.namespace(1)
@@ -201,15 +162,15 @@ def test_copy_checked_in_the_backing_image(ctrl: Controller, bdf: str,
     with pytest.raises(ValueError, match="outside namespace 1"):
         ns.copy([(0, 8)], ns.blocks - 4)
     ctrl.close()
-    out = ok("copy", bdf, "-n", 1, "-s", "100,0", "-b", "2,1", "-d", 300).out
+    out = cli.ok("copy", bdf, "-n", 1, "-s", "100,0", "-b", "2,1", "-d", 300).text
     assert out.strip() == "copy: Success (2 range(s), 3 blocks to LBA 300)"
     with open(img, "rb") as f:
         f.seek(300 * 4096)
         assert f.read(3 * 4096) == b[:2 * 4096] + a[:4096]
-    fails("copy", bdf, "-n", 1, "-s", "0", "-b", "1,2", "-d", 300, message="one block count")
+    cli.fails("copy", bdf, "-n", 1, "-s", "0", "-b", "1,2", "-d", 300, message="one block count")
 
 
-def test_write_uncorrectable(ctrl: Controller, bdf: str) -> None:
+def test_write_uncorrectable(cli: Cli, ctrl: Controller, bdf: str) -> None:
     ns = ctrl.namespace(1)
     if ctrl.identify.oncs & ONCS_WRITE_UNCORRECTABLE:       # a later QEMU: the full cycle
         ns.write_uncorrectable(50, 1)
@@ -223,13 +184,13 @@ def test_write_uncorrectable(ctrl: Controller, bdf: str) -> None:
         ns.write_uncorrectable(50, 1)
     assert (e.value.sct, e.value.sc) == (SCT_GENERIC, SC_INVALID_OPCODE)
     ctrl.close()
-    fails("write-uncor", bdf, "-n", 1, "-s", 50, "-c", 1,
+    cli.fails("write-uncor", bdf, "-n", 1, "-s", 50, "-c", 1,
           message=f"Write Uncorrectable nsid 1 LBAs 50+1: {IOP}")
 
 
 # ---- what QEMU 7.2 refuses: named statuses ----------------------------------------------------
 
-def test_unsupported_commands_are_named(bdf: str, tmp_path: Path) -> None:
+def test_unsupported_commands_are_named(cli: Cli, bdf: str, tmp_path: Path) -> None:
     fw = tmp_path / "fw.bin"
     fw.write_bytes(bytes(range(256)) * 32)
     for argv, what in [
@@ -243,17 +204,17 @@ def test_unsupported_commands_are_named(bdf: str, tmp_path: Path) -> None:
         (("security-send", bdf, "-p", 1, "-f", fw), "Security Send SECP 0x01 SPSP 0x0000"),
         (("security-recv", bdf, "-p", 0, "-x", 256), "Security Receive SECP 0x00 SPSP 0x0000"),
     ]:
-        fails(*argv, message=f"{what}: {IOP}")
+        cli.fails(*argv, message=f"{what}: {IOP}")
     # the log pages of those commands: QEMU 7.2 knows neither
-    fails("self-test-log", bdf, message="Get Log Page LID 0x06: Invalid Field in Command")
-    fails("sanitize-log", bdf, message="Get Log Page LID 0x81: Invalid Field in Command")
-    fails("sanitize", bdf, "-a", 2, message="stdin is not a terminal")
+    cli.fails("self-test-log", bdf, message="Get Log Page LID 0x06: Invalid Field in Command")
+    cli.fails("sanitize-log", bdf, message="Get Log Page LID 0x81: Invalid Field in Command")
+    cli.fails("sanitize", bdf, "-a", 2, message="stdin is not a terminal")
 
 
 # ---- Get / Set Features --------------------------------------------------------------------------
 
-def test_get_every_feature(bdf: str) -> None:
-    feats = {f["feature_id"]: f for f in ok("get-feature", bdf, "--all", "-o",
+def test_get_every_feature(cli: Cli, bdf: str) -> None:
+    feats = {f["feature_id"]: f for f in cli.ok("get-feature", bdf, "--all", "-o",
                                            "json").json()["features"]}
     assert feats[FID_TEMPERATURE_THRESHOLD]["fields"] == {"TMPTH": 343, "TMPSEL": 0, "THSEL": 0}
     assert feats[0x07]["fields"] == {"NSQ": 7, "NCQ": 7}             # max_ioqpairs=8
@@ -261,35 +222,35 @@ def test_get_every_feature(bdf: str) -> None:
     assert len(bytes.fromhex(feats[FID_TIMESTAMP]["data"])) == 8
     assert len(bytes.fromhex(feats[FID_HOST_BEHAVIOR]["data"])) == 512
     assert feats[0x80]["error"] == "Invalid Field in Command"        # not in QEMU 7.2
-    caps = ok("get-feature", bdf, "-f", 4, "-s", 3, "-o", "json").json()
+    caps = cli.ok("get-feature", bdf, "-f", 4, "-s", 3, "-o", "json").json()
     assert caps["fields"] == {"saveable": False, "namespace_specific": False, "changeable": True}
-    text = ok("get-feature", bdf, "-f", 4).out.splitlines()
+    text = cli.ok("get-feature", bdf, "-f", 4).text.splitlines()
     assert text[0] == "get-feature:0x04 (Temperature Threshold), Current value:0x00000157"
     assert text[1].split() == ["TMPTH", ":", "343"]
 
 
-def test_set_features(ctrl: Controller, bdf: str, tmp_path: Path) -> None:
+def test_set_features(cli: Cli, ctrl: Controller, bdf: str, tmp_path: Path) -> None:
     temp = get_feature(ctrl, FID_TEMPERATURE_THRESHOLD).value
     behavior = get_feature(ctrl, FID_HOST_BEHAVIOR).data
     ctrl.close()
     try:
-        r = ok("set-feature", bdf, "-f", 4, "-v", 350, "-o", "json").json()
+        r = cli.ok("set-feature", bdf, "-f", 4, "-v", 350, "-o", "json").json()
         assert r["fields"] == {"TMPTH": 350, "TMPSEL": 0, "THSEL": 0}
-        assert ok("get-feature", bdf, "-f", 4, "-o", "json").json()["value"] == 350
-        fails("set-feature", bdf, "-f", 4, "-v", 343, "--save",
+        assert cli.ok("get-feature", bdf, "-f", 4, "-o", "json").json()["value"] == 350
+        cli.fails("set-feature", bdf, "-f", 4, "-v", 343, "--save",
               message="Feature Identifier Not Saveable (SCT 0x1, SC 0x0d")
         hb = tmp_path / "hb.bin"
         hb.write_bytes(b"\x01" + bytes(511))
-        ok("set-feature", bdf, "-f", FID_HOST_BEHAVIOR, "-d", hb)
-        got = ok("get-feature", bdf, "-f", FID_HOST_BEHAVIOR, "-o", "json").json()
+        cli.ok("set-feature", bdf, "-f", FID_HOST_BEHAVIOR, "-d", hb)
+        got = cli.ok("get-feature", bdf, "-f", FID_HOST_BEHAVIOR, "-o", "json").json()
         assert got["fields"]["acre"] == 1
         ts = tmp_path / "ts.bin"
         stamp = 1_700_000_000_000
         ts.write_bytes(struct.pack("<Q", stamp))
-        ok("set-feature", bdf, "-f", FID_TIMESTAMP, "-d", ts)
+        cli.ok("set-feature", bdf, "-f", FID_TIMESTAMP, "-d", ts)
         # QEMU 7.2 restarts its timestamp at 0 whenever the controller is enabled (each CLI
         # process opens it again): a later process sees a few ms, origin 0 ...
-        got = ok("get-feature", bdf, "-f", FID_TIMESTAMP, "-o", "json").json()["fields"]
+        got = cli.ok("get-feature", bdf, "-f", FID_TIMESTAMP, "-o", "json").json()["fields"]
         assert got["timestamp_ms"] < 600_000 and got["timestamp_origin"] == 0
         with Controller.open(bdf) as c:         # ... one session sees what it set, origin 1
             set_feature(c, FID_TIMESTAMP, data=struct.pack("<Q", stamp))
@@ -297,7 +258,7 @@ def test_set_features(ctrl: Controller, bdf: str, tmp_path: Path) -> None:
         ms = got["timestamp_ms"]
         assert isinstance(ms, int) and stamp <= ms < stamp + 600_000
         assert got["timestamp_origin"] == 1
-        fails("set-feature", bdf, "-f", FID_TIMESTAMP, message="--data FILE")
+        cli.fails("set-feature", bdf, "-f", FID_TIMESTAMP, message="--data FILE")
     finally:
         with Controller.open(bdf) as c:
             set_feature(c, FID_TEMPERATURE_THRESHOLD, temp)
@@ -306,10 +267,10 @@ def test_set_features(ctrl: Controller, bdf: str, tmp_path: Path) -> None:
 
 # ---- asynchronous events from the CLI ------------------------------------------------------
 
-def test_events_cli_sees_a_temperature_event(bdf: str) -> None:
+def test_events_cli_sees_a_temperature_event(cli: Cli, bdf: str) -> None:
     # QEMU 7.2 boots with Namespace Attribute Notices on (current 0x100; SEL 1 default says 0)
-    aec = ok("get-feature", bdf, "-f", 0x0B, "-o", "json").json()["value"]
-    r = ok("events", bdf, "--count", 1, "--timeout", EVENT_TIMEOUT, "--set-feature", "4=0x100",
+    aec = cli.ok("get-feature", bdf, "-f", 0x0B, "-o", "json").json()["value"]
+    r = cli.ok("events", bdf, "--count", 1, "--timeout", EVENT_TIMEOUT, "--set-feature", "4=0x100",
            "-o", "json")
     (ev,) = r.json()["events"]
     assert (ev["type"], ev["info"], ev["log_page"]) == (1, 1, 2), ev
@@ -318,9 +279,9 @@ def test_events_cli_sees_a_temperature_event(bdf: str) -> None:
     assert ev["smart"]["temperature"] == 323 and ev["smart"]["critical_warning"] & 0x2
     assert "waiting up to" in r.err
     # restored afterwards
-    assert ok("get-feature", bdf, "-f", 4, "-o", "json").json()["value"] == 343
-    assert ok("get-feature", bdf, "-f", 0x0B, "-o", "json").json()["value"] == aec
-    text = ok("events", bdf, "--set-feature", "4=0x100", "--timeout", EVENT_TIMEOUT).out
+    assert cli.ok("get-feature", bdf, "-f", 4, "-o", "json").json()["value"] == 343
+    assert cli.ok("get-feature", bdf, "-f", 0x0B, "-o", "json").json()["value"] == aec
+    text = cli.ok("events", bdf, "--set-feature", "4=0x100", "--timeout", EVENT_TIMEOUT).text
     assert "SMART / Health status: Temperature Threshold (AET 0x1, AEI 0x01)" in text
-    fails("events", bdf, "--timeout", 1, message="0 of 1 asynchronous event(s) within 1 s",
+    cli.fails("events", bdf, "--timeout", 1, message="0 of 1 asynchronous event(s) within 1 s",
           progress=1)                                  # the "waiting up to" line

@@ -3,80 +3,19 @@
 from __future__ import annotations
 
 import io
-import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from iommu_dma.cli.main import main
 from iommu_dma.testing.bench import QEMU_MODEL, Bench
 from iommu_dma.testing.guest import driver_of
+from tests.vm.cli_run import Cli, image_bytes
 
 pytestmark = pytest.mark.iommu_dma_vm
-
-
-@dataclass
-class Run:
-    rc: int
-    out: bytes
-    err: str
-
-    @property
-    def text(self) -> str:
-        return self.out.decode()
-
-    def json(self) -> Any:
-        return json.loads(self.out)
-
-
-class Cli:
-    """iommu-dma in this process (a subprocess pays ~8 s of imports under TCG); stdin is not
-    a terminal. Output is captured at the file-descriptor level (setup_vfio.sh writes too)."""
-
-    def __init__(self, capfd: pytest.CaptureFixture[bytes]) -> None:
-        self.capfd = capfd
-
-    def __call__(self, *args: str | int | Path) -> Run:
-        self.capfd.readouterr()
-        try:
-            rc = main([str(a) for a in args])
-        except SystemExit as e:                   # argparse usage errors
-            rc = int(e.code or 0)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        out, err = self.capfd.readouterr()
-        return Run(rc, out, err.decode())
-
-    def ok(self, *args: str | int | Path) -> Run:
-        r = self(*args)
-        assert r.rc == 0, f"iommu-dma {args} failed ({r.rc}): {r.err}"
-        return r
-
-    def fails(self, *args: str | int | Path, message: str, rc: int = 1) -> Run:
-        r = self(*args)
-        assert r.rc == rc, f"iommu-dma {args}: exit {r.rc}, expected {rc}: {r.err}"
-        assert message in r.err, r.err
-        if rc == 1:
-            last = r.err.splitlines()[-1]            # notes (e.g. zero-padding) may come first
-            assert last.startswith("iommu-dma: error: ") and "Traceback" not in r.err
-        return r
-
-
-@pytest.fixture
-def cli(capfdbinary: pytest.CaptureFixture[bytes], monkeypatch: pytest.MonkeyPatch) -> Cli:
-    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"")))
-    return Cli(capfdbinary)
-
-
-def image_bytes(images: Path, ctrl: int, nsid: int, offset: int, size: int) -> bytes:
-    with open(images / f"c{ctrl}n{nsid}.img", "rb") as f:
-        f.seek(offset)
-        return f.read(size)
 
 
 # ---- list / bind / unbind -------------------------------------------------------------------
