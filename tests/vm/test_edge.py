@@ -4,8 +4,6 @@ metadata. Data is checked against the backing image."""
 from __future__ import annotations
 
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +11,7 @@ import pytest
 from iommu_dma import Controller
 from iommu_dma.nvme.controller import MAX_TRANSFER_CAP
 from iommu_dma.testing.bench import Bench, image_path
+from tests.vm.cli_run import Cli
 
 pytestmark = pytest.mark.iommu_dma_vm(bench="edge")
 
@@ -41,7 +40,7 @@ def test_unlimited_mdts_moves_8_mib_in_2_mib_commands(vfio_bdfs: list[str],
 
 
 @pytest.mark.parametrize("nsid", [1, 2])
-def test_metadata_formats_separate_and_extended(vfio_bdfs: list[str], nsid: int,
+def test_metadata_formats_separate_and_extended(cli: Cli, vfio_bdfs: list[str], nsid: int,
                                                 idma_bench: Bench, idma_bench_images: Path
                                                 ) -> None:
     """8 bytes of metadata per block, no PI: nsid 1 in a separate buffer (MPTR), nsid 2
@@ -65,8 +64,6 @@ def test_metadata_formats_separate_and_extended(vfio_bdfs: list[str], nsid: int,
         f.seek(blocks * 4096 + 3 * 8)
         assert f.read(len(meta)) == meta
     if nsid == 1:       # the CLI names the missing metadata
-        cli = [str(Path(sys.executable).parent / "iommu-dma"), "read", vfio_bdfs[2], "-n",
-               "1", "-s", "0", "-c", "1", "-d", "/dev/null"]
-        proc = subprocess.run(cli, capture_output=True, text=True)
-        assert proc.returncode == 1 and "Traceback" not in proc.stderr
-        assert "8 bytes of metadata" in proc.stderr.strip().splitlines()[-1]
+        r = cli.fails("read", vfio_bdfs[2], "-n", "1", "-s", "0", "-c", "1", "-d", "/dev/null",
+                      message="8 bytes of metadata")
+        assert "8 bytes of metadata" in r.err.strip().splitlines()[-1]

@@ -8,12 +8,9 @@ and read back through the other backend.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -28,6 +25,7 @@ from iommu_dma.nvme.perf import Workload, run
 from iommu_dma.pci import PciDevice
 from iommu_dma.testing.bench import Bench, image_path
 from tests.conftest import setup_vfio
+from tests.vm.cli_run import Cli
 
 pytestmark = pytest.mark.iommu_dma_vm
 INTEL = pytest.mark.parametrize("idma_bench", ["iommufd", "iommufd39"], indirect=True)
@@ -164,18 +162,17 @@ def test_nvme_data_on_both_backends(idma_bench: Bench, vfio_bdfs: list[str],
 
 
 @INTEL
-def test_list_json_names_the_backend(idma_bench: Bench, vfio_bdfs: list[str]) -> None:
-    cli = [str(Path(sys.executable).parent / "iommu-dma"), "list", "-o", "json"]
-    env = {k: v for k, v in os.environ.items() if k != backends.BACKEND_ENV}
+def test_list_json_names_the_backend(cli: Cli, idma_bench: Bench, vfio_bdfs: list[str],
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(backends.BACKEND_ENV, raising=False)
     for forced, want in ((None, "iommufd"), ("container", "container")):
-        if forced:
-            env[backends.BACKEND_ENV] = forced
-        out = subprocess.run(cli, capture_output=True, text=True, env=env, check=True)
-        listed = json.loads(out.stdout)["controllers"]
+        if forced:                                  # read when a controller is opened
+            monkeypatch.setenv(backends.BACKEND_ENV, forced)
+        listed = cli.ok("list", "-o", "json").json()["controllers"]
         assert [c["bdf"] for c in listed] == vfio_bdfs
         assert listed[0]["iommu_backend"] == want and listed[0]["error"] is None
-        human = subprocess.run(cli[:2], capture_output=True, text=True, env=env, check=True)
-        assert f" {want} " in human.stdout.splitlines()[2]
+        human = cli.ok("list").text
+        assert f" {want} " in human.splitlines()[2]
 
 
 # ---- virtio-iommu: no interrupt remapping --------------------------------------------------

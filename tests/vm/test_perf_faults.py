@@ -7,15 +7,12 @@ fails (exit status 1, result not ok) with a summary naming them."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import pytest
 
 from iommu_dma import Controller
 from iommu_dma.nvme import perf
 from iommu_dma.testing.bench import Bench
+from tests.vm.cli_run import Cli
 
 pytestmark = pytest.mark.iommu_dma_vm(bench="faults")
 
@@ -50,39 +47,35 @@ def check_failed(failed: list[dict[str, object]], errors: int, passes: float) ->
         assert set(seen) == set(EXPECTED), seen
 
 
-def test_perf_cli_reports_each_failed_io_and_exits_1(vfio_bdfs: list[str]) -> None:
+def test_perf_cli_reports_each_failed_io_and_exits_1(cli: Cli, vfio_bdfs: list[str]) -> None:
     bdf = vfio_bdfs[0]
     with Controller.open(bdf) as c:
         assert c.identify.sn == "IDMAF000"
-    cmd = [sys.executable, "-m", "iommu_dma.cli.main", "perf", bdf, "-n", "1", "--rw", "rw",
-           "--iodepth", "32", "--verify", "--size", str(SIZE), "--runtime", "15", "--force",
-           "-o", "json"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    print(proc.stdout, proc.stderr, sep="\n")
-    assert proc.returncode == 1, proc.stderr
-    assert "Traceback" not in proc.stderr
-    j = json.loads(proc.stdout)
+    r = cli("perf", bdf, "-n", "1", "--rw", "rw", "--iodepth", "32", "--verify", "--size", SIZE,
+            "--runtime", "15", "--force", "-o", "json")
+    print(r.text, r.err, sep="\n")
+    assert r.rc == 1, r.err
+    assert "Traceback" not in r.err
+    j = r.json()
     assert j["ok"] is False and j["timed_out"] is False
     assert j["verify_failures"] == 0 and j["failed_ios_not_listed"] == 0
     assert j["ios"] >= 12288, j["ios"]                  # at least a pass over the range
     assert 0 < j["errors"] < j["ios"] // 100
     check_failed(j["failed_ios"], j["errors"], j["ios"] / 12288)
     assert j["bytes"] == (j["ios"] - j["errors"]) * BLOCK   # all the others completed
-    last = proc.stderr.splitlines()[-1]
+    last = r.err.splitlines()[-1]
     assert last.startswith(f"iommu-dma: error: perf: {j['errors']} I/O error(s): "), last
     for (op, lba), (name, _, _) in EXPECTED.items():
         assert f"{op} LBA {lba} (1 block): {name} (SCT 0x2, " in last, last
     assert len(j["problems"]) == 1                      # errors only: no timeout, no mismatch
 
 
-def test_perf_cli_table_lists_the_failed_ios(vfio_bdfs: list[str]) -> None:
-    cmd = [sys.executable, "-m", "iommu_dma.cli.main", "perf", vfio_bdfs[0], "-n", "1",
-           "--rw", "read", "--iodepth", "32", "--offset", str(4096 * BLOCK), "--size",
-           str(2048 * BLOCK), "--runtime", "3"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    print(proc.stdout, proc.stderr, sep="\n")
-    assert proc.returncode == 1, proc.stderr
-    lines = proc.stdout.splitlines()
+def test_perf_cli_table_lists_the_failed_ios(cli: Cli, vfio_bdfs: list[str]) -> None:
+    r = cli("perf", vfio_bdfs[0], "-n", "1", "--rw", "read", "--iodepth", "32", "--offset",
+            4096 * BLOCK, "--size", 2048 * BLOCK, "--runtime", "3")
+    print(r.text, r.err, sep="\n")
+    assert r.rc == 1, r.err
+    lines = r.text.splitlines()
     at = next(i for i, t in enumerate(lines) if t.startswith("Failed I/Os: "))
     assert lines[at + 1].split() == ["Op", "LBA", "Blocks", "Times", "Status"]
     row = lines[at + 3].split(None, 4)

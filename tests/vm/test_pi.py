@@ -9,8 +9,6 @@ metadata after all the data of the backing image, where both are checked."""
 from __future__ import annotations
 
 import random
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from iommu_dma.nvme.namespace import Namespace
 from iommu_dma.nvme.pi import PiTuple, PiType, Prinfo, crc16_t10dif
 from iommu_dma.nvme.status import NvmeError
 from iommu_dma.testing.bench import Bench, image_path
+from tests.vm.cli_run import Cli
 
 pytestmark = pytest.mark.iommu_dma_vm(bench="cmds")
 
@@ -174,9 +173,8 @@ def test_pract_split_at_mdts(c1: Controller) -> None:
     _pract_piece(c1.namespace(3))
 
 
-def test_cli_metadata_and_prinfo(vfio_bdfs: list[str], tmp_path: Path) -> None:
+def test_cli_metadata_and_prinfo(cli: Cli, vfio_bdfs: list[str], tmp_path: Path) -> None:
     bdf = vfio_bdfs[1]
-    exe = str(Path(sys.executable).parent / "iommu-dma")
     data = rng.randbytes(2 * 4096)
     with Controller.open(bdf) as c:
         pif = c.namespace(1).pi
@@ -185,22 +183,15 @@ def test_cli_metadata_and_prinfo(vfio_bdfs: list[str], tmp_path: Path) -> None:
     (tmp_path / "d").write_bytes(data)
     (tmp_path / "m").write_bytes(meta)
 
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([exe, *args], capture_output=True, text=True,
-                              stdin=subprocess.DEVNULL)
-
-    r = run("write", bdf, "-n", "1", "-s", "300", "-d", str(tmp_path / "d"), "-M",
-            str(tmp_path / "m"), "-p", "7", "-a", "7", "-m", "0xffff")
-    assert r.returncode == 0, r.stderr
-    r = run("read", bdf, "-n", "1", "-s", "300", "-c", "2", "-d", str(tmp_path / "d2"), "-M",
-            str(tmp_path / "m2"), "-p", "5")
-    assert r.returncode == 0, r.stderr
+    cli.ok("write", bdf, "-n", "1", "-s", "300", "-d", tmp_path / "d", "-M", tmp_path / "m",
+           "-p", "7", "-a", "7", "-m", "0xffff")
+    cli.ok("read", bdf, "-n", "1", "-s", "300", "-c", "2", "-d", tmp_path / "d2", "-M",
+           tmp_path / "m2", "-p", "5")
     assert (tmp_path / "d2").read_bytes() == data and (tmp_path / "m2").read_bytes() == meta
     bad = bytearray(meta)
     bad[0] ^= 1
     (tmp_path / "m").write_bytes(bytes(bad))
-    r = run("write", bdf, "-n", "1", "-s", "300", "-d", str(tmp_path / "d"), "-M",
-            str(tmp_path / "m"), "-p", "4", "--retries", "0")
-    assert r.returncode == 1 and "End-to-end Guard Check Error" in r.stderr
-    r = run("write", bdf, "-n", "2", "-s", "0", "-d", str(tmp_path / "d"))
-    assert r.returncode == 1 and "give --metadata FILE, or --prinfo 8" in r.stderr
+    cli.fails("write", bdf, "-n", "1", "-s", "300", "-d", tmp_path / "d", "-M", tmp_path / "m",
+              "-p", "4", "--retries", "0", message="End-to-end Guard Check Error")
+    cli.fails("write", bdf, "-n", "2", "-s", "0", "-d", tmp_path / "d",
+              message="give --metadata FILE, or --prinfo 8")

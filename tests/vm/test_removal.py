@@ -22,12 +22,13 @@ import pytest
 
 from iommu_dma import Controller
 from iommu_dma.testing.qmp import Qmp
+from tests.vm.cli_run import Cli
 
 pytestmark = pytest.mark.iommu_dma_vm(bench="faults")
 
 REMOVABLE = 1
 
-def test_device_del_mid_perf(vfio_bdfs: list[str]) -> None:
+def test_device_del_mid_perf(cli: Cli, vfio_bdfs: list[str]) -> None:
     bdf = vfio_bdfs[REMOVABLE]
     with Controller.open(bdf) as c:                     # the bench's removable controller
         assert c.identify.sn == "IDMAF001"
@@ -57,14 +58,15 @@ def test_device_del_mid_perf(vfio_bdfs: list[str]) -> None:
         deleted = time.monotonic() - t0
     reader.join(10)
     out = "".join(lines)
-    print(f"device_del: perf ended {perf_end:.2f} s later (rc {perf.returncode}), "
-          f"DEVICE_DELETED after {deleted:.2f} s; perf said:\n{out}")
+    said = (f"device_del: perf ended {perf_end:.2f} s later (rc {perf.returncode}), "
+            f"DEVICE_DELETED after {deleted:.2f} s; perf said:\n{out}")
+    print(said)
     assert event is not None
     assert perf.returncode == 1, out
     assert "asked for the device back" in out, out
     assert "Traceback" not in out
     assert not Path(f"/sys/bus/pci/devices/{bdf}").exists()
-    proc = subprocess.run([sys.executable, "-m", "iommu_dma.cli.main", "id-ctrl", bdf],
-                          capture_output=True, text=True)
-    assert proc.returncode != 0 and bdf in proc.stderr, proc.stderr
-    assert "Traceback" not in proc.stderr, proc.stderr
+    r = cli("id-ctrl", bdf)
+    print(said)                     # again: cli took the output captured so far
+    assert r.rc != 0 and bdf in r.err, r.err
+    assert "Traceback" not in r.err, r.err

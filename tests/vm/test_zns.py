@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import random
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from iommu_dma.nvme.zns import (
 from iommu_dma.testing.bench import Bench, image_path
 from iommu_dma.testing.guest import driver_of
 from tests.conftest import setup_vfio
+from tests.vm.cli_run import Cli
 
 pytestmark = pytest.mark.iommu_dma_vm(bench="cmds")
 
@@ -38,14 +38,6 @@ def image_bytes(images: Path, nsid: int, lba: int, nlb: int) -> bytes:
     with open(image_path(images, 0, nsid), "rb") as f:
         f.seek(lba * LBA)
         return f.read(nlb * LBA)
-
-
-def ours(*args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, "-m", "iommu_dma.cli.main", *args],
-                          capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
-    if ok:
-        assert proc.returncode == 0, f"iommu-dma {' '.join(args)}: {proc.stderr}"
-    return proc
 
 
 def states(z: ZonedNamespace, *zslbas: int) -> list[ZoneState | int]:
@@ -173,34 +165,31 @@ def _kernel_sees_the_same(bdf: str, report: dict[object, Any], idns: dict[str, A
     assert image_bytes(images, 1, 2 * ZSZE, 6) == data + data
 
 
-def test_cli_and_nvme_cli_parity(vfio_bdfs: list[str], tmp_path: Path,
+def test_cli_and_nvme_cli_parity(cli: Cli, vfio_bdfs: list[str], tmp_path: Path,
                                  idma_bench_images: Path) -> None:
     """Our zns CLI on vfio-pci; then, on the kernel driver, nvme-cli's JSON equals ours and
     the kernel reads our data."""
     bdf = vfio_bdfs[0]
-    ours("zns", "reset-zone", bdf, "-n", "1", "-a")
+    cli.ok("zns", "reset-zone", bdf, "-n", "1", "-a")
     data = random.Random(7).randbytes(3 * LBA)
     (tmp_path / "d.bin").write_bytes(data)
-    r = ours("zns", "zone-append", bdf, "-n", "1", "-s", str(2 * ZSZE), "--data",
-             str(tmp_path / "d.bin"), "-o", "json")
-    assert json.loads(r.stdout)["result_lba"] == 2 * ZSZE
-    r = ours("zns", "zone-append", bdf, "-n", "1", "-s", str(2 * ZSZE), "-d",
-             str(tmp_path / "d.bin"))
-    assert r.stdout.strip() == f"Success appended data to LBA {2 * ZSZE + 3:x}"
-    ours("zns", "finish-zone", bdf, "-n", "1", "-s", str(5 * ZSZE))
-    ours("zns", "open-zone", bdf, "-n", "1", "-s", str(7 * ZSZE))
-    r = ours("zns", "open-zone", bdf, "-n", "1", ok=False)
-    assert r.returncode == 1 and "give the zone's start LBA" in r.stderr
-    r = ours("zns", "open-zone", bdf, "-n", "1", "-s", "3", ok=False)
-    assert r.returncode == 1 and "not a zone start LBA" in r.stderr
-    text = ours("zns", "report-zones", bdf, "-n", "1", "-d", "3", "-s", str(ZSZE)).stdout
+    r = cli.ok("zns", "zone-append", bdf, "-n", "1", "-s", 2 * ZSZE, "--data",
+               tmp_path / "d.bin", "-o", "json")
+    assert r.json()["result_lba"] == 2 * ZSZE
+    r = cli.ok("zns", "zone-append", bdf, "-n", "1", "-s", 2 * ZSZE, "-d", tmp_path / "d.bin")
+    assert r.text.strip() == f"Success appended data to LBA {2 * ZSZE + 3:x}"
+    cli.ok("zns", "finish-zone", bdf, "-n", "1", "-s", 5 * ZSZE)
+    cli.ok("zns", "open-zone", bdf, "-n", "1", "-s", 7 * ZSZE)
+    cli.fails("zns", "open-zone", bdf, "-n", "1", message="give the zone's start LBA")
+    cli.fails("zns", "open-zone", bdf, "-n", "1", "-s", "3", message="not a zone start LBA")
+    text = cli.ok("zns", "report-zones", bdf, "-n", "1", "-d", "3", "-s", ZSZE).text
     assert text.splitlines()[0] == f"nr_zones: {ZONES}"         # nvme-cli: from LBA 0
     assert len(text.splitlines()) == 4
-    assert json.loads(ours("zns", "id-ctrl", bdf, "-o", "json").stdout) == {"zasl": 0}
-    idns = json.loads(ours("zns", "id-ns", bdf, "-n", "1", "-o", "json").stdout)
+    assert cli.ok("zns", "id-ctrl", bdf, "-o", "json").json() == {"zasl": 0}
+    idns = cli.ok("zns", "id-ns", bdf, "-n", "1", "-o", "json").json()
     assert (idns["mar"], idns["mor"], idns["lbafe"][4]) == (5, 3, {"zsze": ZSZE, "zdes": 0})
     report: dict[object, Any] = {}
     for args in (("-o", "json"), ("-d", "2", "-o", "json"), ("-s", "600", "-o", "json"),
                  ("-S", "5", "-o", "json")):
-        report[args] = json.loads(ours("zns", "report-zones", bdf, "-n", "1", *args).stdout)
+        report[args] = cli.ok("zns", "report-zones", bdf, "-n", "1", *args).json()
     _kernel_sees_the_same(bdf, report, idns, data, idma_bench_images)
