@@ -299,7 +299,7 @@ def open_container(path: str = CONTAINER_PATH) -> int:
 
 def open_group(path: str, group: int) -> int:
     try:
-        return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        return vfio.open_node(path)
     except FileNotFoundError:
         members = group_devices(group)
         if not members:
@@ -307,12 +307,6 @@ def open_group(path: str, group: int) -> int:
                                errno.ENOENT) from None
         bdf, driver = members[0]
         raise NotBoundError(bdf, driver, f"open {path}") from None
-    except PermissionError:
-        raise PermissionDeniedError(path, f"open {path}") from None
-    except OSError as e:
-        if e.errno == errno.EBUSY:
-            raise DeviceBusyError(path, f"open {path}") from None
-        raise VfioError(f"open {path}", e.errno, "") from None
 
 
 # ---- iommufd ---------------------------------------------------------------------------------
@@ -379,7 +373,10 @@ class IommufdBackend:
             raise NoIommuError("attach", f"iommufd: {bdf} has no VFIO cdev "
                                f"(/sys/bus/pci/devices/{bdf}/vfio-dev/vfioN): the kernel lacks "
                                "CONFIG_VFIO_DEVICE_CDEV; use IOMMU_DMA_BACKEND=container")
-        fd = iommufd.open_cdev(path)
+        try:
+            fd = vfio.open_node(path)
+        except FileNotFoundError:       # unbound between the sysfs look and the open
+            raise NotBoundError(bdf, None, f"open {path}") from None
         try:
             dev_id, hwpt_id = self._bind_attach(fd, path)
         except BaseException:

@@ -280,17 +280,6 @@ def cdev_path(bdf: str) -> str | None:
     return path if os.path.exists(path) else None
 
 
-def open_cdev(path: str) -> int:
-    try:
-        return os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    except PermissionError:
-        raise PermissionDeniedError(path, f"open {path}") from None
-    except OSError as e:
-        if e.errno == errno.EBUSY:
-            raise DeviceBusyError(path, f"open {path}") from None
-        raise VfioError(f"open {path}", e.errno, "") from None
-
-
 def device_bind_iommufd(device_fd: int, iommufd: int) -> int:
     """Bind a cdev device fd to an iommufd; returns the dev_id. Closing the fd unbinds."""
     b = vfio_device_bind_iommufd(ctypes.sizeof(vfio_device_bind_iommufd), 0, iommufd, 0)

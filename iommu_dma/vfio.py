@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar, Union
 
 from iommu_dma import libc
-from iommu_dma.errors import DeviceBusyError, NoIommuError, VfioError
+from iommu_dma.errors import DeviceBusyError, NoIommuError, PermissionDeniedError, VfioError
 from iommu_dma.memlock import memlock_error
 
 if TYPE_CHECKING:
@@ -476,3 +477,18 @@ def unmask_irqs(device_fd: int, index: int, start: int, count: int = 1) -> None:
 
 def device_reset(device_fd: int) -> None:
     ioctl(device_fd, VFIO_DEVICE_RESET, 0, "VFIO_DEVICE_RESET")
+
+
+def open_node(path: str) -> int:
+    """Open a VFIO character device (a group /dev/vfio/N or a cdev /dev/vfio/devices/vfioN)
+    read-write; FileNotFoundError passes through for the caller to explain."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise
+    except PermissionError:
+        raise PermissionDeniedError(path, f"open {path}") from None
+    except OSError as e:
+        if e.errno == errno.EBUSY:
+            raise DeviceBusyError(path, f"open {path}") from None
+        raise VfioError(f"open {path}", e.errno, "") from None
