@@ -4,10 +4,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEB_PACKAGES := qemu-system-x86 linux-image-amd64 fio python3-venv python3-dev gcc libc6-dev \
                 linux-libc-dev e2fsprogs util-linux kmod pciutils busybox-static file \
-                valgrind qemu-utils nbdkit nbdkit-plugin-python nbd-client libnbd-bin python3-libnbd nvme-cli
+                valgrind qemu-utils nbdkit nbdkit-plugin-python nbd-client libnbd-bin python3-libnbd nvme-cli acl
 NATIVE_SOURCES := $(wildcard native/*.c native/*.h native/*.py) setup.py pyproject.toml
 
-.PHONY: all setup deps venv demo test test-host test-vm lint wheelhouse bench bench-embedding clean
+.PHONY: all setup deps venv demo test test-host test-vm lint wheelhouse wheel-venv bench bench-embedding clean
 
 all: test
 
@@ -36,7 +36,7 @@ demo: setup
 	$(PY) -m iommu_dma.demo
 
 # Every test: lint (ruff, mypy), the engine under ASan+UBSan, host and VM tests.
-test: lint test-asan wheelhouse bench-kernel
+test: lint test-asan wheel-venv bench-kernel
 	$(VENV)/bin/pytest -ra --durations=40
 
 test-host: setup
@@ -53,9 +53,20 @@ lint: setup
 # installs from here into a fresh virtualenv outside the checkout).
 wheelhouse: build/wheelhouse/.built
 
-build/wheelhouse/.built: $(NATIVE_SOURCES) $(wildcard iommu_dma/*.py iommu_dma/*/*.py iommu_dma/data/*)
+build/wheelhouse/.built: $(VENV)/.installed $(NATIVE_SOURCES) $(wildcard iommu_dma/*.py iommu_dma/*/*.py iommu_dma/data/*)
 	rm -rf build/wheelhouse
 	$(PY) -m pip wheel -q . -w build/wheelhouse
+	touch $@
+
+# The wheel installed offline into a fresh virtualenv of its own, as a user installs it; the
+# wheel VM test runs its iommu-dma command in the guest (pip itself under TCG took ~5 minutes).
+wheel-venv: build/wheel-venv/.built
+
+build/wheel-venv/.built: build/wheelhouse/.built
+	rm -rf build/wheel-venv
+	$(PYTHON) -m venv --without-pip build/wheel-venv
+	$(PY) -m pip --python build/wheel-venv/bin/python install -q --no-index \
+	    --no-cache-dir --disable-pip-version-check --find-links build/wheelhouse iommu-dma
 	touch $@
 
 bench: setup

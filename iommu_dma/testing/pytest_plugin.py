@@ -225,19 +225,25 @@ class HostRunner:
                 with self._lock:
                     self.config.get_terminal_writer().line(f"  {name}| {line}")
 
-        with vm.work_directory() as work:
-            report_file = work / "reports.jsonl"
-            command = _guest_pytest_command(items, report_file, work / "selected.txt")
-            try:
-                result = vm.run(bench, command, timeout=self.config.getoption("--idma-vm-timeout"),
-                                on_line=on_line, work_dir=work, cwd=Path(self.config.rootpath))
-            except vm.VmError as e:
-                self.errors[name] = str(e)
+        for attempt in (1, 2):
+            with vm.work_directory() as work:
+                report_file = work / "reports.jsonl"
+                command = _guest_pytest_command(items, report_file, work / "selected.txt")
+                try:
+                    result = vm.run(bench, command, on_line=on_line, work_dir=work,
+                                    timeout=self.config.getoption("--idma-vm-timeout"),
+                                    cwd=Path(self.config.rootpath))
+                except vm.VmError as e:
+                    self.errors[name] = str(e)
+                    self.reports[name] = self._load(report_file)
+                    return [*said, f"[iommu-dma] bench {name!r} failed: {e}"]
                 self.reports[name] = self._load(report_file)
-                return [*said, f"[iommu-dma] bench {name!r} failed: {e}"]
-            self.reports[name] = self._load(report_file)
             said.append(f"[iommu-dma] bench {name!r} finished in {result.seconds:.0f} s "
                         f"(guest pytest exit {result.returncode})")
+            if not _never_started(result, self.reports[name]) or attempt == 2:
+                break
+            said.append(f"[iommu-dma] bench {name!r}: the guest ended before any test ran; "
+                        f"booting it once more. Its output:\n" + "\n".join(tail))
             self.errors[name] = ("the guest ended without reporting this test; last guest output:\n"
                                  + "\n".join(tail))
         return said
@@ -256,6 +262,16 @@ class HostRunner:
         why = self.errors.get(name, "no report from the guest")
         return pytest.TestReport(item.nodeid, item.location, {}, "failed",
                                  f"bench {name!r}: {why}", "call")
+
+
+NEVER_STARTED_S = 60.0
+
+
+def _never_started(result: vm.VmResult, reports: list[pytest.TestReport]) -> bool:
+    """A guest that failed within a minute without reporting a test did not boot (once, vng
+    ended with status 255 after 5 s and no output): no test ran, so booting again hides no
+    test's failure."""
+    return result.returncode != 0 and not reports and result.seconds < NEVER_STARTED_S
 
 
 def _guest_pytest_command(items: list[pytest.Item], report_file: Path, select: Path) -> str:

@@ -364,3 +364,14 @@ def test_unbuilt_bench_kernel_fails_naming_make_bench_kernel(
     with pytest.raises(vm.VmError, match=r"bench 'virtio' boots the bench kernel.*make "
                                          r"bench-kernel"):
         vm.find_kernel(BENCHES["virtio"])
+
+
+def test_only_a_guest_that_never_started_is_booted_again() -> None:
+    from iommu_dma.testing import vm
+    from iommu_dma.testing.pytest_plugin import _never_started
+
+    report = pytest.TestReport("t.py::t", ("t.py", 0, "t"), {}, "failed", None, "call")
+    assert _never_started(vm.VmResult(255, "", 5.0), [])
+    assert not _never_started(vm.VmResult(0, "", 5.0), [])              # it passed
+    assert not _never_started(vm.VmResult(1, "", 5.0), [report])        # a test ran and failed
+    assert not _never_started(vm.VmResult(255, "", 600.0), [])          # it ran for long

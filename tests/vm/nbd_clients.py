@@ -1,5 +1,6 @@
-"""Running `iommu-dma serve` and real NBD clients (qemu-img, qemu-io, nbdinfo, nbd-client,
-libnbd's Python binding) inside a bench guest, for the NBD VM tests."""
+"""Running `iommu-dma serve` (or its nbdkit Server in the test process) and real NBD clients
+(qemu-img, qemu-io, nbdinfo, nbd-client, libnbd's Python binding) inside a bench guest, for
+the NBD VM tests."""
 
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from iommu_dma.cli.serve import probe
+from iommu_dma.nbd.server import ServeOptions, Server
 
 # python3-libnbd is Debian's: its module imports in Debian's interpreter only (nbdsh runs
 # whichever `python3` comes first on PATH, which need not be that one)
@@ -94,6 +98,46 @@ def serving(bdf: str, nsid: int, socket: Path, *args: str) -> Iterator[Serving]:
             s.stop()
         for t in pumps:
             t.join(10)
+
+
+@dataclass
+class ServingHere:
+    """nbdkit started by this process (iommu_dma.nbd.server.Server), as `iommu-dma serve`
+    starts it, without the ~15 s a second Python process costs under TCG."""
+
+    server: Server
+    uri: str
+    log: list[str]
+
+    def text(self) -> str:
+        return "\n".join(self.log)
+
+    @property
+    def proc(self) -> subprocess.Popen[str]:
+        assert self.server.proc is not None
+        return self.server.proc
+
+    def stop(self, timeout: float = 120) -> int | None:
+        """SIGTERM nbdkit and wait for it: its exit status."""
+        return self.server.stop(timeout)
+
+
+@contextmanager
+def serving_here(bdf: str, nsid: int, socket: Path, *, threads: int | None = None,
+                 readonly: bool = False) -> Iterator[ServingHere]:
+    """What `iommu-dma serve BDF -n NSID --socket SOCKET [--threads N] [--readonly]` runs,
+    from this process; stopped afterwards (unless the test stopped it)."""
+    if socket.exists():
+        socket.unlink()
+    opts = ServeOptions(bdf=bdf, nsid=nsid, socket=str(socket), readonly=readonly,
+                        threads=threads)
+    log: list[str] = []
+    server = Server(opts, lba_size=probe(bdf, nsid, readonly), sink=log.append)
+    server.start(START_TIMEOUT)
+    try:
+        yield ServingHere(server, opts.uri, log)
+    finally:
+        server.stop()
 
 
 def run(*argv: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:

@@ -44,18 +44,16 @@ def pytest_run(*args: str, env: dict[str, str] | None = None,
     return proc
 
 
-def test_example_suite_runs_with_pciaddr(vfio_bdfs: list[str], tmp_path: Path) -> None:
-    proc = pytest_run("--pciaddr", vfio_bdfs[0], str(EXAMPLE), cwd=tmp_path)
-    assert proc.returncode == 0
-    assert "4 passed" in proc.stdout
-
-
-def test_a_failed_test_does_not_wedge_the_next(vfio_bdfs: list[str], tmp_path: Path) -> None:
+def test_example_suite_and_a_failed_test_with_pciaddr(vfio_bdfs: list[str],
+                                                      tmp_path: Path) -> None:
+    """One pytest session (one Python start under TCG): the wedging test fails, the one after
+    it finds the controller working, and the README's example suite passes after both."""
     suite = tmp_path / "test_wedge.py"
     suite.write_text(WEDGE)
-    proc = pytest_run("--pciaddr", vfio_bdfs[0], str(suite), cwd=tmp_path)
-    assert "1 failed, 1 passed" in proc.stdout
+    proc = pytest_run("--pciaddr", vfio_bdfs[0], str(suite), str(EXAMPLE), cwd=tmp_path)
+    assert "1 failed, 5 passed" in proc.stdout
     assert "failing on purpose" in proc.stdout
+    assert "_ test_1_leaves_the_controller_disabled _" in proc.stdout    # the failure's header
 
 
 def test_bench_default_and_skip_without_a_controller(vfio_bdfs: list[str],

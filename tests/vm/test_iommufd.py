@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import random
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import pytest
 
 from iommu_dma import backends, iommufd
 from iommu_dma.container import Container
+from iommu_dma.discovery import group_of
 from iommu_dma.errors import DeviceBusyError
 from iommu_dma.memory import DmaAllocator
 from iommu_dma.nvme.controller import Controller
@@ -38,6 +41,7 @@ RANGES = {
     39: ((0, 0xFEDFFFFF), (0xFEF00000, 0x7FFFFFFFFF)),
 }
 NVME_VS = 0x08
+CHECKOUT = Path(__file__).resolve().parents[2]
 
 
 def image_bytes(images: Path, nsid: int, offset: int, length: int) -> bytes:
@@ -173,6 +177,44 @@ def test_list_json_names_the_backend(cli: Cli, idma_bench: Bench, vfio_bdfs: lis
         assert listed[0]["iommu_backend"] == want and listed[0]["error"] is None
         human = cli.ok("list").text
         assert f" {want} " in human.splitlines()[2]
+
+
+# The user's own process: Debian's interpreter (the checkout's venv may live under /root), our
+# package and its dependencies by path; memlock raised as root before dropping to the user.
+AS_NOBODY = """
+import sys
+from iommu_dma import Controller
+with Controller.open(sys.argv[1]) as c:
+    print(c.container.backend_name, c.identify.sn)
+"""
+
+
+@pytest.mark.parametrize("idma_bench", ["iommufd"], indirect=True)
+def test_bind_user_gets_the_iommufd_nodes(idma_bench: Bench, vfio_bdfs: list[str]) -> None:
+    bdf = vfio_bdfs[0]
+    group_node = Path(f"/dev/vfio/{group_of(bdf)}")
+    cdev = iommufd.cdev_path(bdf)
+    assert cdev is not None
+    out = setup_vfio("--user", "nobody", "bind", bdf).stdout
+    try:
+        assert f"{cdev} now belongs to nobody" in out, out
+        assert "/dev/iommu is now read-write for nobody (ACL)" in out, out
+        assert Path(cdev).owner() == "nobody" and group_node.owner() == "nobody"
+        acl = subprocess.run(["getfacl", "-c", "/dev/iommu"], capture_output=True, text=True,
+                             check=True).stdout
+        assert "user:nobody:rw-" in acl.splitlines(), acl
+        site = next(p for p in sys.path if p.endswith("site-packages"))
+        env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{CHECKOUT}:{site}"}
+        proc = subprocess.run(["prlimit", "--memlock=unlimited:unlimited", "setpriv",
+                               "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                               "/usr/bin/python3", "-c", AS_NOBODY, bdf],
+                              capture_output=True, text=True, env=env, cwd="/", timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.split() == ["iommufd", idma_bench.controllers[0].serial]
+    finally:
+        os.chown(cdev, 0, 0)
+        os.chown(group_node, 0, 0)
+        subprocess.run(["setfacl", "-x", "u:nobody", "/dev/iommu"], check=False)
 
 
 # ---- virtio-iommu: no interrupt remapping --------------------------------------------------

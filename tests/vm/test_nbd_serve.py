@@ -1,6 +1,9 @@
 """`iommu-dma serve`: the namespace over NBD, used by real clients (qemu-img, qemu-io, nbdinfo,
 nbd-client with ext4, libnbd), the data checked in the backing image or through the kernel's
-nvme driver. Bench two_ctrl: controller 0 has 4 KiB blocks, controller 1 has 512-byte blocks."""
+nvme driver. Bench two_ctrl: controller 0 has 4 KiB blocks, controller 1 has 512-byte blocks.
+
+The tests of the command itself (its URI line, exit statuses, signals) run `iommu-dma serve`;
+the tests of what clients see start the same nbdkit server from the test process."""
 
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from tests.vm.nbd_clients import (
     qemu_io,
     run,
     serving,
+    serving_here,
 )
 
 pytestmark = pytest.mark.iommu_dma_vm(bench="two_ctrl")
@@ -67,7 +71,7 @@ def test_qemu_img_convert_and_compare(vfio_bdfs: list[str], tmp_path: Path,
     after the server stopped, the backing image of the namespace."""
     source = tmp_path / "random.img"
     source.write_bytes(random.randbytes(SIZE))
-    with serving(vfio_bdfs[0], 1, tmp_path / "s") as s:
+    with serving_here(vfio_bdfs[0], 1, tmp_path / "s") as s:
         t = time.monotonic()
         run("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(source), s.uri)
         print(f"qemu-img convert: {SIZE >> 20} MiB in {time.monotonic() - t:.1f} s")
@@ -83,7 +87,7 @@ def test_unaligned_writes_zero_and_trim_on_512_byte_blocks(
     """Requests smaller than a block (read-modify-write in nbdkit's blocksize filter), write
     zeroes and trim, checked in the backing image."""
     image = image_path(idma_bench_images, 1, 1)
-    with serving(vfio_bdfs[1], 1, tmp_path / "s") as s:
+    with serving_here(vfio_bdfs[1], 1, tmp_path / "s") as s:
         qemu_io(s.uri, "write -P 0x66 0 65536", "write -P 0x5a 1000 3001",
                 "write -z 20480 8192", "write -P 0x77 1048576 1048576",
                 "discard 1048576 1048576", "flush")
@@ -110,7 +114,7 @@ def test_ext4_through_nbd_client_read_by_the_kernel_nvme_driver(
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     run("modprobe", "nbd", "nbds_max=2")
-    with serving(bdf, 1, tmp_path / "s") as s:
+    with serving_here(bdf, 1, tmp_path / "s") as s:
         sock = s.uri.split("socket=", 1)[1]
         run("nbd-client", "-u", sock, "/dev/nbd0", "-b", "4096", "-N", "")
         try:
@@ -149,7 +153,7 @@ def test_client_disconnecting_mid_write(vfio_bdfs: list[str], tmp_path: Path,
     """A client killed while writing: every acknowledged write is there, the server goes on
     serving other clients."""
     block = 4096
-    with serving(vfio_bdfs[0], 1, tmp_path / "s") as s:
+    with serving_here(vfio_bdfs[0], 1, tmp_path / "s") as s:
         writer = Writer(s.uri, block, 2000)
         writer.wait_for(40)
         writer.kill()
@@ -190,7 +194,7 @@ def test_server_killed_mid_write_then_restarted(vfio_bdfs: list[str], tmp_path: 
 def test_each_nbdkit_thread_keeps_its_queue_pair(vfio_bdfs: list[str], tmp_path: Path) -> None:
     """nbdkit's worker threads enter Python with a new thread state per request; each still
     keeps one queue pair (they are keyed by the OS thread), not one per request."""
-    with serving(vfio_bdfs[1], 1, tmp_path / "s", "--threads", "2") as s:
+    with serving_here(vfio_bdfs[1], 1, tmp_path / "s", threads=2) as s:
         qemu_io(s.uri, *(f"read {i * 4096} 4096" for i in range(60)))
         assert s.stop() == 0
     m = re.search(r"\((\d+) I/O queue pairs were created while serving\)", s.text())
