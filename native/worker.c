@@ -174,6 +174,10 @@ struct wstate {
     int failed;                 /* a submit was refused: issue nothing more, drain, report */
     uint64_t block_bytes, nblocks, next_lba, rng, issued, lat_sum, start;
     uint64_t interval, next_due;    /* rate cap: ns per token, when the next token is due */
+    int fixed_op;               /* the op of every I/O when no draw decides it, else -1 */
+    uint64_t done;              /* completions counted (res->ios is derived at the end) */
+    uint64_t sec_end;           /* when the series' current second ends */
+    struct idma_worker_second *sec; /* its entry */
 };
 
 static uint64_t next_rand(struct wstate *w)
@@ -287,8 +291,8 @@ static uint64_t pick_lba(struct wstate *w, uint32_t nlb)
     const struct idma_worker_cfg *c = w->cfg;
     uint64_t lba;
 
-    if (c->random)
-        return c->lba_start + next_rand(w) % (c->lba_count / nlb) * nlb;
+    if (c->random)                              /* nblocks: lba_count / block_lbas */
+        return c->lba_start + next_rand(w) % (c->nbs ? c->lba_count / nlb : w->nblocks) * nlb;
     if (w->next_lba + nlb > c->lba_count)
         w->next_lba = 0;
     lba = c->lba_start + w->next_lba;
@@ -296,10 +300,21 @@ static uint64_t pick_lba(struct wstate *w, uint32_t nlb)
     return lba;
 }
 
+/* The op every I/O gets when no draw is needed (no trims or flushes, reads 0 or 100%), else
+ * -1. The draw it saves would not change the op, only the random sequence of the LBAs. */
+static int fixed_op(const struct idma_worker_cfg *c)
+{
+    if (c->trim_pct || c->flush_pct || (c->read_pct > 0 && c->read_pct < 100))
+        return -1;
+    return c->read_pct ? IDMA_OP_READ : IDMA_OP_WRITE;
+}
+
 static uint8_t pick_op(struct wstate *w)
 {
     const struct idma_worker_cfg *c = w->cfg;
 
+    if (w->fixed_op >= 0)
+        return (uint8_t)w->fixed_op;
     if (c->trim_pct || c->flush_pct) {
         uint32_t r = (uint32_t)(next_rand(w) % 100);
         if (r < c->trim_pct)
@@ -363,16 +378,19 @@ static void queue_io(struct wstate *w, uint32_t i)
         s->lba = 0;
         s->nlb = 0;
     }
-    block = block_of(w, s->lba);
-    s->check = s->op == IDMA_OP_READ && c->verify && !bit_get(w->unknown, block) &&
-               (c->verify_all || bit_get(w->written, block));
+    s->check = 0;
     s->busy = 1;
     build_cmd(w, s, buf, cmd, io);
     io->tag = i;
-    if (s->op == IDMA_OP_WRITE && c->verify)
-        idma_pattern_fill((void *)(uintptr_t)buf, s->lba, s->nlb, c->lba_size, c->seed);
-    else if (s->check)                          /* a read that moves nothing must fail */
-        idma_pattern_poison((void *)(uintptr_t)buf, s->lba, s->nlb, c->lba_size, c->seed);
+    if (c->verify) {
+        block = block_of(w, s->lba);
+        s->check = s->op == IDMA_OP_READ && !bit_get(w->unknown, block) &&
+                   (c->verify_all || bit_get(w->written, block));
+        if (s->op == IDMA_OP_WRITE)
+            idma_pattern_fill((void *)(uintptr_t)buf, s->lba, s->nlb, c->lba_size, c->seed);
+        else if (s->check)                      /* a read that moves nothing must fail */
+            idma_pattern_poison((void *)(uintptr_t)buf, s->lba, s->nlb, c->lba_size, c->seed);
+    }
     w->npending++;
     w->issued++;
 }
@@ -394,7 +412,13 @@ static int take_token(struct wstate *w, uint64_t now)
 /* Give idle slots new I/Os while the run goes on and the rate cap allows. */
 static void refill(struct wstate *w, uint64_t now)
 {
-    while (w->nidle && may_issue(w, now) && take_token(w, now))
+    uint64_t n = w->nidle;
+
+    if (!n || !may_issue(w, now))               /* same answer for every slot of this call */
+        return;
+    if (w->cfg->io_count && w->cfg->io_count - w->issued < n)
+        n = w->cfg->io_count - w->issued;
+    while (n-- && take_token(w, now))
         queue_io(w, w->idle[--w->nidle]);
 }
 
@@ -455,20 +479,33 @@ static void record_error(struct wstate *w, const struct slot *s, uint16_t status
     r->failed_listed++;
 }
 
-/* Latency of one completed I/O: overall, per op kind and in its second of the series (which
- * is returned). */
-static struct idma_worker_second *count_latency(struct wstate *w, const struct slot *s, uint64_t lat, uint64_t now)
+/* The series entry of the second `now` falls in (the last entry takes everything later). */
+static void next_second(struct wstate *w, uint64_t now)
+{
+    struct idma_worker_result *r = w->res;
+    uint64_t sec = (now - w->start) / 1000000000ull;
+
+    if (sec >= IDMA_WORKER_SERIES - 1) {
+        sec = IDMA_WORKER_SERIES - 1;
+        w->sec_end = UINT64_MAX;
+    } else {
+        w->sec_end = w->start + (sec + 1) * 1000000000ull;
+    }
+    w->sec = &r->series[sec];
+    if (sec >= r->nseries)
+        r->nseries = (uint32_t)sec + 1;
+}
+
+/* Latency of one completed I/O, per op kind and in its second of the series (which is
+ * returned); the run's totals are summed from the per-op counts at the end (sum_ops). */
+static struct idma_worker_second *count_latency(struct wstate *w, const struct slot *s,
+                                                uint64_t lat, uint64_t now)
 {
     struct idma_worker_result *r = w->res;
     uint32_t b = idma_hist_bucket(lat);
-    uint64_t sec = (now - w->start) / 1000000000ull;
     struct idma_worker_second *e;
 
-    r->ios++;
-    r->hist[b]++;
-    w->lat_sum += lat;
-    r->lat_min_ns = lat < r->lat_min_ns ? lat : r->lat_min_ns;
-    r->lat_max_ns = lat > r->lat_max_ns ? lat : r->lat_max_ns;
+    w->done++;
     r->op_ios[s->op]++;
     r->op_hist[s->op][b]++;
     r->op_lat_sum_ns[s->op] += lat;
@@ -476,15 +513,46 @@ static struct idma_worker_second *count_latency(struct wstate *w, const struct s
         r->op_lat_min_ns[s->op] = lat;
     if (lat > r->op_lat_max_ns[s->op])
         r->op_lat_max_ns[s->op] = lat;
-    if (sec >= IDMA_WORKER_SERIES)
-        sec = IDMA_WORKER_SERIES - 1;           /* the last entry: everything later */
-    e = &r->series[sec];
+    if (now >= w->sec_end)
+        next_second(w, now);
+    e = w->sec;
     e->ios++;
     e->lat_sum_ns += lat;
     e->lat_max_ns = lat > e->lat_max_ns ? lat : e->lat_max_ns;
-    if (sec >= r->nseries)
-        r->nseries = (uint32_t)sec + 1;
     return e;
+}
+
+/* Bytes moved by reads and writes that succeeded. */
+static uint64_t data_bytes(const struct idma_worker_result *r)
+{
+    return r->op_bytes[IDMA_OP_READ] + r->op_bytes[IDMA_OP_WRITE];
+}
+
+/* The run's totals from the per-op counts: I/Os, histogram, latency sum/min/max, bytes.
+ * Returns the latency sum. */
+static uint64_t sum_ops(struct idma_worker_result *r)
+{
+    uint64_t lat_sum = 0;
+
+    r->lat_min_ns = UINT64_MAX;
+    for (int k = 0; k < IDMA_OP_KINDS; k++) {
+        r->ios += r->op_ios[k];
+        lat_sum += r->op_lat_sum_ns[k];
+        for (uint32_t i = 0; i < IDMA_HIST_BUCKETS; i++)
+            r->hist[i] += r->op_hist[k][i];
+        if (!r->op_ios[k])
+            continue;
+        if (r->op_lat_min_ns[k] < r->lat_min_ns)
+            r->lat_min_ns = r->op_lat_min_ns[k];
+        if (r->op_lat_max_ns[k] > r->lat_max_ns)
+            r->lat_max_ns = r->op_lat_max_ns[k];
+    }
+    r->reads = r->op_ios[IDMA_OP_READ];
+    r->writes = r->op_ios[IDMA_OP_WRITE];
+    r->trims = r->op_ios[IDMA_OP_TRIM];
+    r->flushes = r->op_ios[IDMA_OP_FLUSH];
+    r->bytes = data_bytes(r);
+    return lat_sum;
 }
 
 static void complete_io(struct wstate *w, const struct idma_cpl *cpl, uint64_t now)
@@ -492,17 +560,13 @@ static void complete_io(struct wstate *w, const struct idma_cpl *cpl, uint64_t n
     const struct idma_worker_cfg *c = w->cfg;
     struct idma_worker_result *r = w->res;
     struct slot *s = &w->slots[cpl->tag];      /* tag < qd: checked by reap() */
-    uint64_t lat = now - s->t_submit, block = block_of(w, s->lba);
+    uint64_t lat = now - s->t_submit, block = c->verify ? block_of(w, s->lba) : 0;
     uint64_t nbytes = (uint64_t)s->nlb * c->lba_size;
     unsigned is_read = s->op == IDMA_OP_READ, is_write = s->op == IDMA_OP_WRITE;
     struct idma_worker_second *sec;
 
     s->busy = 0;
     sec = count_latency(w, s, lat, now);
-    r->reads += is_read;
-    r->writes += is_write;
-    r->trims += s->op == IDMA_OP_TRIM;
-    r->flushes += s->op == IDMA_OP_FLUSH;
     if (s->op != IDMA_OP_FLUSH)
         r->bs_ios[s->bs]++;
     if (cpl->status) {
@@ -517,7 +581,6 @@ static void complete_io(struct wstate *w, const struct idma_cpl *cpl, uint64_t n
     r->op_bytes[s->op] += nbytes;
     if (!is_read && !is_write)
         return;                                 /* trim, flush: no data moved */
-    r->bytes += nbytes;
     sec->bytes += nbytes;
     if (is_read && c->verify && bit_get(w->unknown, block)) {
         r->verify_skipped++;                    /* a write to it failed (maybe while in flight) */
@@ -540,8 +603,8 @@ static void publish(struct wstate *w, uint64_t now)
 
     if (!p)
         return;
-    __atomic_store_n(&p->ios, w->res->ios, __ATOMIC_RELAXED);
-    __atomic_store_n(&p->bytes, w->res->bytes, __ATOMIC_RELAXED);
+    __atomic_store_n(&p->ios, w->done, __ATOMIC_RELAXED);
+    __atomic_store_n(&p->bytes, data_bytes(w->res), __ATOMIC_RELAXED);
     __atomic_store_n(&p->errors, w->res->errors, __ATOMIC_RELAXED);
     __atomic_store_n(&p->verify_failures, w->res->verify_failures, __ATOMIC_RELAXED);
     __atomic_store_n(&p->elapsed_ns, now - w->start, __ATOMIC_RELAXED);
@@ -669,8 +732,8 @@ static int loop(struct wstate *w)
         if (irq_fd < 0 && !c->spin_only) {
             t = idma_fast_ns();
             if (t - prev > PREEMPT_GAP_NS)
-                loaded_until = w->res->ios + 256;
-            if (w->res->ios < loaded_until && t - last > spin_ns) {
+                loaded_until = w->done + 256;
+            if (w->done < loaded_until && t - last > spin_ns) {
                 struct timespec ts = { 0, (long)sleep_ns };
                 nanosleep(&ts, NULL);
                 t = idma_fast_ns();
@@ -724,17 +787,14 @@ int idma_worker_run(struct idma_qpair *q, const struct idma_worker_cfg *cfg,
     if (!res)
         return IDMA_EINVAL;
     memset(res, 0, sizeof(*res));
-    res->lat_min_ns = UINT64_MAX;
     if (q && idma_qpair_claim(q)) {
         res->rc = IDMA_EBUSY;
-        res->lat_min_ns = 0;
         return IDMA_EBUSY;
     }
     if (!valid_cfg(cfg, q, progress)) {
         if (q)
             idma_qpair_release(q);
         res->rc = IDMA_EINVAL;
-        res->lat_min_ns = 0;
         return IDMA_EINVAL;
     }
     memset(&w, 0, sizeof(w));
@@ -761,12 +821,16 @@ int idma_worker_run(struct idma_qpair *q, const struct idma_worker_cfg *cfg,
 #endif
     w.start = idma_fast_ns();
     w.next_due = w.start;
+    w.sec_end = w.start;                /* the first completion picks its second */
+    w.sec = &res->series[0];
+    w.fixed_op = fixed_op(cfg);
     rc = alloc_state(&w) ? loop(&w) : IDMA_ENOMEM;
 #ifdef __linux__
     if (!cfg->spin_only && slack > 0)
         prctl(PR_SET_TIMERSLACK, (unsigned long)slack, 0, 0, 0);
 #endif
     res->elapsed_ns = idma_fast_ns() - w.start;
+    w.lat_sum = sum_ops(res);
     if (!res->ios)
         res->lat_min_ns = 0;
     for (int k = 0; k < IDMA_OP_KINDS; k++)
