@@ -171,6 +171,8 @@ class HostRunner:
             if item.get_closest_marker(MARKER) is not None:
                 self.by_bench[bench_name(item)].append(item)
         jobs = self.config.getoption("--idma-vm-jobs")
+        if self.config.option.collectonly:
+            return                                  # listing tests boots nothing
         if jobs > 1 and len(self.by_bench) > 1:
             self._pool = ThreadPoolExecutor(jobs, thread_name_prefix="idma-bench")
             for name in sorted(self.by_bench, key=lambda n: -len(self.by_bench[n])):

@@ -18,7 +18,7 @@ import pytest
 from iommu_dma import Controller
 from iommu_dma.nvme import perf
 from iommu_dma.testing.bench import image_path
-from tests.vm.test_cli import Cli, cli  # noqa: F401  (the fixture)
+from tests.vm.cli_run import Cli
 
 pytestmark = pytest.mark.iommu_dma_vm
 
