@@ -248,12 +248,29 @@ static inline int mapped(struct idma_qpair *q, uint64_t addr, uint64_t len)
     return idma_maptable_contains_cached(q->maptable, addr, len, &q->mcache);
 }
 
-/* Check the buffer and build its PRPs into the tracker's list (§4.1.1). */
-static int prepare(struct idma_qpair *q, const struct tracker *t,
-                   const struct idma_io *io, uint64_t *prp1, uint64_t *prp2)
+/* PRPs of a buffer that crosses a page: built into the tracker's list (§4.1.1). */
+static __attribute__((noinline)) int prepare_list(struct idma_qpair *q, const struct tracker *t,
+                                                  const struct idma_io *io, uint64_t *prp1,
+                                                  uint64_t *prp2)
 {
-    int rc;
+    int rc = idma_prp_build(io->buf, io->len, q->page_size, t->list,
+                            (uint64_t)(uintptr_t)t->list, t->list ? q->list_slots : 0, prp1,
+                            prp2);
 
+    if (rc == -1)
+        return IDMA_EALIGN;
+    if (rc == -3)
+        return IDMA_ETOOBIG;
+    return rc < 0 ? IDMA_EINVAL : IDMA_OK;
+}
+
+/* Check the buffer and give its PRPs or SGL descriptor (§4.1.1, §4.1.2); inline for the
+ * common case of a transfer within one page. */
+static inline __attribute__((always_inline)) int prepare(struct idma_qpair *q,
+                                                         const struct tracker *t,
+                                                         const struct idma_io *io,
+                                                         uint64_t *prp1, uint64_t *prp2)
+{
     *prp1 = *prp2 = 0;                      /* no data: the device gets no pointer */
     if (io->mlen) {
         if (io->mbuf & 3)
@@ -283,13 +300,7 @@ static int prepare(struct idma_qpair *q, const struct tracker *t,
         *prp1 = io->buf;
         return IDMA_OK;
     }
-    rc = idma_prp_build(io->buf, io->len, q->page_size, t->list, (uint64_t)(uintptr_t)t->list,
-                        t->list ? q->list_slots : 0, prp1, prp2);
-    if (rc == -1)
-        return IDMA_EALIGN;
-    if (rc == -3)
-        return IDMA_ETOOBIG;
-    return rc < 0 ? IDMA_EINVAL : IDMA_OK;
+    return prepare_list(q, t, io, prp1, prp2);
 }
 
 /* Ring distance from a to b (b - a mod depth); positions are < depth. */
@@ -404,7 +415,7 @@ void idma_qpair_set_cq_batch(struct idma_qpair *q, uint32_t batch)
 }
 
 /* Copy one prepared command into the SQ ring with its CID (§4.2: CDW0 bits 31:16). */
-static void place(struct idma_qpair *q, const struct idma_sqe *cmd, uint16_t cid,
+static inline __attribute__((always_inline)) void place(struct idma_qpair *q, const struct idma_sqe *cmd, uint16_t cid,
                   const struct idma_io *io, uint64_t prp1, uint64_t prp2)
 {
     struct idma_sqe *slot = &q->sq[q->sq_tail];

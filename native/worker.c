@@ -77,7 +77,7 @@ uint32_t idma_pattern_check(const void *buf, uint64_t lba, uint32_t nlbas, uint3
 
 /* ---- latency histogram (log-linear) ---- */
 
-uint32_t idma_hist_bucket(uint64_t ns)
+static inline uint32_t hist_bucket(uint64_t ns)
 {
     uint32_t msb, group;
 
@@ -86,6 +86,11 @@ uint32_t idma_hist_bucket(uint64_t ns)
     msb = 63u - (uint32_t)__builtin_clzll(ns);
     group = msb - IDMA_HIST_SUB_BITS + 1;
     return group * SUB + (uint32_t)((ns >> (msb - IDMA_HIST_SUB_BITS)) & (SUB - 1));
+}
+
+uint32_t idma_hist_bucket(uint64_t ns)
+{
+    return hist_bucket(ns);
 }
 
 uint64_t idma_hist_low(uint32_t bucket)
@@ -502,7 +507,7 @@ static struct idma_worker_second *count_latency(struct wstate *w, const struct s
                                                 uint64_t lat, uint64_t now)
 {
     struct idma_worker_result *r = w->res;
-    uint32_t b = idma_hist_bucket(lat);
+    uint32_t b = hist_bucket(lat);
     struct idma_worker_second *e;
 
     w->done++;
