@@ -8,6 +8,7 @@ and read back through the other backend.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
@@ -21,7 +22,7 @@ import pytest
 from iommu_dma import backends, iommufd
 from iommu_dma.container import Container
 from iommu_dma.discovery import group_of
-from iommu_dma.errors import DeviceBusyError
+from iommu_dma.errors import DeviceBusyError, VfioError
 from iommu_dma.memory import DmaAllocator
 from iommu_dma.nvme.controller import Controller
 from iommu_dma.nvme.perf import Workload, run
@@ -260,3 +261,29 @@ def test_setup_vfio_names_the_missing_interrupt_remapping(idma_bench: Bench,
         assert "IOMMU is off" not in proc.stdout + proc.stderr
     finally:
         setup_vfio("unbind", bdf)
+
+
+@pytest.mark.parametrize("idma_bench", ["virtio"], indirect=True)
+def test_virtio_iommu_without_the_parameter_is_refused_by_name(
+        cli: Cli, idma_bench: Bench, vfio_bdfs: list[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bench boots with the unsafe-interrupt parameters; both are writable at run time,
+    so each is turned off here: VFIO then refuses to attach (EPERM) and the error names the
+    missing interrupt remapping and the parameter, from the library and from the CLI."""
+    bdf = vfio_bdfs[0]
+    for backend in BACKENDS:
+        module, param = backends.UNSAFE_PARAMS[backend].split(".")
+        knob = Path("/sys/module") / module / "parameters" / param
+        knob.write_text("N")
+        try:
+            assert not backends.unsafe_interrupts_allowed(backend)
+            with pytest.raises(VfioError) as e:
+                Controller.open(bdf, backend=backend)
+            assert e.value.errno == errno.EPERM
+            assert str(e.value).count(backends.missing_remapping_text(backend)) == 1, e.value
+            monkeypatch.setenv(backends.BACKEND_ENV, backend)
+            cli.fails("id-ctrl", bdf, message=f"{backends.UNSAFE_PARAMS[backend]}=1")
+        finally:
+            knob.write_text("Y")
+    with Controller.open(bdf) as c:                 # attaches again once the parameter is back
+        assert c.identify.sn == idma_bench.controllers[0].serial
