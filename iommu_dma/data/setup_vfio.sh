@@ -25,7 +25,9 @@ options:
   --force          bind a controller even if one of its block devices is in use (an
                    exclusive open fails: mounted, swap, dm/md, multipath head), or unbind
                    one whose /dev/vfio node is open
-  --user NAME      give NAME the /dev/vfio/N nodes (chown) and check NAME's memlock limit
+  --user NAME      give NAME the /dev/vfio/N nodes (chown) and, with iommufd, the devices'
+                   /dev/vfio/devices/vfioN cdevs (chown) and /dev/iommu (an ACL);
+                   check NAME's memlock limit
   --hugepages N    reserve N 2 MiB hugepages
   -h, --help       this text
 BDFs may be given as 0000:00:0a.0 or 00:0a.0.
@@ -302,7 +304,7 @@ bind_one() {
     local bdf=$1 users group
     if [[ $(driver_of "$bdf") == vfio-pci ]]; then
         note "$bdf already bound to vfio-pci (group $(group_of "$bdf"))"
-        [[ -n $USER_NAME ]] && give_to_user "$DEV/vfio/$(group_of "$bdf")"
+        [[ -n $USER_NAME ]] && give_to_user "$DEV/vfio/$(group_of "$bdf")" "$bdf"
         return 0
     fi
     users=$(block_users "$bdf")
@@ -323,7 +325,7 @@ take $bdf anyway (its users lose the device)."
     wait_for -e "$DEV/vfio/$group" || die "$DEV/vfio/$group did not appear for $bdf"
     note "$bdf bound to vfio-pci: IOMMU group $group, $DEV/vfio/$group"
     check_intremap "$bdf"
-    [[ -n $USER_NAME ]] && give_to_user "$DEV/vfio/$group"
+    [[ -n $USER_NAME ]] && give_to_user "$DEV/vfio/$group" "$bdf"
     return 0
 }
 
@@ -348,15 +350,47 @@ unbind_one() {
 # ---- --user and --hugepages ----------------------------------------------------------------
 
 give_to_user() {
-    local node=$1 limit
+    local node=$1 bdf=$2 limit
     chown -- "$USER_NAME" "$node"
     note "$node now belongs to $USER_NAME"
+    give_iommufd_to_user "$bdf"
     limit=$(su -s /bin/sh "$USER_NAME" -c 'ulimit -l' 2>/dev/null) || limit=unknown
     if [[ $limit != unlimited && ( $limit == unknown || $limit -lt $MEMLOCK_MIN_KIB ) ]]; then
         warn "$USER_NAME's RLIMIT_MEMLOCK is ${limit} KiB; DMA memory is pinned and counts \
 against it, so mapping more than that will fail. Raise it: add '$USER_NAME - memlock unlimited' \
 to /etc/security/limits.conf (new login), or LimitMEMLOCK=infinity for a systemd service, or \
 'prlimit --memlock=unlimited --pid PID'"
+    fi
+}
+
+# The VFIO cdev of a device (Linux 6.2+, CONFIG_VFIO_DEVICE_CDEV): /dev/vfio/devices/vfioN, named
+# by $PCI/BDF/vfio-dev/vfioN; nothing when the kernel has none.
+cdev_of() {
+    local d
+    for d in "$PCI/$1"/vfio-dev/vfio*; do
+        [[ -e $d ]] && echo "$DEV/vfio/devices/${d##*/}" && return 0
+    done
+    return 1
+}
+
+# iommufd: the user opens /dev/iommu (shared: on its own it grants no device, and what a user
+# pins counts against its RLIMIT_MEMLOCK) and the device's cdev (chown, like the group node).
+# Without them iommu-dma uses the legacy container for that user.
+give_iommufd_to_user() {
+    local bdf=$1 cdev
+    cdev=$(cdev_of "$bdf") || return 0
+    wait_for -e "$cdev" || { warn "$cdev of $bdf did not appear"; return 0; }
+    chown -- "$USER_NAME" "$cdev"
+    note "$cdev now belongs to $USER_NAME"
+    [[ -e $DEV/iommu ]] || return 0
+    if ! command -v setfacl >/dev/null; then
+        warn "setfacl is missing (Debian package acl): $USER_NAME cannot open $DEV/iommu, so \
+iommu-dma will use the legacy VFIO container for $USER_NAME; install acl and bind again"
+    elif setfacl -m "u:$USER_NAME:rw" "$DEV/iommu" 2>/dev/null; then
+        note "$DEV/iommu is now read-write for $USER_NAME (ACL)"
+    else
+        warn "could not give $USER_NAME $DEV/iommu (setfacl failed: no ACLs on /dev?); \
+iommu-dma will use the legacy VFIO container for $USER_NAME"
     fi
 }
 
