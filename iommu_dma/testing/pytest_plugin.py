@@ -246,8 +246,8 @@ class HostRunner:
                 break
             said.append(f"[iommu-dma] bench {name!r}: the guest ended before any test ran; "
                         f"booting it once more. Its output:\n" + "\n".join(tail))
-            self.errors[name] = ("the guest ended without reporting this test; last guest output:\n"
-                                 + "\n".join(tail))
+        self.errors[name] = ("the guest ended without reporting this test; last guest output:\n"
+                             + "\n".join(tail))
         return said
 
     def _load(self, path: Path) -> list[pytest.TestReport]:
