@@ -227,25 +227,37 @@ class HostRunner:
                 with self._lock:
                     self.config.get_terminal_writer().line(f"  {name}| {line}")
 
+        todo = items
+        reports: list[pytest.TestReport] = []
         for attempt in (1, 2):
             with vm.work_directory() as work:
                 report_file = work / "reports.jsonl"
-                command = _guest_pytest_command(items, report_file, work / "selected.txt")
+                command = _guest_pytest_command(todo, report_file, work / "selected.txt")
                 try:
                     result = vm.run(bench, command, on_line=on_line, work_dir=work,
                                     timeout=self.config.getoption("--idma-vm-timeout"),
                                     cwd=Path(self.config.rootpath))
                 except vm.VmError as e:
                     self.errors[name] = str(e)
-                    self.reports[name] = self._load(report_file)
+                    self.reports[name] = reports + self._load(report_file)
                     return [*said, f"[iommu-dma] bench {name!r} failed: {e}"]
-                self.reports[name] = self._load(report_file)
+                got = self._load(report_file)
             said.append(f"[iommu-dma] bench {name!r} finished in {result.seconds:.0f} s "
                         f"(guest pytest exit {result.returncode})")
-            if not _never_started(result, self.reports[name]) or attempt == 2:
+            done = {r.nodeid for r in got if r.when == "teardown"}
+            reports += [r for r in got if r.nodeid in done]
+            left = [i for i in todo if i.nodeid not in done]
+            if _pytest_ended(result.returncode) or not left or attempt == 2:
+                reports += [r for r in got if r.nodeid not in done]
                 break
-            said.append(f"[iommu-dma] bench {name!r}: the guest ended before any test ran; "
-                        f"booting it once more. Its output:\n" + "\n".join(tail))
+            # The guest died: the tests it finished keep their reports, pass or fail; only
+            # the ones it never finished run once more, in a new guest.
+            said.append(f"[iommu-dma] bench {name!r}: the guest ended (status "
+                        f"{result.returncode}) with {len(left)} of {len(todo)} test(s) "
+                        f"unfinished; running those in a new guest. Its last output:\n"
+                        + "\n".join(tail))
+            todo = left
+        self.reports[name] = reports
         self.errors[name] = ("the guest ended without reporting this test; last guest output:\n"
                              + "\n".join(tail))
         return said
@@ -266,14 +278,10 @@ class HostRunner:
                                  f"bench {name!r}: {why}", "call")
 
 
-NEVER_STARTED_S = 60.0
-
-
-def _never_started(result: vm.VmResult, reports: list[pytest.TestReport]) -> bool:
-    """A guest that failed within a minute without reporting a test did not boot (once, vng
-    ended with status 255 after 5 s and no output): no test ran, so booting again hides no
-    test's failure."""
-    return result.returncode != 0 and not reports and result.seconds < NEVER_STARTED_S
+def _pytest_ended(returncode: int) -> bool:
+    """pytest itself ends with 0..5; any other status of a bench guest means the guest died
+    (vng gives 255 when no exit status came back: a guest that did not boot, or crashed)."""
+    return 0 <= returncode <= 5
 
 
 def _guest_pytest_command(items: list[pytest.Item], report_file: Path, select: Path) -> str:
