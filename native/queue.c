@@ -415,8 +415,10 @@ void idma_qpair_set_cq_batch(struct idma_qpair *q, uint32_t batch)
 }
 
 /* Copy one prepared command into the SQ ring with its CID (§4.2: CDW0 bits 31:16). */
-static inline __attribute__((always_inline)) void place(struct idma_qpair *q, const struct idma_sqe *cmd, uint16_t cid,
-                  const struct idma_io *io, uint64_t prp1, uint64_t prp2)
+static inline __attribute__((always_inline)) void place(struct idma_qpair *q,
+                                                       const struct idma_sqe *cmd, uint16_t cid,
+                                                       const struct idma_io *io, uint64_t prp1,
+                                                       uint64_t prp2)
 {
     struct idma_sqe *slot = &q->sq[q->sq_tail];
 

@@ -177,7 +177,7 @@ struct wstate {
     uint32_t *idle;             /* slots waiting to be refilled (rate cap, end of run) */
     uint32_t npending, nidle;
     int failed;                 /* a submit was refused: issue nothing more, drain, report */
-    uint64_t block_bytes, nblocks, next_lba, rng, issued, lat_sum, start;
+    uint64_t block_bytes, nblocks, next_lba, rng, issued, start;
     uint64_t interval, next_due;    /* rate cap: ns per token, when the next token is due */
     int fixed_op;               /* the op of every I/O when no draw decides it, else -1 */
     uint64_t done;              /* completions counted (res->ios is derived at the end) */
@@ -557,6 +557,8 @@ static uint64_t sum_ops(struct idma_worker_result *r)
     r->trims = r->op_ios[IDMA_OP_TRIM];
     r->flushes = r->op_ios[IDMA_OP_FLUSH];
     r->bytes = data_bytes(r);
+    if (!r->ios)
+        r->lat_min_ns = 0;
     return lat_sum;
 }
 
@@ -787,6 +789,7 @@ int idma_worker_run(struct idma_qpair *q, const struct idma_worker_cfg *cfg,
                     struct idma_worker_result *res, struct idma_worker_progress *progress)
 {
     struct wstate w;
+    uint64_t lat_sum;
     int rc;
 
     if (!res)
@@ -835,13 +838,11 @@ int idma_worker_run(struct idma_qpair *q, const struct idma_worker_cfg *cfg,
         prctl(PR_SET_TIMERSLACK, (unsigned long)slack, 0, 0, 0);
 #endif
     res->elapsed_ns = idma_fast_ns() - w.start;
-    w.lat_sum = sum_ops(res);
-    if (!res->ios)
-        res->lat_min_ns = 0;
+    lat_sum = sum_ops(res);
     for (int k = 0; k < IDMA_OP_KINDS; k++)
         if (!res->op_ios[k])
             res->op_lat_min_ns[k] = 0;
-    idma_hist_summarize(res, w.lat_sum);
+    idma_hist_summarize(res, lat_sum);
     publish(&w, w.start + res->elapsed_ns);
     if (progress)
         __atomic_store_n(&progress->running, 0, __ATOMIC_RELEASE);
