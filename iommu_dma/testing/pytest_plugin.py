@@ -164,6 +164,9 @@ class HostRunner:
         self.runs: dict[str, Future[list[str]]] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
+        # Guests start from pool threads while host tests run; those may monkeypatch
+        # os.environ, so guests see the environment as it was at start-up.
+        self.env = dict(os.environ)
 
     @pytest.hookimpl(trylast=True)
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
@@ -236,7 +239,7 @@ class HostRunner:
                 try:
                     result = vm.run(bench, command, on_line=on_line, work_dir=work,
                                     timeout=self.config.getoption("--idma-vm-timeout"),
-                                    cwd=Path(self.config.rootpath))
+                                    cwd=Path(self.config.rootpath), env=self.env)
                 except vm.VmError as e:
                     self.errors[name] = str(e)
                     self.reports[name] = reports + self._load(report_file)

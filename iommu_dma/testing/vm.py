@@ -24,7 +24,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,10 +61,12 @@ class VmResult:
     seconds: float
 
 
-def kernel_image() -> tuple[Path | None, str]:
-    """(image, "") for the kernel to boot, or (None, what is wrong)."""
-    if os.environ.get(KERNEL_ENV):
-        kernel = Path(os.environ[KERNEL_ENV])
+def kernel_image(env: Mapping[str, str] | None = None) -> tuple[Path | None, str]:
+    """(image, "") for the kernel to boot ($IOMMU_DMA_KERNEL in `env`, default os.environ,
+    else the newest /boot/vmlinuz-*), or (None, what is wrong)."""
+    env = os.environ if env is None else env
+    if env.get(KERNEL_ENV):
+        kernel = Path(env[KERNEL_ENV])
         if not kernel.is_file():
             return None, f"{KERNEL_ENV}={kernel} is not a file"
     else:
@@ -82,11 +84,13 @@ BUILD_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "build_bench_ke
 BENCH_KERNEL_HINT = "build it with `make bench-kernel` (scripts/build_bench_kernel.sh)"
 
 
-def bench_kernel_image() -> tuple[Path | None, str]:
-    """(image, "") of the bench kernel (iommufd, VFIO cdev, virtio-iommu): $IOMMU_DMA_BENCH_KERNEL,
-    else what `scripts/build_bench_kernel.sh --print-path` prints; or (None, what is wrong)."""
-    if os.environ.get(BENCH_KERNEL_ENV):
-        kernel = Path(os.environ[BENCH_KERNEL_ENV])
+def bench_kernel_image(env: Mapping[str, str] | None = None) -> tuple[Path | None, str]:
+    """(image, "") of the bench kernel (iommufd, VFIO cdev, virtio-iommu): $IOMMU_DMA_BENCH_KERNEL
+    in `env` (default os.environ), else what `scripts/build_bench_kernel.sh --print-path`
+    prints; or (None, what is wrong)."""
+    env = os.environ if env is None else env
+    if env.get(BENCH_KERNEL_ENV):
+        kernel = Path(env[BENCH_KERNEL_ENV])
         return (kernel, "") if kernel.is_file() else (None, f"{BENCH_KERNEL_ENV}={kernel} is "
                                                             "not a file")
     if not BUILD_SCRIPT.is_file():
@@ -99,26 +103,6 @@ def bench_kernel_image() -> tuple[Path | None, str]:
     if not Path(path).is_file():
         return None, f"the bench kernel {path} is missing"
     return Path(path), ""
-
-
-def kernel_for(bench: Bench) -> tuple[Path | None, str]:
-    """The kernel image `bench` boots ("host": kernel_image(), "bench": bench_kernel_image())."""
-    return bench_kernel_image() if bench.kernel == "bench" else kernel_image()
-
-
-def find_kernel(bench: Bench | None = None) -> Path:
-    """The kernel image to boot: for a bench on the bench kernel, the one `make bench-kernel`
-    built; else $IOMMU_DMA_KERNEL, else the newest /boot/vmlinuz-*."""
-    if bench is not None and bench.kernel == "bench":
-        kernel, problem = bench_kernel_image()
-        if kernel is None:
-            raise VmError(f"bench {bench.name!r} boots the bench kernel: {problem}; "
-                          f"{BENCH_KERNEL_HINT}")
-        return kernel
-    kernel, problem = kernel_image()
-    if kernel is None:
-        raise VmError(f"{problem}; install one: apt-get install linux-image-amd64")
-    return kernel
 
 
 def _version_key(name: str) -> list[int]:
@@ -235,7 +219,9 @@ def _vng() -> str | None:
 
 @dataclass
 class HostProbes:
-    """How check_host looks at the machine; tests replace single probes."""
+    """How check_host and run look at the machine; tests replace single probes. (Tests must
+    not monkeypatch this module's functions or os.environ instead: bench guests start from
+    pool threads while host tests run, and would see the patch.)"""
 
     which: Callable[[str], str | None] = _which
     kernel: Callable[[], tuple[Path | None, str]] = kernel_image
@@ -244,6 +230,28 @@ class HostProbes:
     is_static: Callable[[str], bool] = is_static_elf
     vng: Callable[[], str | None] = _vng
     mem_available: Callable[[], int | None] = _mem_available
+
+    @classmethod
+    def reading(cls, env: Mapping[str, str]) -> HostProbes:
+        """Probes whose PATH and kernel settings come from `env` (a snapshot), not os.environ."""
+        return cls(which=lambda name: shutil.which(name, path=env.get("PATH", os.defpath)),
+                   kernel=lambda: kernel_image(env), bench_kernel=lambda: bench_kernel_image(env))
+
+
+def find_kernel(bench: Bench | None = None, probes: HostProbes | None = None) -> Path:
+    """The kernel image to boot: for a bench on the bench kernel, the one `make bench-kernel`
+    built; else $IOMMU_DMA_KERNEL, else the newest /boot/vmlinuz-*."""
+    p = probes or HostProbes()
+    if bench is not None and bench.kernel == "bench":
+        kernel, problem = p.bench_kernel()
+        if kernel is None:
+            raise VmError(f"bench {bench.name!r} boots the bench kernel: {problem}; "
+                          f"{BENCH_KERNEL_HINT}")
+        return kernel
+    kernel, problem = p.kernel()
+    if kernel is None:
+        raise VmError(f"{problem}; install one: apt-get install linux-image-amd64")
+    return kernel
 
 
 def host_problems(bench: Bench, probes: HostProbes | None = None) -> list[Missing]:
@@ -312,14 +320,14 @@ def guest_script(bench_file: Path, image_dir: Path, command: str, cwd: Path,
     ])
 
 
-def vng_command(bench: Bench, work_dir: Path, command: str, cwd: Path) -> list[str]:
+def vng_command(bench: Bench, work_dir: Path, command: str, cwd: Path,
+                kernel: Path) -> list[str]:
     bench_file = work_dir / "bench.json"
     bench_file.write_text(bench.to_json())
     script = work_dir / "guest.sh"
     port = GUEST_QMP_PORT if bench.fault_injection else None
     script.write_text(guest_script(bench_file, work_dir, command, cwd, port) + "\n")
     qemu = " ".join(shlex.quote(a) for a in bench.qemu_args(work_dir))
-    kernel = find_kernel() if bench.kernel == "host" else find_kernel(bench)
     cmd = [
         _tool("vng"), "--run", str(kernel),
         # the bench kernel has everything built in: no modules to look for or share
@@ -366,27 +374,41 @@ def run(
     on_line: Callable[[str], None] | None = None,
     work_dir: Path | None = None,
     cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> VmResult:
     """Boot `bench`, run `command` (a shell line) as root in the guest, return its exit status.
 
     Output lines are passed to on_line as they arrive (default: printed). A guest that has not
     finished after `timeout` seconds is killed and VmError says so, with the last output lines.
+    `env` (default os.environ) is the environment the kernel is chosen from and vng runs in;
+    callers in threads pass a snapshot.
     """
     if work_dir is None:
         with work_directory() as d:
-            return run(bench, command, timeout=timeout, on_line=on_line, work_dir=d, cwd=cwd)
-    check_host(bench)
+            return run(bench, command, timeout=timeout, on_line=on_line, work_dir=d, cwd=cwd,
+                       env=env)
+    env = dict(os.environ if env is None else env)
+    probes = HostProbes.reading(env)
+    check_host(bench, probes)
     precompile(cwd or Path.cwd())
+    cmd = vng_command(bench, work_dir, command, cwd or Path.cwd(), find_kernel(bench, probes))
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    return run_guest(cmd, bench.name, command, work_dir=work_dir, timeout=timeout,
+                     on_line=on_line, env=env)
+
+
+def run_guest(cmd: list[str], name: str, command: str, *, work_dir: Path, timeout: float,
+              on_line: Callable[[str], None] | None, env: Mapping[str, str]) -> VmResult:
+    """Start the guest's vng command line `cmd` (bench `name`, running `command`), pass its
+    output on, and wait for it at most `timeout` seconds."""
     emit = on_line or (lambda line: print(line, flush=True))
-    cmd = vng_command(bench, work_dir, command, cwd or Path.cwd())
     sock = qmp_socket_path(work_dir)
     emit(f"[iommu-dma] QMP monitor: {sock} (while the guest runs: "
          f"python -m iommu_dma.testing.qmp {sock} query-status)")
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
     start = time.monotonic()
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, errors="replace",
-                            start_new_session=True, env=env)
+                            start_new_session=True, env=dict(env))
     lines: list[str] = []
     tail: deque[str] = deque(maxlen=30)
     reader = threading.Thread(target=_pump, args=(proc, lines, tail, emit), daemon=True)
@@ -398,7 +420,7 @@ def run(
         proc.wait()
         reader.join(5)
         last = "\n".join(tail)
-        raise VmError(f"bench guest {bench.name!r} did not finish within {timeout:.0f} s and was "
+        raise VmError(f"bench guest {name!r} did not finish within {timeout:.0f} s and was "
                       f"killed; command: {command}\nlast output:\n{last}") from None
     reader.join(10)
     return VmResult(proc.returncode, "\n".join(lines), time.monotonic() - start)

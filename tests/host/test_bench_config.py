@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,9 @@ from iommu_dma.testing.bench import (
     qmp_socket_path,
     subsystem_nqn,
 )
+
+# a kernel path for command-line tests (never booted)
+TEST_KERNEL = Path("/boot/vmlinuz-test")
 
 
 def test_qemu_args_for_two_controllers(tmp_path: Path) -> None:
@@ -145,11 +149,10 @@ def test_kernel_command_line_default() -> None:
     assert BENCHES["default"].kernel_command_line == "intel_iommu=on iommu=pt"
 
 
-def test_vng_gets_the_bench_kernel_args(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_vng_gets_the_bench_kernel_args(tmp_path: Path) -> None:
     from iommu_dma.testing import vm
 
-    monkeypatch.setattr(vm, "find_kernel", lambda: Path("/boot/vmlinuz-test"))
-    cmd = vm.vng_command(BENCHES["edge"], tmp_path, "true", tmp_path)
+    cmd = vm.vng_command(BENCHES["edge"], tmp_path, "true", tmp_path, TEST_KERNEL)
     assert "--append=intel_iommu=on iommu=pt nvme_core.multipath=Y" in cmd
 
 
@@ -244,25 +247,22 @@ def test_default_bench_gets_only_the_host_monitor(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("*.blkdebug"))
 
 
-def test_guest_script_names_the_monitor_port(tmp_path: Path,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_guest_script_names_the_monitor_port(tmp_path: Path) -> None:
     from iommu_dma.testing import vm
 
-    monkeypatch.setattr(vm, "find_kernel", lambda: Path("/boot/vmlinuz-test"))
-    vm.vng_command(BENCHES["faults"], tmp_path, "true", tmp_path)
+    vm.vng_command(BENCHES["faults"], tmp_path, "true", tmp_path, TEST_KERNEL)
     assert "export IOMMU_DMA_QMP=org.iommu-dma.qmp\n" in (tmp_path / "guest.sh").read_text()
-    vm.vng_command(BENCHES["default"], tmp_path, "true", tmp_path)
+    vm.vng_command(BENCHES["default"], tmp_path, "true", tmp_path, TEST_KERNEL)
     assert "IOMMU_DMA_QMP" not in (tmp_path / "guest.sh").read_text()
 
 
-def test_run_prints_the_host_qmp_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`iommu-dma vm` (vm.run with the default printer) names the monitor socket first."""
+def test_run_prints_the_host_qmp_socket(tmp_path: Path) -> None:
+    """A guest's output (vm.run_guest, under vm.run) starts with the monitor socket."""
     from iommu_dma.testing import vm
 
-    monkeypatch.setattr(vm, "check_host", lambda bench: None)
-    monkeypatch.setattr(vm, "vng_command", lambda *a: ["sh", "-c", "echo guest output"])
     lines: list[str] = []
-    result = vm.run(BENCHES["faults"], "true", on_line=lines.append, work_dir=tmp_path)
+    result = vm.run_guest(["sh", "-c", "echo guest output"], "faults", "true", work_dir=tmp_path,
+                          timeout=60, on_line=lines.append, env=os.environ)
     assert result.returncode == 0
     sock = tmp_path / "qmp.sock"
     assert lines == [f"[iommu-dma] QMP monitor: {sock} (while the guest runs: "
@@ -331,24 +331,22 @@ def test_bad_kernel_or_iommu_is_refused(make, message: str) -> None:
         make()
 
 
-def test_vng_boots_the_bench_kernel_without_modules(tmp_path: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_vng_boots_the_bench_kernel_without_modules(tmp_path: Path) -> None:
     from iommu_dma.testing import vm
 
     image = tmp_path / "bzImage"
     image.write_bytes(b"\0")
-    monkeypatch.setenv(vm.BENCH_KERNEL_ENV, str(image))
-    cmd = vm.vng_command(BENCHES["virtio"], tmp_path, "true", tmp_path)
+    probes = vm.HostProbes.reading({vm.BENCH_KERNEL_ENV: str(image)})
+    assert vm.find_kernel(BENCHES["virtio"], probes) == image
+    cmd = vm.vng_command(BENCHES["virtio"], tmp_path, "true", tmp_path, image)
     assert cmd[cmd.index("--run") + 1] == str(image) and "--skip-modules" in cmd
     assert any(a.startswith("--append=") and "iommufd.allow_unsafe_interrupts=1" in a
                for a in cmd)
-    monkeypatch.setattr(vm, "find_kernel", lambda: Path("/boot/vmlinuz-test"))
-    host = vm.vng_command(BENCHES["default"], tmp_path, "true", tmp_path)
-    assert "--skip-modules" not in host and "/boot/vmlinuz-test" in host
+    host = vm.vng_command(BENCHES["default"], tmp_path, "true", tmp_path, TEST_KERNEL)
+    assert "--skip-modules" not in host and str(TEST_KERNEL) in host
 
 
-def test_unbuilt_bench_kernel_fails_naming_make_bench_kernel(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unbuilt_bench_kernel_fails_naming_make_bench_kernel() -> None:
     from iommu_dma.testing import vm
 
     probes = vm.HostProbes(which=lambda n: "/usr/bin/" + n, busybox=lambda: "/bin/busybox",
@@ -359,11 +357,9 @@ def test_unbuilt_bench_kernel_fails_naming_make_bench_kernel(
         vm.check_host(BENCHES["iommufd"], probes)
     vm.check_host(BENCHES["default"], vm.HostProbes(**{**probes.__dict__,
                                                          "kernel": lambda: (Path("/k"), "")}))
-    monkeypatch.delenv(vm.BENCH_KERNEL_ENV, raising=False)
-    monkeypatch.setattr(vm, "bench_kernel_image", lambda: (None, "the bench kernel is not built"))
     with pytest.raises(vm.VmError, match=r"bench 'virtio' boots the bench kernel.*make "
                                          r"bench-kernel"):
-        vm.find_kernel(BENCHES["virtio"])
+        vm.find_kernel(BENCHES["virtio"], probes)
 
 
 def test_a_guest_died_unless_pytest_gave_its_own_status() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -87,26 +88,20 @@ def test_memory_margin() -> None:
     assert vm.host_problems(EDGE, everything_present(mem_available=lambda: None)) == []
 
 
-def test_unreadable_kernel_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(vm.KERNEL_ENV, str(tmp_path / "nope"))
-    kernel, problem = vm.kernel_image()
+def test_unreadable_kernel_is_named(tmp_path: Path) -> None:
+    env = {vm.KERNEL_ENV: str(tmp_path / "nope")}
+    kernel, problem = vm.kernel_image(env)
     assert kernel is None and "nope is not a file" in problem
     with pytest.raises(vm.VmError, match="apt-get install linux-image-amd64"):
-        vm.find_kernel()
+        vm.find_kernel(probes=vm.HostProbes.reading(env))
 
 
-def test_run_checks_before_it_boots(monkeypatch: pytest.MonkeyPatch) -> None:
-    def no_qemu(bench: Bench, probes: vm.HostProbes | None = None) -> None:
-        raise vm.HostRequirementsError(bench, [vm.Missing("QEMU", "absent", "qemu-system-x86",
-                                                          "apt-get install qemu-system-x86")])
-
-    def must_not_boot(*args: object, **kwargs: object) -> None:
-        raise AssertionError("vng was started although the host lacks QEMU")
-
-    monkeypatch.setattr(vm, "check_host", no_qemu)
-    monkeypatch.setattr(vm.subprocess, "Popen", must_not_boot)
+def test_run_checks_before_it_boots(tmp_path: Path) -> None:
+    """A host without QEMU fails in vm.run before anything boots (no guest script written)."""
+    no_qemu = {**os.environ, "PATH": str(tmp_path / "empty")}
     with pytest.raises(vm.HostRequirementsError, match="apt-get install qemu-system-x86"):
-        vm.run(EDGE, "true")
+        vm.run(EDGE, "true", work_dir=tmp_path, env=no_qemu)
+    assert not (tmp_path / "guest.sh").exists()
 
 
 def test_static_elf_detection_agrees_with_virtme_ng() -> None:
