@@ -20,6 +20,8 @@
 
 _Static_assert(sizeof(struct idma_sqe) == 64, "SQE is 64 bytes (NVMe 2.0 §4.2)");
 _Static_assert(sizeof(struct idma_cqe) == 16, "CQE is 16 bytes (NVMe 2.0 §4.6)");
+_Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "NVMe structures are little endian "
+               "(§1.5): the SQE/CQE layouts and poll_out's dword reads assume a little-endian host");
 
 /*
  * Barriers between DMA memory and MMIO. wmb: SQ entries are globally visible before the
@@ -583,19 +585,76 @@ int idma_qpair_bad_index(const struct idma_qpair *q)
     return q ? q->bad_index : -1;
 }
 
-static int submit_rw(struct idma_qpair *q, uint8_t opcode, uint32_t nsid, uint32_t nlb,
-                     uint32_t lba_size, const uint64_t *lbas, const uint64_t *tags,
-                     uint32_t n, uint64_t buf_base, uint64_t buf_stride)
+/*
+ * Whether every buffer of a submit_rw call (buf_base + tag * stride, len bytes, tag <= top)
+ * needs only PRP1 (§4.1.1: dword aligned, within one memory page) and lies in one mapped
+ * range, checked once for the area [buf_base, buf_base + top * stride + len) instead of once
+ * per command. Same page offset for every buffer: stride is a non-zero multiple of the page
+ * size.
+ * 0: check each buffer (prepare), which also names the first bad one.
+ */
+static int rw_area_ok(struct idma_qpair *q, uint64_t len, uint64_t top, uint64_t buf_base,
+                      uint64_t stride)
 {
-    uint32_t fit = n < q->nfree ? n : q->nfree, i;     /* fit <= trackers: scratch bound */
-    uint64_t len = (uint64_t)nlb * lba_size;
-    uint16_t id = q->free_head;
-    struct idma_sqe cmd;
+    uint64_t span, end;
 
-    q->bad_index = -1;
-    if (n && (!lbas || !tags || nlb == 0 || nlb > 65536 || !lba_size))
-        return IDMA_EINVAL;
-    for (i = 0; i < fit; i++, id = q->trk[id].next_free) {
+    if (q->sgl || !stride || (buf_base & 3) || stride & (q->page_size - 1) ||
+        len > q->page_size - (buf_base & (q->page_size - 1)))
+        return 0;
+    if (__builtin_mul_overflow(top, stride, &span) || __builtin_add_overflow(span, len, &span) ||
+        __builtin_add_overflow(buf_base, span, &end))
+        return 0;
+    return !q->maptable || mapped(q, buf_base, span);
+}
+
+/*
+ * The SQEs of submit_rw: tmpl with each command's CID, SLBA (CDW10-11) and data pointer, on the
+ * trackers take_tracker would give, in order. buf_stride 0: the pointers prepare_rw left in
+ * q->prp; else PRP1 = buf_base + tag * buf_stride (rw_area_ok), PRP2 0. Queue fields are
+ * kept in locals: the stores into the ring cannot alias them for the compiler.
+ */
+static void place_rw(struct idma_qpair *q, const struct idma_sqe *tmpl, const uint64_t *lbas,
+                     const uint64_t *tags, uint32_t fit, uint64_t buf_base, uint64_t buf_stride)
+{
+    struct idma_sqe *sq = q->sq;
+    struct tracker *trk = q->trk;
+    const uint64_t *prp = q->prp;
+    uint32_t tail = q->sq_tail, depth = q->depth;
+    uint16_t id = q->free_head;
+
+    for (uint32_t i = 0; i < fit; i++) {
+        struct tracker *t = &trk[id];
+        struct idma_sqe *slot = &sq[tail];
+        uint16_t cid = (uint16_t)((uint32_t)t->gen << IDMA_CID_INDEX_BITS | id);
+
+        t->busy = 1;
+        t->tag = tags[i];
+        *slot = *tmpl;
+        slot->cdw0 = tmpl->cdw0 | (uint32_t)cid << 16;
+        slot->cdw10 = (uint32_t)lbas[i];
+        slot->cdw11 = (uint32_t)(lbas[i] >> 32);
+        if (buf_stride) {
+            slot->prp1 = buf_base + tags[i] * buf_stride;
+            slot->prp2 = 0;
+        } else {
+            slot->prp1 = prp[2 * i];
+            slot->prp2 = prp[2 * i + 1];
+        }
+        tail = tail + 1 == depth ? 0 : tail + 1;
+        id = t->next_free;
+    }
+    q->sq_tail = tail;
+    q->free_head = id;
+    q->nfree -= fit;
+}
+
+/* Check the buffers of submit_rw's first fit commands one by one into q->prp (§4.1.1). */
+static int prepare_rw(struct idma_qpair *q, uint64_t len, const uint64_t *tags, uint32_t fit,
+                      uint64_t buf_base, uint64_t buf_stride)
+{
+    uint16_t id = q->free_head;
+
+    for (uint32_t i = 0; i < fit; i++, id = q->trk[id].next_free) {
         struct idma_io io = { .buf = buf_base + tags[i] * buf_stride, .len = len,
                               .tag = tags[i] };
         int rc = prepare(q, &q->trk[id], &io, &q->prp[2 * i], &q->prp[2 * i + 1]);
@@ -604,24 +663,44 @@ static int submit_rw(struct idma_qpair *q, uint8_t opcode, uint32_t nsid, uint32
             return rc;
         }
     }
+    return IDMA_OK;
+}
+
+static int submit_rw(struct idma_qpair *q, uint8_t opcode, uint32_t nsid, uint32_t nlb,
+                     uint32_t lba_size, const uint64_t *lbas, const uint64_t *tags,
+                     uint32_t n, uint64_t buf_base, uint64_t buf_stride)
+{
+    uint32_t fit = n < q->nfree ? n : q->nfree, i;     /* fit <= trackers: scratch bound */
+    uint64_t len = (uint64_t)nlb * lba_size, top = 0;
+    struct idma_sqe cmd;
+    int area, rc;
+
+    q->bad_index = -1;
+    if (n && (!lbas || !tags || nlb == 0 || nlb > 65536 || !lba_size))
+        return IDMA_EINVAL;
+    for (i = 0; i < fit; i++)
+        top = tags[i] > top ? tags[i] : top;
+    area = fit && rw_area_ok(q, len, top, buf_base, buf_stride);
+    if (!area && (rc = prepare_rw(q, len, tags, fit, buf_base, buf_stride)) < 0)
+        return rc;
     memset(&cmd, 0, sizeof(cmd));
-    cmd.cdw0 = opcode;
+    cmd.cdw0 = opcode | (q->sgl ? 1u << 14 : 0);    /* PSDT as place() sets it */
     cmd.nsid = nsid;
     cmd.cdw12 = nlb - 1;                /* NVM Command Set 1.0 §3.3.4: 0's based NLB */
-    for (i = 0; i < fit; i++) {
-        struct idma_io io = { .len = len, .tag = tags[i] };
-        uint16_t cid;
-
-        cmd.cdw10 = (uint32_t)lbas[i];  /* SLBA in CDW10-11 */
-        cmd.cdw11 = (uint32_t)(lbas[i] >> 32);
-        cid = take_tracker(q, tags[i]);
-        place(q, &cmd, cid, &io, q->prp[2 * i], q->prp[2 * i + 1]);
-    }
+    place_rw(q, &cmd, lbas, tags, fit, area ? buf_base : 0, area ? buf_stride : 0);
     if (fit) {
         q->submitted += fit;
         ring_sq(q);
     }
     return (int)fit;
+}
+
+int idma_qpair_submit_rw_claimed(struct idma_qpair *q, uint8_t opcode, uint32_t nsid,
+                                 uint32_t nlb, uint32_t lba_size, const uint64_t *lbas,
+                                 const uint64_t *tags, uint32_t n, uint64_t buf_base,
+                                 uint64_t buf_stride)
+{
+    return submit_rw(q, opcode, nsid, nlb, lba_size, lbas, tags, n, buf_base, buf_stride);
 }
 
 int idma_qpair_submit_rw(struct idma_qpair *q, uint8_t opcode, uint32_t nsid, uint32_t nlb,
@@ -715,11 +794,72 @@ static uint32_t poll_into(struct idma_qpair *q, struct idma_cpl *out, uint64_t *
     return n;
 }
 
+/*
+ * poll_into for out[] (the worker's and idma_qpair_poll's): the same checks (cqe_tracker's) and
+ * tracker bookkeeping (put_tracker's), with the queue's fields in locals, which the stores into
+ * out[] and the trackers cannot alias for the compiler. The CQE is read as two dwords: DW3
+ * (phase tag, status, CID) first, then after the read barrier DW2 (SQ head and identifier)
+ * and DW0 (§4.6).
+ */
+static uint32_t poll_out(struct idma_qpair *q, struct idma_cpl *out, uint32_t max)
+{
+    volatile struct idma_cqe *cq = q->cq;
+    struct tracker *trk = q->trk;
+    uint32_t n = 0, seen = 0, head = q->cq_head, depth = q->depth, phase = q->phase;
+    uint32_t ntrk = q->ntrk, sq_head = q->sq_head;
+    uint16_t qid = q->qid, free_head = q->free_head;
+
+    while (n < max && seen < depth) {
+        const volatile uint32_t *e = (const volatile uint32_t *)&cq[head];
+        uint32_t dw3 = e[3], dw2, dw0, id = dw3 & CID_INDEX_MASK;
+        struct tracker *t;
+
+        if (((dw3 >> 16) & 1) != phase)
+            break;                      /* not yet written by the controller */
+        idma_rmb();
+        dw2 = e[2];
+        dw0 = e[0];
+        if (++head == depth) {          /* phase flips at each wrap */
+            head = 0;
+            phase ^= 1;
+        }
+        seen++;
+        if (id >= ntrk || (dw2 & 0xFFFF) >= depth || dw2 >> 16 != qid) {
+            q->spurious++;              /* dropped: see cqe_tracker */
+            continue;
+        }
+        t = &trk[id];
+        if (!t->busy || t->gen != ((dw3 & 0xFFFF) >> IDMA_CID_INDEX_BITS)) {
+            q->spurious++;
+            continue;
+        }
+        sq_head = dw2 & 0xFFFF;         /* §4.6: SQ head pointer, frees SQ slots */
+        out[n].tag = t->tag;
+        out[n].result = dw0;
+        out[n].cid = (uint16_t)dw3;
+        out[n].status = (uint16_t)(dw3 >> 17);
+        t->busy = 0;                    /* put_tracker */
+        t->gen = (uint8_t)((t->gen + 1) & CID_GEN_MASK);
+        t->next_free = free_head;
+        free_head = (uint16_t)id;
+        n++;
+    }
+    q->cq_head = head;
+    q->phase = (uint16_t)phase;
+    q->sq_head = sq_head;
+    q->free_head = free_head;
+    q->nfree += n;
+    q->completed += n;
+    if (seen)
+        ring_cq(q, 0);                  /* one CQ head update per poll call */
+    return n;
+}
+
 int idma_qpair_poll_claimed(struct idma_qpair *q, struct idma_cpl *out, uint32_t max)
 {
     if (max && !out)
         return IDMA_EINVAL;
-    return (int)poll_into(q, out, NULL, NULL, max);
+    return max ? poll_out(q, out, max) : 0;
 }
 
 int idma_qpair_poll(struct idma_qpair *q, struct idma_cpl *out, uint32_t max)
@@ -730,7 +870,7 @@ int idma_qpair_poll(struct idma_qpair *q, struct idma_cpl *out, uint32_t max)
         return IDMA_EINVAL;
     if ((n = idma_qpair_claim(q)) != 0)
         return n;
-    n = (int)poll_into(q, out, NULL, NULL, max);
+    n = max ? (int)poll_out(q, out, max) : 0;
     idma_qpair_release(q);
     return n;
 }

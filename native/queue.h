@@ -226,5 +226,9 @@ int idma_qpair_dead(const struct idma_qpair *q);
 int idma_qpair_submit_claimed(struct idma_qpair *q, const struct idma_sqe *cmds,
                               const struct idma_io *io, uint32_t n);
 int idma_qpair_poll_claimed(struct idma_qpair *q, struct idma_cpl *out, uint32_t max);
+int idma_qpair_submit_rw_claimed(struct idma_qpair *q, uint8_t opcode, uint32_t nsid,
+                                 uint32_t nlb, uint32_t lba_size, const uint64_t *lbas,
+                                 const uint64_t *tags, uint32_t n, uint64_t buf_base,
+                                 uint64_t buf_stride);
 
 #endif

@@ -173,6 +173,7 @@ struct wstate {
     uint64_t *unknown;          /* verify: blocks whose last write failed (content unknown) */
     struct idma_sqe *cmds;      /* pending (not yet accepted) commands */
     struct idma_io *io;
+    uint64_t *lbas, *tags;      /* pending reads/writes of a plain run (see plain_run) */
     struct idma_cpl *cpl;
     uint32_t *idle;             /* slots waiting to be refilled (rate cap, end of run) */
     uint32_t npending, nidle;
@@ -180,12 +181,14 @@ struct wstate {
     uint64_t block_bytes, nblocks, next_lba, rng, issued, start;
     uint64_t interval, next_due;    /* rate cap: ns per token, when the next token is due */
     int fixed_op;               /* the op of every I/O when no draw decides it, else -1 */
+    int plain;                  /* plain_run: one op, one size, no verify */
+    uint64_t *plain_hist;       /* plain: res->op_hist[fixed_op] */
     uint64_t done;              /* completions counted (res->ios is derived at the end) */
     uint64_t sec_end;           /* when the series' current second ends */
     struct idma_worker_second *sec; /* its entry */
 };
 
-static uint64_t next_rand(struct wstate *w)
+static inline uint64_t next_rand(struct wstate *w)
 {
     uint64_t x = w->rng;                        /* xorshift64* */
 
@@ -194,6 +197,13 @@ static uint64_t next_rand(struct wstate *w)
     x ^= x >> 27;
     w->rng = x;
     return x * 0x2545F4914F6CDD1Dull;
+}
+
+/* A draw in [0, n) from a 64-bit random x: the high half of x * n (multiply and shift, no
+ * division; uniform to within n / 2^64). */
+static inline uint64_t below(uint64_t x, uint64_t n)
+{
+    return (uint64_t)(((unsigned __int128)x * n) >> 64);
 }
 
 /* Sizes within 1..block_lbas, weights summing to 100. */
@@ -291,13 +301,13 @@ static uint32_t pick_size(struct wstate *w, uint8_t *idx)
 
 /* First LBA of an I/O of nlb LBAs: random ones at a multiple of nlb, sequential ones next to
  * the previous (wrapping at the end of the range). */
-static uint64_t pick_lba(struct wstate *w, uint32_t nlb)
+static inline uint64_t pick_lba(struct wstate *w, uint32_t nlb)
 {
     const struct idma_worker_cfg *c = w->cfg;
     uint64_t lba;
 
     if (c->random)                              /* nblocks: lba_count / block_lbas */
-        return c->lba_start + next_rand(w) % (c->nbs ? c->lba_count / nlb : w->nblocks) * nlb;
+        return c->lba_start + below(next_rand(w), c->nbs ? c->lba_count / nlb : w->nblocks) * nlb;
     if (w->next_lba + nlb > c->lba_count)
         w->next_lba = 0;
     lba = c->lba_start + w->next_lba;
@@ -312,6 +322,14 @@ static int fixed_op(const struct idma_worker_cfg *c)
     if (c->trim_pct || c->flush_pct || (c->read_pct > 0 && c->read_pct < 100))
         return -1;
     return c->read_pct ? IDMA_OP_READ : IDMA_OP_WRITE;
+}
+
+/* A plain run: every I/O a read (or every one a write) of block_lbas, not verified. Its
+ * commands differ only in SLBA and buffer (idma_qpair_submit_rw_claimed), and what it counts
+ * per size and in bytes follows from the I/O and error counts (plain_totals). */
+static int plain_run(const struct idma_worker_cfg *c)
+{
+    return fixed_op(c) >= 0 && !c->nbs && !c->verify;
 }
 
 static uint8_t pick_op(struct wstate *w)
@@ -366,9 +384,29 @@ static void build_cmd(struct wstate *w, const struct slot *s, uint64_t buf,
     cmd->cdw12 = s->nlb - 1;
 }
 
+/* queue_io of a plain run: only the LBA is drawn (op and size were set by init_plain); the
+ * I/O is timed from now, the time of the submit call that follows in the same loop pass. */
+static inline void queue_plain(struct wstate *w, uint32_t i, uint64_t now)
+{
+    const struct idma_worker_cfg *c = w->cfg;
+    struct slot *s = &w->slots[i];
+    uint32_t k = w->npending;
+
+    if (c->random)                              /* pick_lba without a split */
+        s->lba = c->lba_start + below(next_rand(w), w->nblocks) * c->block_lbas;
+    else
+        s->lba = pick_lba(w, c->block_lbas);
+    s->busy = 1;
+    s->t_submit = now;
+    w->lbas[k] = s->lba;
+    w->tags[k] = i;
+    w->npending = k + 1;
+    w->issued++;
+}
+
 /* Choose the next I/O (size, LBA, op) for slot i and append its command to the pending batch
  * (NVM Command Set 1.0 §3.3.4/§3.3.6: SLBA in CDW10-11, 0's based NLB in CDW12 15:0). */
-static void queue_io(struct wstate *w, uint32_t i)
+static void queue_io(struct wstate *w, uint32_t i, uint64_t now)
 {
     const struct idma_worker_cfg *c = w->cfg;
     struct slot *s = &w->slots[i];
@@ -376,6 +414,10 @@ static void queue_io(struct wstate *w, uint32_t i)
     struct idma_io *io = &w->io[w->npending];
     uint64_t block, buf = c->buf + (uint64_t)i * w->block_bytes;
 
+    if (w->plain) {
+        queue_plain(w, i, now);
+        return;
+    }
     s->nlb = pick_size(w, &s->bs);
     s->lba = pick_lba(w, s->nlb);
     s->op = pick_op(w);
@@ -424,7 +466,26 @@ static void refill(struct wstate *w, uint64_t now)
     if (w->cfg->io_count && w->cfg->io_count - w->issued < n)
         n = w->cfg->io_count - w->issued;
     while (n-- && take_token(w, now))
-        queue_io(w, w->idle[--w->nidle]);
+        queue_io(w, w->idle[--w->nidle], now);
+}
+
+/* flush_pending of a plain run: SLBAs and slots only, the command built by the queue; the
+ * commands are timed from when queue_plain queued them (this pass's clock reading). */
+static int flush_plain(struct wstate *w)
+{
+    const struct idma_worker_cfg *c = w->cfg;
+    int k = idma_qpair_submit_rw_claimed(w->q, op_code[w->fixed_op], c->nsid, c->block_lbas,
+                                         c->lba_size, w->lbas, w->tags, w->npending, c->buf,
+                                         w->block_bytes);
+
+    if (k < 0)
+        return k;
+    w->npending -= (uint32_t)k;
+    if (w->npending) {
+        memmove(w->lbas, w->lbas + k, w->npending * sizeof(*w->lbas));
+        memmove(w->tags, w->tags + k, w->npending * sizeof(*w->tags));
+    }
+    return 0;
 }
 
 /* Submit the pending batch; keep what did not fit. Returns an idma_rc or 0. */
@@ -434,6 +495,8 @@ static int flush_pending(struct wstate *w, uint64_t now)
 
     if (!w->npending)
         return 0;
+    if (w->plain)
+        return flush_plain(w);
     k = idma_qpair_submit_claimed(w->q, w->cmds, w->io, w->npending);
     if (k < 0)
         return k;
@@ -562,6 +625,20 @@ static uint64_t sum_ops(struct idma_worker_result *r)
     return lat_sum;
 }
 
+/* What a plain run did not count per I/O: its op's I/Os and bytes, the size split's one
+ * entry, each second's bytes (less the failed I/Os' already taken off). */
+static void plain_totals(struct wstate *w)
+{
+    struct idma_worker_result *r = w->res;
+    int op = w->fixed_op;
+
+    r->op_ios[op] = w->done;
+    r->op_bytes[op] = (w->done - r->op_errors[op]) * w->block_bytes;
+    r->bs_ios[0] = w->done;
+    for (uint32_t i = 0; i < r->nseries; i++)
+        r->series[i].bytes += r->series[i].ios * w->block_bytes;
+}
+
 static void complete_io(struct wstate *w, const struct idma_cpl *cpl, uint64_t now)
 {
     const struct idma_worker_cfg *c = w->cfg;
@@ -611,17 +688,98 @@ static void publish(struct wstate *w, uint64_t now)
     if (!p)
         return;
     __atomic_store_n(&p->ios, w->done, __ATOMIC_RELAXED);
-    __atomic_store_n(&p->bytes, data_bytes(w->res), __ATOMIC_RELAXED);
+    __atomic_store_n(&p->bytes, w->plain ? (w->done - w->res->errors) * w->block_bytes
+                                         : data_bytes(w->res), __ATOMIC_RELAXED);
     __atomic_store_n(&p->errors, w->res->errors, __ATOMIC_RELAXED);
     __atomic_store_n(&p->verify_failures, w->res->verify_failures, __ATOMIC_RELAXED);
     __atomic_store_n(&p->elapsed_ns, now - w->start, __ATOMIC_RELAXED);
 }
 
+/* Latencies of one reap call's completions: they share its clock reading, so the op's and the
+ * second's sums and extremes are updated once per call (count_plain). */
+struct lat_batch {
+    uint64_t ios, sum, min, max;
+};
+
+/* A failed I/O of a plain run: counted and listed; its bytes are taken off its second in
+ * advance (plain_totals adds ios * block_bytes). */
+static void plain_error(struct wstate *w, const struct slot *s, uint16_t status, uint64_t now)
+{
+    w->res->op_errors[w->fixed_op]++;
+    record_error(w, s, status, now);
+    w->sec->bytes -= w->block_bytes;
+}
+
+static void count_plain(struct wstate *w, const struct lat_batch *b)
+{
+    struct idma_worker_result *r = w->res;
+    struct idma_worker_second *e = w->sec;
+    int op = w->fixed_op;
+
+    w->done += b->ios;
+    r->op_lat_sum_ns[op] += b->sum;
+    if (b->min < r->op_lat_min_ns[op])
+        r->op_lat_min_ns[op] = b->min;
+    if (b->max > r->op_lat_max_ns[op])
+        r->op_lat_max_ns[op] = b->max;
+    e->ios += b->ios;
+    e->lat_sum_ns += b->sum;
+    e->lat_max_ns = b->max > e->lat_max_ns ? b->max : e->lat_max_ns;
+}
+
+/* reap of a plain run: latency per completion into the histogram and a lat_batch; a completed
+ * slot gets its next I/O at once while the run goes on and the rate cap allows (refill's
+ * rules), else waits in idle[]. */
+static uint32_t reap_plain(struct wstate *w, uint64_t *now)
+{
+    const struct idma_worker_cfg *c = w->cfg;
+    const struct idma_cpl *cpl = w->cpl;
+    struct slot *slots = w->slots;
+    uint64_t *hist = w->plain_hist, qd = c->qd, paced = w->interval, t, budget;
+    struct lat_batch b = { 0, 0, UINT64_MAX, 0 };
+    int n = idma_qpair_poll_claimed(w->q, w->cpl, c->qd);
+
+    if (n <= 0)
+        return 0;
+    t = *now = idma_fast_ns();
+    if (t >= w->sec_end)
+        next_second(w, t);                      /* this call's completions: one second */
+    budget = !may_issue(w, t) ? 0 : c->io_count ? c->io_count - w->issued : UINT64_MAX;
+    for (int j = 0; j < n; j++) {
+        uint64_t tag = cpl[j].tag, lat;
+        struct slot *s;
+
+        if (tag >= qd || !(s = &slots[tag])->busy)
+            continue;                           /* not ours (cannot happen: idle at start) */
+        s->busy = 0;
+        lat = t - s->t_submit;
+        hist[hist_bucket(lat)]++;
+        b.ios++;
+        b.sum += lat;
+        b.min = lat < b.min ? lat : b.min;
+        b.max = lat > b.max ? lat : b.max;
+        if (cpl[j].status)
+            plain_error(w, s, cpl[j].status, t);
+        if (budget && (!paced || take_token(w, t))) {
+            budget--;
+            queue_plain(w, (uint32_t)tag, t);
+        } else {
+            w->idle[w->nidle++] = (uint32_t)tag;
+        }
+    }
+    count_plain(w, &b);
+    publish(w, t);
+    return (uint32_t)n;
+}
+
 /* Reap completions and refill the freed slots. Returns how many completed. */
 static uint32_t reap(struct wstate *w, uint64_t *now)
 {
-    int n = idma_qpair_poll_claimed(w->q, w->cpl, w->cfg->qd);
+    int n;
 
+    if (w->plain)
+        return reap_plain(w, now);
+    n = idma_qpair_poll_claimed(w->q, w->cpl, w->cfg->qd);
     if (n <= 0)
         return 0;
     *now = idma_fast_ns();
@@ -766,12 +924,27 @@ static int alloc_state(struct wstate *w)
     w->io = calloc(qd, sizeof(*w->io));
     w->cpl = calloc(qd, sizeof(*w->cpl));
     w->idle = calloc(qd, sizeof(*w->idle));
+    w->lbas = calloc(qd, sizeof(*w->lbas));
+    w->tags = calloc(qd, sizeof(*w->tags));
     if (w->cfg->verify) {
         w->written = calloc((w->nblocks + 63) / 64, sizeof(uint64_t));
         w->unknown = calloc((w->nblocks + 63) / 64, sizeof(uint64_t));
     }
-    return w->slots && w->cmds && w->io && w->cpl && w->idle &&
+    return w->slots && w->cmds && w->io && w->cpl && w->idle && w->lbas && w->tags &&
            ((w->written && w->unknown) || !w->cfg->verify);
+}
+
+/* A plain run's slots keep one op and size for the whole run. */
+static void init_plain(struct wstate *w)
+{
+    w->plain = plain_run(w->cfg);
+    if (!w->plain)
+        return;
+    w->plain_hist = w->res->op_hist[w->fixed_op];
+    for (uint32_t i = 0; i < w->cfg->qd; i++) {
+        w->slots[i].nlb = w->cfg->block_lbas;
+        w->slots[i].op = (uint8_t)w->fixed_op;
+    }
 }
 
 static void free_state(struct wstate *w)
@@ -781,6 +954,8 @@ static void free_state(struct wstate *w)
     free(w->io);
     free(w->cpl);
     free(w->idle);
+    free(w->lbas);
+    free(w->tags);
     free(w->written);
     free(w->unknown);
 }
@@ -832,12 +1007,14 @@ int idma_worker_run(struct idma_qpair *q, const struct idma_worker_cfg *cfg,
     w.sec_end = w.start;                /* the first completion picks its second */
     w.sec = &res->series[0];
     w.fixed_op = fixed_op(cfg);
-    rc = alloc_state(&w) ? loop(&w) : IDMA_ENOMEM;
+    rc = alloc_state(&w) ? (init_plain(&w), loop(&w)) : IDMA_ENOMEM;
 #ifdef __linux__
     if (!cfg->spin_only && slack > 0)
         prctl(PR_SET_TIMERSLACK, (unsigned long)slack, 0, 0, 0);
 #endif
     res->elapsed_ns = idma_fast_ns() - w.start;
+    if (w.plain)
+        plain_totals(&w);
     lat_sum = sum_ops(res);
     for (int k = 0; k < IDMA_OP_KINDS; k++)
         if (!res->op_ios[k])
