@@ -678,7 +678,11 @@ static int submit_rw(struct idma_qpair *q, uint8_t opcode, uint32_t nsid, uint32
     q->bad_index = -1;
     if (n && (!lbas || !tags || nlb == 0 || nlb > 65536 || !lba_size))
         return IDMA_EINVAL;
-    for (i = 0; i < fit; i++)
+    for (i = 0; i + 1 < fit; i += 2) {             /* two at a time: half the loop steps */
+        uint64_t m = tags[i] > tags[i + 1] ? tags[i] : tags[i + 1];
+        top = m > top ? m : top;
+    }
+    if (i < fit)
         top = tags[i] > top ? tags[i] : top;
     area = fit && rw_area_ok(q, len, top, buf_base, buf_stride);
     if (!area && (rc = prepare_rw(q, len, tags, fit, buf_base, buf_stride)) < 0)
@@ -805,8 +809,8 @@ static uint32_t poll_out(struct idma_qpair *q, struct idma_cpl *out, uint32_t ma
 {
     volatile struct idma_cqe *cq = q->cq;
     struct tracker *trk = q->trk;
-    uint32_t n = 0, seen = 0, head = q->cq_head, depth = q->depth, phase = q->phase;
-    uint32_t ntrk = q->ntrk, sq_head = q->sq_head;
+    uint32_t n = 0, seen = 0, head = q->cq_head, depth = q->depth;
+    uint32_t phase = (uint32_t)q->phase << 16, ntrk = q->ntrk, sq_head = q->sq_head;
     uint16_t qid = q->qid, free_head = q->free_head;
 
     while (n < max && seen < depth) {
@@ -814,14 +818,14 @@ static uint32_t poll_out(struct idma_qpair *q, struct idma_cpl *out, uint32_t ma
         uint32_t dw3 = e[3], dw2, dw0, id = dw3 & CID_INDEX_MASK;
         struct tracker *t;
 
-        if (((dw3 >> 16) & 1) != phase)
+        if ((dw3 & 1u << 16) != phase)
             break;                      /* not yet written by the controller */
         idma_rmb();
         dw2 = e[2];
         dw0 = e[0];
         if (++head == depth) {          /* phase flips at each wrap */
             head = 0;
-            phase ^= 1;
+            phase ^= 1u << 16;
         }
         seen++;
         if (id >= ntrk || (dw2 & 0xFFFF) >= depth || dw2 >> 16 != qid) {
@@ -845,7 +849,7 @@ static uint32_t poll_out(struct idma_qpair *q, struct idma_cpl *out, uint32_t ma
         n++;
     }
     q->cq_head = head;
-    q->phase = (uint16_t)phase;
+    q->phase = (uint16_t)(phase >> 16);
     q->sq_head = sq_head;
     q->free_head = free_head;
     q->nfree += n;

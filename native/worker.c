@@ -188,15 +188,18 @@ struct wstate {
     struct idma_worker_second *sec; /* its entry */
 };
 
+/* wyrand: a Weyl sequence (odd increment, full period 2^64) mixed by one 64x64->128 multiply. */
+static inline uint64_t wyrand(uint64_t *state)
+{
+    uint64_t x = *state += 0xA0761D6478BD642Full;
+    unsigned __int128 m = (unsigned __int128)x * (x ^ 0xE7037ED1A0B428DBull);
+
+    return (uint64_t)(m >> 64) ^ (uint64_t)m;
+}
+
 static inline uint64_t next_rand(struct wstate *w)
 {
-    uint64_t x = w->rng;                        /* xorshift64* */
-
-    x ^= x >> 12;
-    x ^= x << 25;
-    x ^= x >> 27;
-    w->rng = x;
-    return x * 0x2545F4914F6CDD1Dull;
+    return wyrand(&w->rng);
 }
 
 /* A draw in [0, n) from a 64-bit random x: the high half of x * n (multiply and shift, no
@@ -736,6 +739,9 @@ static uint32_t reap_plain(struct wstate *w, uint64_t *now)
     const struct idma_cpl *cpl = w->cpl;
     struct slot *slots = w->slots;
     uint64_t *hist = w->plain_hist, qd = c->qd, paced = w->interval, t, budget;
+    uint64_t *lbas = w->lbas, *tags = w->tags, rng = w->rng, lba0 = c->lba_start;
+    uint64_t nblocks = w->nblocks;
+    uint32_t k = w->npending, nlb = c->block_lbas;
     struct lat_batch b = { 0, 0, UINT64_MAX, 0 };
     int n = idma_qpair_poll_claimed(w->q, w->cpl, c->qd);
 
@@ -761,12 +767,19 @@ static uint32_t reap_plain(struct wstate *w, uint64_t *now)
         if (cpl[j].status)
             plain_error(w, s, cpl[j].status, t);
         if (budget && (!paced || take_token(w, t))) {
-            budget--;
-            queue_plain(w, (uint32_t)tag, t);
+            budget--;                           /* queue_plain, in this loop's locals */
+            s->lba = c->random ? lba0 + below(wyrand(&rng), nblocks) * nlb : pick_lba(w, nlb);
+            s->busy = 1;
+            s->t_submit = t;
+            lbas[k] = s->lba;
+            tags[k++] = tag;
         } else {
             w->idle[w->nidle++] = (uint32_t)tag;
         }
     }
+    w->rng = rng;
+    w->issued += k - w->npending;
+    w->npending = k;
     count_plain(w, &b);
     publish(w, t);
     return (uint32_t)n;
