@@ -189,13 +189,14 @@ def engine_cost() -> None:
 
 
 def boot_perf_bench(module: str, runtime: float, cpus: int | None,
-                    kernel: str | None = None) -> int:
-    """Run `python -m module --in-guest --runtime R` in one boot of the 'perf' bench (on
-    the bench kernel with kernel="bench")."""
+                    kernel: str | None = None, extra: list[str] | None = None) -> int:
+    """Run `python -m module --in-guest --runtime R [extra...]` in one boot of the 'perf'
+    bench (on the bench kernel with kernel="bench")."""
     from iommu_dma.testing import vm
     from iommu_dma.testing.bench import get_bench
 
-    cmd = [sys.executable, "-m", module, "--in-guest", "--runtime", str(runtime)]
+    cmd = [sys.executable, "-m", module, "--in-guest", "--runtime", str(runtime),
+           *(extra or [])]
     print("booting the 'perf' bench (TCG, about 30 s)...", flush=True)
     bench = get_bench("perf")
     if cpus:

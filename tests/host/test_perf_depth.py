@@ -239,6 +239,18 @@ def test_cli_options() -> None:
         == "randtrim"
 
 
+def test_spin_only_reaches_the_workload_and_needs_polling() -> None:
+    from iommu_dma.cli.perf import workload
+
+    args = build_parser().parse_args(["perf", "00:04.0", "-n", "1", "--spin-only"])
+    w = workload(args)
+    assert w.spin_only and w.wait == "poll"
+    perf.check_mix(w)
+    assert not workload(build_parser().parse_args(["perf", "00:04.0", "-n", "1"])).spin_only
+    with pytest.raises(ValueError, match="--spin-only is for --wait poll; --wait interrupt"):
+        perf.check_mix(perf.Workload(wait="interrupt", spin_only=True))
+
+
 @pytest.mark.parametrize("argv", [["--bssplit", "4k:8k"], ["--trim_pct", "101"],
                                   ["-n", "1,1"], ["--rate_iops", "-3"]])
 def test_cli_usage_errors(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:

@@ -243,6 +243,11 @@ def test_perf_refuses_an_iodepth_deeper_than_the_queues(cli: Cli, vfio_bdfs: lis
     bdf = vfio_bdfs[0]
     j = cli.ok("perf", bdf, "-n", 1, "--iodepth", 4, "--runtime", "0.5", "-o", "json").json()
     assert j["ok"] is True and j["problems"] == [] and j["timed_out"] is False
+    j = cli.ok("perf", bdf, "-n", 1, "--iodepth", 1, "--runtime", "0.5", "--spin-only",
+               "-o", "json").json()
+    assert j["ok"] is True and j["ios"] > 0 and j["workload"]["spin_only"] is True
+    cli.fails("perf", bdf, "-n", 1, "--runtime", 1, "--spin-only", "--wait", "interrupt",
+              message="--spin-only is for --wait poll; --wait interrupt")
     r = cli.fails("perf", bdf, "-n", 1, "--iodepth", 100000, "--runtime", 1,
                   message="--iodepth 100000 is more than the controller's queues allow: at most")
     assert "CAP.MQES" in r.err and r.out == b""
