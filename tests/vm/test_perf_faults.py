@@ -104,3 +104,19 @@ def test_perf_api_lists_failed_ios_per_job(vfio_bdfs: list[str]) -> None:
     assert {f.lba for f in jobs[1].failed_ios} == {12000}              # LBAs 6144..12287
     assert res.problems == [perf.errors_phrase(res.errors, res.failed_ios, 0)]
     assert all(isinstance(f.error.name, str) for f in res.failed_ios)
+
+
+def test_plain_read_run_counts_bytes_series_and_errors(vfio_bdfs: list[str]) -> None:
+    """A run of reads only, of one size, without verify (the worker's plain path, whose bytes
+    and per-second figures are derived from its I/O and error counts): sequential over LBAs
+    4096..6143, so LBA 5000 fails once a pass."""
+    with Controller.open(vfio_bdfs[0]) as c:
+        ns = c.namespace(1)
+        w = perf.Workload(rw="read", iodepth=16, runtime=0, ios=3 * 2048,
+                          offset=4096 * BLOCK, size=2048 * BLOCK)
+        res = perf.run(ns, w)
+    assert res.ios == 3 * 2048 and res.errors == 3, (res.ios, res.errors)
+    assert [(f.lba, f.count, f.error.name) for f in res.failed_ios] == [(5000, 3, READ_ERROR)]
+    assert res.bytes == (res.ios - res.errors) * BLOCK
+    assert sum(s.ios for s in res.series) == res.ios
+    assert sum(s.bytes for s in res.series) == res.bytes
