@@ -96,6 +96,11 @@ test-asan: setup
 bench-engine-cost: setup
 	$(PY) -m benchmarks.engine_cost
 
+# Where QD1 time goes: the C worker at QD1 with one knob changed at a time, in one perf-bench boot.
+.PHONY: bench-qd1
+bench-qd1: setup
+	$(PY) -m benchmarks.qd1
+
 # The namespace over NBD with fio's nbd ioengine: `iommu-dma serve` (each --wait mode) against
 # nbdkit's file plugin on the kernel nvme driver, 4 KiB randread QD16 and 1 MiB seq write QD4.
 .PHONY: bench-nbd
