@@ -43,7 +43,7 @@ class Variant:
 
 VARIANTS = [Variant("default"), Variant("no shadow doorbells", shadow=False),
             Variant("CQ head every 8th", cq_batch=8),
-            Variant("no shadow, CQ head every 8th", shadow=False, cq_batch=8),
+            Variant("no shadow + CQ head every 8th", shadow=False, cq_batch=8),
             Variant("spin only", spin_only=True)]
 DEPTH = 64                      # room to defer CQ head updates (the batch is capped at depth - 1)
 
@@ -81,18 +81,19 @@ def run_variant(bdf: str, v: Variant, runtime: float) -> dict[str, float]:
             "shadow": float(shadow), **per_io}
 
 
-def in_guest(runtime: float, rounds: int) -> int:
+def in_guest(runtime: float, rounds: int, names: list[str]) -> int:
     from iommu_dma.testing.guest import nvme_bdfs
 
     bdf = nvme_bdfs()[0]
     ctrl_dir = next((Path("/sys/bus/pci/devices") / bdf / "nvme").iterdir())
     kernel = fio(f"/dev/{ctrl_dir.name}n1", "psync", 1, runtime)
     subprocess.run(["bash", str(SETUP), "bind", bdf], check=True)
-    runs: dict[str, list[dict[str, float]]] = {v.name: [] for v in VARIANTS}
+    variants = [v for v in VARIANTS if v.name in names]
+    runs: dict[str, list[dict[str, float]]] = {v.name: [] for v in variants}
     try:
-        run_variant(bdf, VARIANTS[0], 1.0)                # warm-up, not reported
+        run_variant(bdf, variants[0], 1.0)                # warm-up, not reported
         for _ in range(rounds):
-            for v in VARIANTS:
+            for v in variants:
                 runs[v.name].append(run_variant(bdf, v, runtime))
     finally:
         subprocess.run(["bash", str(SETUP), "unbind", bdf], check=True)
@@ -115,7 +116,7 @@ def report(kernel: dict[str, float], runs: dict[str, list[dict[str, float]]]) ->
               f"{_mean(rows, 'iops'):7.0f} {each:>20}  {_mean(rows, 'sq_doorbells'):5.2f} "
               f"{_mean(rows, 'sq_mmio'):7.2f} {_mean(rows, 'cq_doorbells'):5.2f} "
               f"{_mean(rows, 'cq_mmio'):7.2f}  x{_mean(rows, 'lat_us') / kernel['lat_us']:.2f}")
-    shadow = runs["default"][0]["shadow"]
+    shadow = next(iter(runs.values()))[0]["shadow"]
     print(f"(doorbell columns: updates and BAR0 writes per I/O; the controller "
           f"{'offers' if shadow else 'does not offer'} shadow doorbells)")
     print("RESULT " + json.dumps({"kernel psync QD1": kernel, **runs}))
@@ -127,14 +128,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runtime", type=float, default=5.0, help="seconds per run")
     parser.add_argument("--rounds", type=int, default=2, help="runs of each variant")
     parser.add_argument("--cpus", type=int, default=None, help="guest vCPUs (default: bench's)")
+    parser.add_argument("--variants", default=",".join(v.name for v in VARIANTS),
+                        help="comma-separated variant names (default: all)")
     parser.add_argument("--in-guest", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.runtime <= 0 or args.rounds < 1:
         parser.error("--runtime must be positive and --rounds at least 1")
+    names = args.variants.split(",")
+    unknown = sorted(set(names) - {v.name for v in VARIANTS})
+    if unknown:
+        parser.error(f"--variants: no variant {', '.join(map(repr, unknown))}; choose from "
+                     f"{', '.join(v.name for v in VARIANTS)}")
     if args.in_guest:
-        return in_guest(args.runtime, args.rounds)
+        return in_guest(args.runtime, args.rounds, names)
     return boot_perf_bench("benchmarks.qd1", args.runtime, args.cpus,
-                           extra=["--rounds", str(args.rounds)])
+                           extra=["--rounds", str(args.rounds), "--variants", args.variants])
 
 
 if __name__ == "__main__":
