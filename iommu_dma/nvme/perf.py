@@ -14,11 +14,11 @@ Workload.wait says how a job waits for its completions: "poll" spins on the CQ (
 job, the lowest latency); "interrupt" runs the job on a queue whose CQ signals an MSI-X vector
 and sleeps on it whenever nothing has completed (little CPU at low queue depths); "hybrid"
 spins briefly (HYBRID_SPIN) after each completion, then sleeps. A polled job that sees its
-CPU taken away (two empty polls more than 100 us apart) waits in 20 us sleeps, after 50 us of
+CPU taken away (two empty polls more than 300 us apart) waits in 20 us sleeps, after 50 us of
 spinning, for its next 256 I/Os, so that it does not compete with whoever took the CPU (on a
 TCG guest: the device emulation); `spin_only` turns that off. Measured (benchmarks.qd1, QD1 on
-the TCG bench): spin-only 151 us against 174 us on an idle host, but 312 us against 237 us
-with a CPU-bound process beside the guest, hence the default. Jobs on queues that share a
+the TCG bench): spin-only 146-147 us against 150-158 us on an idle host, but 350 us against
+288 us with a CPU-bound process beside the guest, hence the default. Jobs on queues that share a
 vector (more jobs than the device has vectors) may wake each other's sleep, or wake late (by
 at most the worker's 10 ms sleep slice).
 
