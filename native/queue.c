@@ -21,7 +21,7 @@
 _Static_assert(sizeof(struct idma_sqe) == 64, "SQE is 64 bytes (NVMe 2.0 §4.2)");
 _Static_assert(sizeof(struct idma_cqe) == 16, "CQE is 16 bytes (NVMe 2.0 §4.6)");
 _Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "NVMe structures are little endian "
-               "(§1.5): the SQE/CQE layouts and poll_out's dword reads assume a little-endian host");
+               "(§1.5): the SQE/CQE layouts and poll_into's dword reads assume a little-endian host");
 
 /*
  * Barriers between DMA memory and MMIO. wmb: SQ entries are globally visible before the
@@ -453,18 +453,6 @@ static uint16_t take_tracker(struct idma_qpair *q, uint64_t tag)
     return (uint16_t)((uint32_t)t->gen << IDMA_CID_INDEX_BITS | id);
 }
 
-/* Return tracker id to the free list; its next CID gets the next generation. */
-static void put_tracker(struct idma_qpair *q, uint16_t id)
-{
-    struct tracker *t = &q->trk[id];
-
-    t->busy = 0;
-    t->gen = (uint8_t)((t->gen + 1) & CID_GEN_MASK);
-    t->next_free = q->free_head;
-    q->free_head = id;
-    q->nfree++;
-}
-
 int idma_qpair_claim(struct idma_qpair *q)
 {
     uint32_t idle = 0;
@@ -721,91 +709,35 @@ int idma_qpair_submit_rw(struct idma_qpair *q, uint8_t opcode, uint32_t nsid, ui
 }
 
 /*
- * The tracker a CQE's CID names, or NULL when the CQE must be dropped (§4.6): CID of a free
- * tracker or of an earlier generation (late or duplicate), SQ head not a ring position, or an
- * SQ identifier other than this queue's.
+ * The tracker a CQE names (DW3 15:0 CID, DW2 15:0 SQ head, 31:16 SQ id), or NULL when the CQE
+ * must be dropped (§4.6): CID of a free tracker or of an earlier generation (late or
+ * duplicate), SQ head not a ring position, or an SQ identifier other than this queue's. The
+ * queue's fields come as arguments, so callers keep them in registers.
  */
-static struct tracker *cqe_tracker(struct idma_qpair *q, uint16_t cid, uint16_t sq_head,
-                                   uint16_t sq_id)
+static inline struct tracker *cqe_tracker(struct tracker *trk, uint32_t ntrk, uint32_t depth,
+                                          uint16_t qid, uint32_t dw3, uint32_t dw2)
 {
-    uint32_t id = cid & CID_INDEX_MASK;
+    uint32_t id = dw3 & CID_INDEX_MASK;
     struct tracker *t;
 
-    if (id >= q->ntrk || sq_head >= q->depth || sq_id != q->qid)
+    if (id >= ntrk || (dw2 & 0xFFFF) >= depth || dw2 >> 16 != qid)
         return NULL;
-    t = &q->trk[id];
-    if (!t->busy || t->gen != cid >> IDMA_CID_INDEX_BITS)
+    t = &trk[id];
+    if (!t->busy || t->gen != ((dw3 & 0xFFFF) >> IDMA_CID_INDEX_BITS))
         return NULL;
     return t;
-}
-
-/* Consume the CQE at the head if its phase tag is current (§4.6). 1 = reaped into out,
- * 0 = consumed and dropped (spurious), -1 = no new entry. */
-static int reap_one(struct idma_qpair *q, struct idma_cpl *out)
-{
-    volatile struct idma_cqe *e = &q->cq[q->cq_head];
-    uint16_t st = e->status, cid, sq_head, sq_id;
-    uint32_t result;
-    struct tracker *t;
-
-    if ((st & 1) != q->phase)
-        return -1;                      /* not yet written by the controller */
-    idma_rmb();                         /* read DW3 first, then the rest */
-    cid = e->cid;
-    sq_head = e->sq_head;
-    sq_id = e->sq_id;
-    result = e->dw0;
-    if (++q->cq_head == q->depth) {     /* phase flips at each wrap */
-        q->cq_head = 0;
-        q->phase ^= 1;
-    }
-    t = cqe_tracker(q, cid, sq_head, sq_id);
-    if (!t) {
-        q->spurious++;
-        return 0;
-    }
-    q->sq_head = sq_head;               /* §4.6: SQ head pointer, frees SQ slots */
-    out->tag = t->tag;
-    out->result = result;
-    out->cid = cid;
-    out->status = st >> 1;
-    put_tracker(q, (uint16_t)(cid & CID_INDEX_MASK));
-    q->completed++;
-    return 1;
 }
 
 /*
  * Reap up to max CQEs into either out[] or tags[]/status[]; one CQ head update if any. At most
  * depth CQEs are consumed per call, so a device flooding the CQ cannot hold the caller forever.
+ * A CQE is read as two dwords: DW3 (phase tag, status, CID) first, then after the read barrier
+ * DW2 (SQ head and identifier) and DW0 (§4.6). Each reaped tracker goes back to the free list
+ * with its next generation. The queue's fields are kept in locals, which the stores into the
+ * outputs and the trackers cannot alias for the compiler.
  */
 static uint32_t poll_into(struct idma_qpair *q, struct idma_cpl *out, uint64_t *tags,
                           uint16_t *status, uint32_t max)
-{
-    uint32_t n = 0, seen = 0;
-    int rc;
-    struct idma_cpl c;
-
-    while (n < max && seen < q->depth && (rc = reap_one(q, out ? &out[n] : &c)) >= 0) {
-        seen++;
-        if (rc && !out) {
-            tags[n] = c.tag;
-            status[n] = c.status;
-        }
-        n += (uint32_t)rc;
-    }
-    if (seen)
-        ring_cq(q, 0);                  /* one CQ head update per poll call */
-    return n;
-}
-
-/*
- * poll_into for out[] (the worker's and idma_qpair_poll's): the same checks (cqe_tracker's) and
- * tracker bookkeeping (put_tracker's), with the queue's fields in locals, which the stores into
- * out[] and the trackers cannot alias for the compiler. The CQE is read as two dwords: DW3
- * (phase tag, status, CID) first, then after the read barrier DW2 (SQ head and identifier)
- * and DW0 (§4.6).
- */
-static uint32_t poll_out(struct idma_qpair *q, struct idma_cpl *out, uint32_t max)
 {
     volatile struct idma_cqe *cq = q->cq;
     struct tracker *trk = q->trk;
@@ -815,7 +747,7 @@ static uint32_t poll_out(struct idma_qpair *q, struct idma_cpl *out, uint32_t ma
 
     while (n < max && seen < depth) {
         const volatile uint32_t *e = (const volatile uint32_t *)&cq[head];
-        uint32_t dw3 = e[3], dw2, dw0, id = dw3 & CID_INDEX_MASK;
+        uint32_t dw3 = e[3], dw2, dw0;
         struct tracker *t;
 
         if ((dw3 & 1u << 16) != phase)
@@ -828,24 +760,24 @@ static uint32_t poll_out(struct idma_qpair *q, struct idma_cpl *out, uint32_t ma
             phase ^= 1u << 16;
         }
         seen++;
-        if (id >= ntrk || (dw2 & 0xFFFF) >= depth || dw2 >> 16 != qid) {
-            q->spurious++;              /* dropped: see cqe_tracker */
-            continue;
-        }
-        t = &trk[id];
-        if (!t->busy || t->gen != ((dw3 & 0xFFFF) >> IDMA_CID_INDEX_BITS)) {
+        if (!(t = cqe_tracker(trk, ntrk, depth, qid, dw3, dw2))) {
             q->spurious++;
             continue;
         }
         sq_head = dw2 & 0xFFFF;         /* §4.6: SQ head pointer, frees SQ slots */
-        out[n].tag = t->tag;
-        out[n].result = dw0;
-        out[n].cid = (uint16_t)dw3;
-        out[n].status = (uint16_t)(dw3 >> 17);
-        t->busy = 0;                    /* put_tracker */
+        if (out) {
+            out[n].tag = t->tag;
+            out[n].result = dw0;
+            out[n].cid = (uint16_t)dw3;
+            out[n].status = (uint16_t)(dw3 >> 17);
+        } else {
+            tags[n] = t->tag;
+            status[n] = (uint16_t)(dw3 >> 17);
+        }
+        t->busy = 0;
         t->gen = (uint8_t)((t->gen + 1) & CID_GEN_MASK);
         t->next_free = free_head;
-        free_head = (uint16_t)id;
+        free_head = (uint16_t)(t - trk);
         n++;
     }
     q->cq_head = head;
@@ -863,7 +795,7 @@ int idma_qpair_poll_claimed(struct idma_qpair *q, struct idma_cpl *out, uint32_t
 {
     if (max && !out)
         return IDMA_EINVAL;
-    return max ? poll_out(q, out, max) : 0;
+    return (int)poll_into(q, out, NULL, NULL, max);
 }
 
 int idma_qpair_poll(struct idma_qpair *q, struct idma_cpl *out, uint32_t max)
@@ -874,7 +806,7 @@ int idma_qpair_poll(struct idma_qpair *q, struct idma_cpl *out, uint32_t max)
         return IDMA_EINVAL;
     if ((n = idma_qpair_claim(q)) != 0)
         return n;
-    n = max ? (int)poll_out(q, out, max) : 0;
+    n = (int)poll_into(q, out, NULL, NULL, max);
     idma_qpair_release(q);
     return n;
 }
