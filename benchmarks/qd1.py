@@ -16,7 +16,7 @@ that drift in the guest's speed hits them alike:
 
 For each it prints the average and p99 latency, IOPS, the doorbell updates and BAR0 (MMIO)
 writes per I/O from the queue's own counters, and the latency ratio to the kernel. The engine's
-own work per I/O is what benchmarks.engine_cost counts (about 650 instructions at QD1): a few
+own work per I/O is what benchmarks.engine_cost counts (about 670 instructions at QD1): a few
 microseconds in this guest at most, against the 100-200 us of one emulated I/O. Nothing is
 asserted.
 """
